@@ -1,0 +1,333 @@
+"""Typed configuration for every stage: YAML presets validated by pydantic, `a.b=c` overrides, stable hashes.
+
+A section's hash is the cache key material of the stage that reads it: it covers the section's values only,
+so changing `distill.*` leaves the hashes of `curation`, `generation` and `reflow` untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from instaflow_core.errors import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Section(BaseModel):
+    """Base for all config sections: unknown keys are rejected, values validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------- storage
+class StorageConfig(Section):
+    """Where everything lives. `root` is a plain path, file:// or s3:// URI.
+
+    S3 credentials are never part of the config file: they are read from the environment variables named
+    here (so the resolved config can be saved with a run without leaking secrets).
+    """
+
+    root: str = "file://./.instaflow"
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333 ; None = AWS
+    s3_region: str = "us-east-1"
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    allow_http: bool | None = None  # None = derive from the endpoint's scheme
+
+
+# ----------------------------------------------------------------------------------------- orchestration
+class OrchestrationConfig(Section):
+    task_runner: Literal["thread", "process"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
+    result_storage: str | None = None
+    refresh: list[str] = Field(default_factory=list)  # stages to force (and everything after them)
+
+
+# ------------------------------------------------------------------------------------------------ models
+class TinyModelConfig(Section):
+    """SD-architecture models small enough for a CPU, built from config with a fixed seed (no download)."""
+
+    seed: int = 0
+    sample_size: int = 8  # latent side; image side = sample_size * 2 ** (len(vae_channels) - 1)
+    unet_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    vae_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate_size: int = 37
+    vocab_merges: int = 4000  # how many CLIP BPE merges the tiny tokenizer keeps
+
+
+class ModelsConfig(Section):
+    """The teacher: `tiny` (built from `tiny`), a local diffusers folder, a single .safetensors file, or a hub id."""
+
+    teacher: str = "tiny"
+    teacher_revision: str | None = None
+    allow_pickle: bool = False  # .ckpt/.bin checkpoints run arbitrary code when loaded: opt in explicitly
+    local_files_only: bool = True  # never reach for a hub unless the user says so
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+# -------------------------------------------------------------------------------------------- curation
+class CaptionSource(Section):
+    path: str  # local path or store URI
+    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco"] = "auto"
+    column: str = "TEXT"  # caption column for parquet/jsonl/csv
+
+
+class CurationConfig(Section):
+    sources: list[CaptionSource] = Field(default_factory=list)
+    batch_rows: int = Field(50_000, ge=1)  # streaming batch size: memory does not grow with the file
+    min_chars: int = Field(3, ge=0)
+    min_tokens: int = Field(3, ge=0)
+    max_tokens: int = Field(77, ge=1)  # CLIP's context, counted with the teacher's tokenizer
+    near_dedupe: bool = True
+    blocklist: list[str] = Field(default_factory=list)
+    language: str | None = None  # e.g. "en": keep captions that look like this language
+    holdout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    on_bad_row: Literal["skip", "error"] = "skip"
+    max_prompts: int | None = Field(None, ge=1)
+
+
+# ------------------------------------------------------------------------------------------ generation
+class GenerationConfig(Section):
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = 0  # base seed: per-triplet seeds derive from (seed, prompt_id, image index)
+    scheduler: Literal["dpmsolver++", "euler", "ddim"] = "dpmsolver++"
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(5.0, ge=0.0)
+    negative_prompt: str = ""
+    shard_size: int = Field(256, ge=1)  # prompts per shard (one Prefect task run per shard)
+    batch_size: int = Field(8, ge=1)  # prompts per teacher forward
+    store_noise: bool = False  # the seed reproduces X0; store it only when asked
+    split: Literal["train", "holdout", "all"] = "train"
+    max_prompts: int | None = Field(None, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    compile: bool = False
+
+
+# -------------------------------------------------------------------------------------------- training
+class TrainStageConfig(Section):
+    """One stage of a schedule (the paper trains reflow in two: batch 64, then 1024)."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # per optimizer step, across processes and accumulation
+    micro_batch_size: int | None = Field(None, ge=1)  # per forward; accumulation = batch / (micro * world)
+    loss: Literal["l2", "pseudo_huber", "lpips"] = "l2"
+    lr: float | None = Field(None, gt=0)  # None = the section's lr
+
+
+class TrainConfig(Section):
+    stages: list[TrainStageConfig]
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(1000, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    t_schedule: Literal["uniform", "logit_normal", "cosmap"] = "uniform"
+    huber_c: float = Field(0.001, gt=0)  # pseudo-Huber constant, scaled by sqrt(dim) in the loss
+    checkpoint_every: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    tf32: bool = False
+    channels_last: bool = False
+    gradient_checkpointing: bool = False
+    sdpa: bool = True
+    compile: bool = False
+    use_8bit_adam: bool = False
+    init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's model
+    sample_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
+    sample_steps: int = Field(25, ge=1)
+    sample_guidance: float = Field(1.5, ge=0.0)
+
+    @field_validator("stages")
+    @classmethod
+    def _non_empty(cls, v: list[TrainStageConfig]) -> list[TrainStageConfig]:
+        if not v:
+            raise ValueError("at least one training stage is required")
+        return v
+
+
+class DistillPairsConfig(Section):
+    """How the 2-RF generates its own distillation pairs (Euler, a few dozen steps, light guidance)."""
+
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(1.5, ge=0.0)
+    images_per_prompt: int = Field(1, ge=1)
+    seed: int = 1  # a different base seed from generation: fresh noise for distillation
+    shard_size: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_prompts: int | None = Field(None, ge=1)
+
+
+class DistillConfig(TrainConfig):
+    pairs: DistillPairsConfig = Field(default_factory=DistillPairsConfig)
+    lpips_weights: str | None = None  # local path to LPIPS weights (stage loss "lpips")
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+class EvalConfig(Section):
+    coco_captions: str | None = None  # captions_val2017.json (local path or store URI); None = holdout prompts
+    coco_images: str | None = None  # the matching image folder, for the reference statistics
+    num_samples: int = Field(5000, ge=2)
+    image_size: int = Field(256, ge=8)  # real and generated images are resized to this before features
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    fid_features: str = "inception"  # inception | clip | dinov2 | tiny, or a local path to weights
+    inception_weights: str | None = None  # local path for torch-fidelity / torchmetrics FID Inception
+    clip_model: str = "tiny"  # a local CLIP folder or hub id; "tiny" = random CLIP built from config
+    teacher_steps: int = Field(25, ge=1)
+    teacher_guidance: float = Field(5.0, ge=0.0)
+    rf_steps: list[int] = Field(default_factory=lambda: [1, 25])
+    rf_guidance: float = Field(1.5, ge=0.0)
+    straightness_steps: int = Field(25, ge=2)
+    latency_repeats: int = Field(5, ge=1)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+class GateConfig(Section):
+    max_fid_increase: float = Field(0.5, ge=0)  # candidate FID may exceed the champion's by at most this
+    max_clip_decrease: float = Field(0.005, ge=0)  # candidate CLIP may fall below the champion's by at most this
+
+
+class RegistryConfig(Section):
+    tracking_uri: str | None = None  # None = sqlite under the store's local root (or ./.instaflow/mlflow.db)
+    experiment: str = "instaflow"
+    model_name: str = "instaflow-tiny"
+    rf_model_name: str | None = None  # also register the 2-RF under this name
+    auto_promote: bool = True
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+# ---------------------------------------------------------------------------------------------- the whole
+class InstaflowConfig(Section):
+    preset: str = "custom"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    curation: CurationConfig = Field(default_factory=CurationConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    reflow: TrainConfig
+    distill: DistillConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> InstaflowConfig:
+        if self.generation.split == "holdout" and self.curation.holdout_fraction == 0:
+            raise ValueError("generation.split=holdout needs curation.holdout_fraction > 0")
+        return self
+
+    def section_hash(self, section: str) -> str:
+        """A stable 16-hex hash of one section's values (the stage's cache key material)."""
+        return stable_hash(getattr(self, section).model_dump(mode="json"))
+
+    def hashes(self) -> dict[str, str]:
+        return {name: self.section_hash(name) for name in type(self).model_fields if name != "preset"}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 over canonical JSON (sorted keys, no whitespace): equal values give equal hashes anywhere."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- loading
+def preset_path(preset: str | Path) -> Path:
+    """A preset name (`tiny`, `sd15`) resolves to configs/<name>.yaml; anything else is a path."""
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = PRESETS_DIR / f"{preset}.yaml"
+    if not candidate.is_file():
+        known = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {str(preset)!r}: choose one of {known} or give a .yaml path")
+    return candidate
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [k for k in key.strip().split(".") if k]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            if isinstance(nxt, list) and parts[i + 1].isdigit():
+                # stages.0.steps=5: index into a list of sections
+                idx = int(parts[i + 1])
+                if idx >= len(nxt):
+                    raise ConfigError(f"override {'.'.join(parts)}: index {idx} out of range")
+                if i + 2 == len(parts):
+                    nxt[idx] = value
+                    return
+                apply_override(nxt[idx], parts[i + 2 :], value)
+                return
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def from_dict(data: dict[str, Any]) -> InstaflowConfig:
+    try:
+        return InstaflowConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err)) from None
+
+
+def load(preset: str | Path = "tiny", overrides: list[str] | None = None) -> InstaflowConfig:
+    """Load a preset (name or path), apply `section.key=value` overrides, validate."""
+    path = preset_path(preset)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data.setdefault("preset", path.stem)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        apply_override(data, parts, value)
+    return from_dict(data)
