@@ -1,0 +1,198 @@
+"""What every task shares: cache keys built from references, result storage, artifacts.
+
+Contract 2 of DESIGN.md: tasks return references (URI + table version + config hash), never tensors, and a task's
+cache key is a hash of those references, the config section it reads and the code version. An unchanged stage is
+then a cache hit in any later run, and a changed config recomputes only what depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from instaflow_core.config import OrchestrationConfig, StorageConfig, stable_hash
+
+logger = logging.getLogger("instaflow.tasks")
+
+_CODE_DIRS = ("instaflow_core", "tasks")
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of the compute code (instaflow_core + tasks sources): a code change invalidates cached stages."""
+    h = hashlib.sha256()
+    for d in _CODE_DIRS:
+        for path in sorted((_REPO / d).rglob("*.py")):
+            h.update(str(path.relative_to(_REPO)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def git_sha() -> str:
+    """The git commit of the checkout (for lineage tags), or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=5
+        )
+        sha = out.stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _key_material(value: Any) -> Any:
+    """Reduce a task parameter to what identifies it: refs and config sections by value, others by repr."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _key_material(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_material(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect `cache_key_fn`: task name + its reference/config parameters + code version."""
+    payload = {
+        "task": context.task.name,
+        "params": {k: _key_material(v) for k, v in sorted(parameters.items())},
+        "code": code_version(),
+    }
+    return f"{context.task.name}-{stable_hash(payload)}"
+
+
+def local_root(storage: StorageConfig) -> Path | None:
+    """The local folder behind a file:// or plain-path store root, or None for object stores."""
+    root = storage.root
+    if root.startswith("file://"):
+        return Path(root[len("file://") :]).expanduser().resolve()
+    if "://" not in root:
+        return Path(root).expanduser().resolve()
+    return None
+
+
+@contextlib.contextmanager
+def prefect_settings(storage: StorageConfig, orchestration: OrchestrationConfig) -> Iterator[None]:
+    """Persist task results (needed for cross-run cache hits) next to the data, for the duration of a run.
+
+    file:// stores keep results in <root>/prefect-results; s3:// stores use a saved RemoteFileSystem block
+    (Prefect needs it saved before tasks resolve their storage), keys taken from the environment.
+    """
+    from prefect.settings import (
+        PREFECT_DEFAULT_RESULT_STORAGE_BLOCK,
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
+
+    updates: dict[Any, Any] = {PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
+    target = orchestration.result_storage or storage.root.rstrip("/") + "/prefect-results"
+    if target.startswith("s3://"):
+        updates[PREFECT_DEFAULT_RESULT_STORAGE_BLOCK] = _s3_result_block(target, storage)
+    else:
+        path = Path(target[len("file://") :] if target.startswith("file://") else target).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        updates[PREFECT_LOCAL_STORAGE_PATH] = path
+    with temporary_settings(updates=updates):
+        yield
+
+
+def _s3_result_block(basepath: str, storage: StorageConfig) -> str:
+    from prefect.filesystems import RemoteFileSystem
+
+    client_kwargs: dict[str, Any] = {"region_name": storage.s3_region}
+    if storage.s3_endpoint:
+        client_kwargs["endpoint_url"] = storage.s3_endpoint
+    settings = {
+        "key": os.environ.get(storage.access_key_env),
+        "secret": os.environ.get(storage.secret_key_env),
+        "client_kwargs": client_kwargs,
+    }
+    name = "instaflow-results-" + stable_hash({"base": basepath, "endpoint": storage.s3_endpoint})[:10]
+    RemoteFileSystem(basepath=basepath, settings=settings).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+_KEY_RE = re.compile(r"[^a-z0-9-]+")
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return _KEY_RE.sub("-", "-".join(parts).lower()).strip("-")
+
+
+def _in_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def publish_markdown(key: str, markdown: str, description: str = "") -> None:
+    """A keyed markdown artifact (same key across runs = version history on the Artifacts page)."""
+    if not _in_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description or None)
+
+
+def publish_table(key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+    if not _in_run() or not rows:
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(key=artifact_key(key), table=rows, description=description or None)
+
+
+class Progress:
+    """A Prefect progress artifact that a long task updates (no-op outside a Prefect run)."""
+
+    def __init__(self, description: str) -> None:
+        self._id = None
+        if _in_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._id = create_progress_artifact(progress=0.0, description=description)
+
+    def update(self, fraction: float) -> None:
+        if self._id is None:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(artifact_id=self._id, progress=round(100.0 * max(0.0, min(1.0, fraction)), 1))
+
+
+def lineage_markdown(stage: str, inputs: dict[str, Any], outputs: dict[str, Any], extra: str = "") -> str:
+    """A small markdown table naming what a stage consumed and produced (links where the value is a URL)."""
+
+    def cell(v: Any) -> str:
+        s = v.key() if hasattr(v, "key") else str(v)
+        return f"[{s}]({s})" if s.startswith(("http://", "https://")) else f"`{s}`"
+
+    lines = [f"### {stage}", "", "| direction | name | reference |", "|---|---|---|"]
+    lines += [f"| input | {k} | {cell(v)} |" for k, v in inputs.items()]
+    lines += [f"| output | {k} | {cell(v)} |" for k, v in outputs.items()]
+    lines += ["", f"code version `{code_version()}`, git `{git_sha()}`"]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines)
