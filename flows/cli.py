@@ -29,7 +29,7 @@ _GROUPS = [
     ("flows.cli_schedule", "schedule"),
 ]
 # Top-level commands (rebuild, curate, generate, ...) register themselves on `app` when imported.
-_COMMAND_MODULES = ["flows.cli_run", "flows.cli_config"]
+_COMMAND_MODULES = ["flows.cli_run", "flows.cli_config", "flows.cli_lineage"]
 
 
 @app.callback()
