@@ -60,7 +60,9 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("INSTAFLOW_DEBUG") == "1"
     try:
         _wire()
-        app(standalone_mode=False)
+        # standalone_mode=False returns typer.Exit codes instead of exiting: pass them on
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except InstaflowError as err:
         if debug:
             raise
