@@ -29,7 +29,9 @@ def tiny_tokenizer(n_merges: int = TINY_CLIP_MERGES) -> CLIPTokenizer:
         )
     if n_merges == TINY_CLIP_MERGES:
         return CLIPTokenizer(
-            str(TINY_CLIP_DIR / "vocab.json"), str(TINY_CLIP_DIR / "merges.txt"), model_max_length=CLIP_MAX_LENGTH
+            str(TINY_CLIP_DIR / "vocab.json"),
+            str(TINY_CLIP_DIR / "merges.txt"),
+            model_max_length=CLIP_MAX_LENGTH,
         )
     # Fewer merges: keep the byte tokens and the first n merge results, then the two specials (CLIP's order).
     full = json.loads((TINY_CLIP_DIR / "vocab.json").read_text())

@@ -27,7 +27,11 @@ OUT_DIR = Path(__file__).resolve().parent / "tiny_clip"
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable unicode table (order matters: it fixes the first 256 ids)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -43,7 +47,9 @@ def read_bpe_lines(source: Path | None) -> list[str]:
     if source is None:
         spec = importlib.util.find_spec("clip")
         if spec is None or spec.origin is None:
-            raise SystemExit("give the clip-anytorch wheel or the .gz path (the clip package is not installed)")
+            raise SystemExit(
+                "give the clip-anytorch wheel or the .gz path (the clip package is not installed)"
+            )
         source = Path(spec.origin).parent / GZ_NAME
     if source.suffix == ".whl" or zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as zf:
@@ -79,7 +85,9 @@ def write(out_dir: Path, vocab: dict[str, int], merges: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("source", nargs="?", type=Path, help="clip-anytorch wheel or bpe_simple_vocab_16e6.txt.gz")
+    ap.add_argument(
+        "source", nargs="?", type=Path, help="clip-anytorch wheel or bpe_simple_vocab_16e6.txt.gz"
+    )
     ap.add_argument("--merges", type=int, default=4000, help="how many BPE merges to keep")
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
