@@ -154,7 +154,8 @@ def ensure_indexes(table: Any, columns: Sequence[str] = SCALAR_INDEX_COLUMNS) ->
 
 
 def ensure_fts_index(table: Any, column: str) -> bool:
-    """A full-text (inverted) index on `column`, made on first use; False when the table is an old version.
+    """A full-text (inverted) index on `column`, made on first use; False when none can be made (an old
+    version is checked out, or the store is read-only).
 
     Rows added after the index was built are still searched (Lance scans unindexed rows), so this never
     rebuilds an existing index.
@@ -165,7 +166,10 @@ def ensure_fts_index(table: Any, column: str) -> bool:
         return True
     if int(table.version) != int(table.to_lance().latest_version):
         return False  # a checked-out old version is read-only
-    table.create_index(column, config=FTS(with_position=False))
+    try:
+        table.create_index(column, config=FTS(with_position=False))
+    except (OSError, RuntimeError, ValueError):
+        return False  # e.g. read-only credentials: the caller falls back to a substring scan
     return True
 
 
@@ -211,7 +215,7 @@ def search_text(
     col = text_column(table.schema)
     cols = select_columns(table.schema, columns)
     if ensure_fts_index(table, col):
-        q = table.search(text, query_type="fts", fts_columns=col).select(cols).limit(limit)
+        q = table.search(text, query_type="fts", fts_columns=col).select([*cols, "_score"]).limit(limit)
         if where:
             q = q.where(where, prefilter=True)
         return _run(q, "search", text), "fts"

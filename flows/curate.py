@@ -1,0 +1,44 @@
+"""Stage 1: curate caption sources into the versioned `prompts` table."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from instaflow_core.config import InstaflowConfig
+from instaflow_core.refs import TableRef
+from tasks.common import lineage_markdown, publish_markdown
+from tasks.prompts import curate_prompts, curation_summary, source_files
+
+
+@flow(name="instaflow-curate")
+def curate_flow(cfg: InstaflowConfig) -> TableRef:
+    """Captions (Parquet / JSONL / CSV / text / COCO, local or in the store) -> prompts table reference.
+
+    Reads `curation`, `models` (the teacher's tokenizer counts tokens) and `storage`. The task is cached on
+    the curation section, the teacher and the source files' identities, so it reruns only when one changes.
+    """
+    files = source_files(cfg.curation, cfg.storage)
+    ref = curate_prompts(cfg.curation, cfg.models, cfg.storage, files)
+    summary = curation_summary(cfg.storage, ref)
+    report = summary["report"]
+    dropped = {
+        **report.get("dropped", {}),
+        **{f"bad row: {k}": v for k, v in report.get("bad_rows", {}).items()},
+    }
+    extra = "\n".join(
+        [
+            f"kept **{report.get('kept', '?')}** of {report.get('read', '?')} captions "
+            f"(splits {report.get('splits', {})}); tokens counted with `{summary['tokenizer']}`",
+            "",
+            "dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"),
+        ]
+    )
+    inputs = {f"source {i}": f["path"] for i, f in enumerate(files)}
+    inputs["curation config"] = ref.config_hash
+    publish_markdown(
+        "instaflow-prompts",
+        lineage_markdown("curate", inputs, {"prompts": ref}, extra),
+        description="Prompt curation lineage",
+    )
+    get_run_logger().info("prompts table %s (%d rows)", ref.key(), ref.rows)
+    return ref
