@@ -1,0 +1,81 @@
+"""Stage 5: evaluate the teacher, the 2-RF (1 and N steps) and the one-step InstaFlow model on one set.
+
+Reads `eval`, `models`, `storage` and `registry` (where the MLflow run goes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from instaflow_core.config import InstaflowConfig
+from instaflow_core.refs import ModelRef, TableRef
+from tasks.common import lineage_markdown, publish_markdown
+from tasks.evaluation import evaluate_model, input_identity, reference_stats, write_results
+from tasks.registry import log_evaluation
+
+
+@flow(name="instaflow-evaluate")
+def evaluate_flow(
+    cfg: InstaflowConfig,
+    models: dict[str, ModelRef],
+    teacher: ModelRef,
+    prompts: TableRef | None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Metrics of every model on the evaluation set -> {uri, metrics, table, networks, eval_set, run_id, ...}.
+
+    `models` maps a label ("2rf", "instaflow", ...) to a diffusers folder reference; its `kind` picks the
+    settings (2rf: each of eval.rf_steps with eval.rf_guidance; others: one step, no guidance). The teacher
+    runs DPM-Solver++ with CFG (eval.teacher_steps, eval.teacher_guidance). `prompts` supplies the holdout
+    captions when no COCO captions are configured. Results: a Prefect table artifact `instaflow-eval`, the
+    same table as JSON in the store, and one MLflow run with every metric and the sample grids.
+    """
+    log = get_run_logger()
+    inputs = input_identity(cfg.eval, cfg.storage)
+    ref = reference_stats(cfg.eval, cfg.models, cfg.storage, prompts, teacher, inputs)
+    rows = list(evaluate_model(cfg.eval, cfg.models, cfg.storage, "teacher", teacher, prompts, ref, inputs))
+    for label, model in models.items():
+        if model is None:
+            continue
+        rows += evaluate_model(cfg.eval, cfg.models, cfg.storage, label, model, prompts, ref, inputs)
+    results = write_results(cfg.storage, rows, ref)
+    run = log_evaluation(cfg.registry, cfg.storage, results, parent_run_id)
+
+    consumed: dict[str, Any] = {"teacher": teacher, **{k: v for k, v in models.items() if v is not None}}
+    if prompts is not None:
+        consumed["prompts"] = prompts
+    publish_markdown(
+        "instaflow-evaluate-lineage",
+        lineage_markdown("evaluate", consumed, {"results": results["uri"], "mlflow run": run["run_id"]}),
+        description="What the evaluation consumed and produced",
+    )
+    for row in results["table"]:
+        log.info("%s", row)
+    return {
+        "uri": results["uri"],
+        "metrics": {
+            row["name"]: {
+                k: row[k]
+                for k in (
+                    "fid",
+                    "clip_score",
+                    "latency_s",
+                    "straightness",
+                    "samples",
+                    "model_kind",
+                    "steps",
+                    "guidance",
+                )
+            }
+            for row in rows
+        },
+        "table": results["table"],
+        "networks": results["networks"],
+        "eval_set": results["eval_set"],
+        "reference": results["reference"],
+        "run_id": run["run_id"],
+        "run_url": run["run_url"],
+        "experiment_id": run["experiment_id"],
+    }
