@@ -111,8 +111,9 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
         t.add_row(f"model {name}", str(refs.get(name, {}).get("uri")))
     ev = summary.get("evaluation", {}) or {}
     t.add_row("metrics", str(ev.get("uri")))
-    if ev.get("grid"):
-        t.add_row("sample grid", str(ev.get("grid")))
+    for setting, m in (ev.get("metrics") or {}).items():
+        if isinstance(m, dict) and m.get("grid_uri"):
+            t.add_row(f"sample grid {setting}", str(m["grid_uri"]))
     reg = summary.get("registered", {}) or {}
     t.add_row(
         "registered",

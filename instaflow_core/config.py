@@ -139,6 +139,7 @@ class TrainConfig(Section):
     t_schedule: Literal["uniform", "logit_normal", "cosmap"] = "uniform"
     huber_c: float = Field(0.001, gt=0)  # pseudo-Huber constant, scaled by sqrt(dim) in the loss
     checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int | None = Field(2, ge=1)  # newest N step folders kept in ckpt_dir; None = all
     log_every: int = Field(10, ge=1)
     seed: int = 0
     num_workers: int = Field(0, ge=0)
@@ -149,6 +150,10 @@ class TrainConfig(Section):
     sdpa: bool = True
     compile: bool = False
     use_8bit_adam: bool = False
+    # > 1: the training task runs `accelerate launch --num_processes N [launcher_args] -m flows.train_entry`
+    # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.
+    num_processes: int = Field(1, ge=1)
+    launcher_args: list[str] = Field(default_factory=list)
     init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's model
     sample_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
     sample_steps: int = Field(25, ge=1)
