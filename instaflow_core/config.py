@@ -43,8 +43,10 @@ class StorageConfig(Section):
 
 # ----------------------------------------------------------------------------------------- orchestration
 class OrchestrationConfig(Section):
-    task_runner: Literal["thread", "process"] = "thread"
+    # thread | process: one machine; dask: a Dask cluster (`pip install prefect-dask`; infra/GPU_CLUSTER.md)
+    task_runner: Literal["thread", "process", "dask"] = "thread"
     max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None  # tcp://scheduler:8786 for task_runner=dask; None = a local Dask cluster
     # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
     result_storage: str | None = None
     refresh: list[str] = Field(default_factory=list)  # stages to force (and everything after them)

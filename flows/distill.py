@@ -1,0 +1,87 @@
+"""Stage 4: distillation. The 2-RF makes its own pairs, and a one-step student learns them: InstaFlow.
+
+    prompts + 2-RF -> distill_pairs table (the triplet stage's sharded, exactly-once machinery; Euler
+    `distill.pairs.num_inference_steps` steps, guidance `distill.pairs.guidance_scale`, seeds from
+    `distill.pairs.seed`) -> train-distill (t = 0, X0 -> the 2-RF's output) -> models/instaflow-<key>/
+
+Reads `distill`, `storage`, `orchestration` (the pair shards' task runner), `models` (dtype when the 2-RF
+solves) and `registry`. Same caching, checkpoint/resume and MLflow behaviour as reflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, get_run_logger
+
+from flows.generate import run_pairs
+from flows.reflow import stage_report
+from instaflow_core.config import InstaflowConfig
+from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.triplets import PairsJob
+from tasks.common import publish_markdown
+from tasks.training import train_distill
+
+PAIRS_TABLE = "distill_pairs"
+
+
+@flow(name="instaflow-distill")
+def distill_flow(
+    cfg: InstaflowConfig, rf: ModelRef, prompts: TableRef, mlflow_parent_run_id: str | None = None
+) -> ModelRef:
+    """2-RF + prompts -> distill_pairs -> the one-step InstaFlow diffusers folder (ModelRef kind "instaflow")."""
+    job = PairsJob.from_distill_pairs(cfg.distill.pairs, table=PAIRS_TABLE)
+    pairs = run_pairs(
+        job,
+        prompts,
+        rf,
+        cfg.storage,
+        cfg.orchestration,
+        cfg.models,
+        artifact_key="instaflow-distill-pairs",
+        stage="distill pairs",
+    )
+    ref = train_distill(cfg.distill, cfg.storage, pairs, rf, cfg.registry, mlflow_parent_run_id)
+    report = stage_report(
+        cfg,
+        "distill",
+        {
+            "2rf": rf,
+            "prompts": prompts,
+            "distill_pairs": pairs,
+            "distill config": cfg.section_hash("distill"),
+        },
+        ref,
+        (cfg.distill, pairs, rf),
+    )
+    publish_markdown(
+        "instaflow-distill", report, description="Distillation: inputs, the model, summary, samples"
+    )
+    get_run_logger().info("InstaFlow %s", ref.uri)
+    return ref
+
+
+def main(argv: list[str] | None = None) -> ModelRef:
+    """`python -m flows.distill --preset tiny --set key=value`: on the store's latest 2-RF and prompts."""
+    from instaflow_core.config import load
+    from instaflow_core.errors import DataError
+    from tasks.common import prefect_settings
+    from tasks.lineage import latest_ref, remember_refs
+
+    parser = argparse.ArgumentParser(prog="python -m flows.distill", description=distill_flow.__doc__)
+    parser.add_argument("--preset", "-p", default="tiny")
+    parser.add_argument("--set", "-s", dest="sets", action="append", default=[])
+    args = parser.parse_args(argv)
+    cfg = load(args.preset, args.sets)
+    rf, prompts = latest_ref(cfg.storage, "2rf"), latest_ref(cfg.storage, "prompts")
+    if rf is None or prompts is None:
+        raise DataError(f"no 2rf/prompts recorded in {cfg.storage.root}: run `python -m flows.reflow` first")
+    with prefect_settings(cfg.storage, cfg.orchestration):
+        ref = distill_flow(cfg, rf, prompts)
+    remember_refs(cfg.storage, {"instaflow": ref})
+    print(f"instaflow: {ref.uri}")
+    return ref
+
+
+if __name__ == "__main__":
+    main()
