@@ -23,7 +23,15 @@ from flows.register import register_flow
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import ConfigError
 from tasks.common import publish_markdown
-from tasks.lineage import emit_assets, lineage_chain, remember_refs, save_resolved_config, stage_states
+from tasks.lineage import (
+    emit_assets,
+    end_rebuild_run,
+    lineage_chain,
+    remember_refs,
+    save_resolved_config,
+    stage_states,
+    start_rebuild_run,
+)
 from tasks.models import teacher_model
 
 STAGES = ("teacher", "curate", "generate", "reflow", "distill", "evaluate", "register")
@@ -59,6 +67,7 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     ctx = FlowRunContext.get()
     run_id = str(ctx.flow_run.id) if ctx else time.strftime("%Y%m%d-%H%M%S")
     config_uri = save_resolved_config(cfg, run_id)
+    mlflow_run = start_rebuild_run(cfg, run_id)  # stage runs nest under it (not part of any cache key)
 
     with _refresh_from("teacher", first):
         teacher = teacher_model(cfg.models, cfg.storage)
@@ -67,15 +76,17 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     with _refresh_from("generate", first):
         triplets = generate_flow(cfg, prompts, teacher)
     with _refresh_from("reflow", first):
-        rf = reflow_flow(cfg, triplets, teacher)
+        rf = reflow_flow(cfg, triplets, teacher, mlflow_parent_run_id=mlflow_run)
     with _refresh_from("distill", first):
-        one_step = distill_flow(cfg, rf, prompts)
+        one_step = distill_flow(cfg, rf, prompts, mlflow_parent_run_id=mlflow_run)
     with _refresh_from("evaluate", first):
-        evaluation = evaluate_flow(cfg, {"2rf": rf, "instaflow": one_step}, teacher, prompts)
+        evaluation = evaluate_flow(
+            cfg, {"2rf": rf, "instaflow": one_step}, teacher, prompts, parent_run_id=mlflow_run
+        )
     refs = {"teacher": teacher, "prompts": prompts, "triplets": triplets, "2rf": rf, "instaflow": one_step}
     lineage = {name: ref.key() for name, ref in refs.items()}
     with _refresh_from("register", first):
-        registered = register_flow(cfg, one_step, evaluation, lineage, rf_model=rf)
+        registered = register_flow(cfg, one_step, evaluation, lineage, rf_model=rf, parent_run_id=mlflow_run)
 
     remember_refs(cfg.storage, refs)
     chain = lineage_chain(refs, evaluation, registered)
@@ -85,8 +96,9 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     states = stage_states(run_id) if ctx else {}
     elapsed = time.perf_counter() - started
     log.info("rebuild finished in %.1fs; stages: %s", elapsed, states)
-    return {
+    summary = {
         "elapsed_s": round(elapsed, 2),
+        "mlflow_run_id": mlflow_run,
         "run_id": run_id,
         "config_uri": config_uri,
         "stages": states,
@@ -95,10 +107,14 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
         "registered": registered,
         "lineage_markdown": chain,
     }
+    end_rebuild_run(cfg, mlflow_run, summary)
+    return summary
 
 
 @flow(name="instaflow-scheduled-rebuild", log_prints=True)
-def scheduled_rebuild(preset: str = "tiny", overrides: list[str] | None = None, refresh: list[str] | None = None) -> dict:
+def scheduled_rebuild(
+    preset: str = "tiny", overrides: list[str] | None = None, refresh: list[str] | None = None
+) -> dict:
     """Deployment entry point: parameters are plain JSON (preset + overrides), resolved on the worker."""
     from instaflow_core.config import load
     from tasks.common import prefect_settings

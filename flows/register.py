@@ -9,7 +9,6 @@ import re
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.context import FlowRunContext
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import DataError
@@ -61,8 +60,6 @@ def lineage_tags(cfg: InstaflowConfig, lineage: dict[str, Any], metrics: dict[st
     tags["instaflow.preset"] = cfg.preset
     tags["instaflow.code_version"] = code_version()
     tags["instaflow.git_sha"] = git_sha()
-    ctx = FlowRunContext.get()
-    tags["instaflow.prefect_flow_run_id"] = str(ctx.flow_run.id) if ctx and ctx.flow_run else ""
     for k in ("uri", "run_id"):
         if metrics.get(k):
             tags[f"instaflow.eval_{k}"] = str(metrics[k])

@@ -203,6 +203,10 @@ def _prefect_cmd(d: Path, port: int) -> tuple[list[str], dict[str, str]]:
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        # the UI must query this server's port, not Prefect's default 4200
+        PREFECT_UI_API_URL=f"http://{LOOPBACK}:{port}/api",
+        PREFECT_SERVER_API_HOST=LOOPBACK,
+        PREFECT_SERVER_API_PORT=str(port),
     )
     return [_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)], env
 

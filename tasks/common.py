@@ -50,7 +50,10 @@ def git_sha() -> str:
         if not sha:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=_REPO,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -70,11 +73,15 @@ def _key_material(value: Any) -> Any:
     return repr(value)
 
 
+# Parameters that say where to log, not what to compute: a new MLflow parent run must not invalidate a stage.
+NOT_IN_KEY = frozenset({"parent_run_id", "mlflow_parent_run_id"})
+
+
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect `cache_key_fn`: task name + its reference/config parameters + code version."""
     payload = {
         "task": context.task.name,
-        "params": {k: _key_material(v) for k, v in sorted(parameters.items())},
+        "params": {k: _key_material(v) for k, v in sorted(parameters.items()) if k not in NOT_IN_KEY},
         "code": code_version(),
     }
     return f"{context.task.name}-{stable_hash(payload)}"
@@ -109,7 +116,9 @@ def prefect_settings(storage: StorageConfig, orchestration: OrchestrationConfig)
     if target.startswith("s3://"):
         updates[PREFECT_DEFAULT_RESULT_STORAGE_BLOCK] = _s3_result_block(target, storage)
     else:
-        path = Path(target[len("file://") :] if target.startswith("file://") else target).expanduser().resolve()
+        path = (
+            Path(target[len("file://") :] if target.startswith("file://") else target).expanduser().resolve()
+        )
         path.mkdir(parents=True, exist_ok=True)
         updates[PREFECT_LOCAL_STORAGE_PATH] = path
     with temporary_settings(updates=updates):
@@ -130,6 +139,32 @@ def _s3_result_block(basepath: str, storage: StorageConfig) -> str:
     name = "instaflow-results-" + stable_hash({"base": basepath, "endpoint": storage.s3_endpoint})[:10]
     RemoteFileSystem(basepath=basepath, settings=settings).save(name, overwrite=True)
     return f"remote-file-system/{name}"
+
+
+def root_flow_run_id() -> str:
+    """The id of the outermost flow run (the rebuild, when a stage runs as its subflow); '' outside Prefect."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    run_id = (
+        str(task_ctx.task_run.flow_run_id) if task_ctx else (str(flow_ctx.flow_run.id) if flow_ctx else "")
+    )
+    if not run_id:
+        return ""
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(run_id)
+            for _ in range(16):  # subflows nest a few levels at most
+                if run.parent_task_run_id is None:
+                    break
+                parent_task = client.read_task_run(run.parent_task_run_id)
+                run = client.read_flow_run(parent_task.flow_run_id)
+            return str(run.id)
+    except Exception as err:  # lineage must not fail a registration
+        logger.warning("could not resolve the root flow run of %s: %s", run_id, err)
+        return run_id
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
@@ -179,7 +214,9 @@ class Progress:
             return
         from prefect.artifacts import update_progress_artifact
 
-        update_progress_artifact(artifact_id=self._id, progress=round(100.0 * max(0.0, min(1.0, fraction)), 1))
+        update_progress_artifact(
+            artifact_id=self._id, progress=round(100.0 * max(0.0, min(1.0, fraction)), 1)
+        )
 
 
 def lineage_markdown(stage: str, inputs: dict[str, Any], outputs: dict[str, Any], extra: str = "") -> str:

@@ -120,13 +120,12 @@ def emit_assets(refs: dict[str, BaseModel]) -> None:
         version = getattr(ref, "version", None)
 
         @materialize(asset, asset_deps=list(upstream), name=f"materialize-{name}")
-        def _emit() -> None:
-            pass
+        def _emit(asset: Asset = asset, version: Any = version, ref: Any = ref) -> None:
+            # metadata can only be attached inside the materializing task
+            asset.add_metadata({"version": version, "ref": ref.key()})
 
         try:
             _emit()
-            if version is not None:
-                asset.add_metadata({"version": version, "ref": ref.key()})
         except Exception as err:  # lineage metadata must never fail a rebuild
             logger.warning("could not emit asset %s: %s", asset.key, err)
         upstream = [asset]
@@ -155,7 +154,9 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
                 stage = next((s for frag, s in _STAGE_OF_FLOW.items() if frag in flow_name), flow_name)
             groups.setdefault(stage, []).append(str(run.id))
             grand = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[str(run.id)]))
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[str(run.id)])
+                )
             )
             pending += [(g, stage) for g in grand]
         for stage, ids in groups.items():
@@ -175,3 +176,39 @@ def save_resolved_config(cfg: Any, run_id: str) -> str:
     uri = store.uri("runs", run_id, "config.yaml")
     store.write_bytes(uri, cfg.to_yaml().encode())
     return uri
+
+
+def start_rebuild_run(cfg: Any, prefect_run_id: str) -> str | None:
+    """An MLflow parent run for one rebuild: the stage runs (reflow, distill, evaluation) nest under it."""
+    from tasks.registry import ensure_experiment, mlflow_client
+
+    try:
+        with mlflow_client(cfg.registry, cfg.storage) as client:
+            exp_id = ensure_experiment(client, cfg.registry.experiment)
+            run = client.create_run(
+                exp_id,
+                run_name=f"rebuild-{cfg.preset}",
+                tags={
+                    "instaflow.stage": "rebuild",
+                    "instaflow.prefect_flow_run_id": prefect_run_id,
+                    "instaflow.preset": cfg.preset,
+                    **{f"instaflow.config_hash.{k}": v for k, v in cfg.hashes().items()},
+                },
+            )
+            return run.info.run_id
+    except Exception as err:  # tracking is best effort here; the stages report their own errors
+        logger.warning("could not open the MLflow rebuild run: %s", err)
+        return None
+
+
+def end_rebuild_run(cfg: Any, run_id: str | None, summary: dict[str, Any]) -> None:
+    if run_id is None:
+        return
+    from tasks.registry import mlflow_client
+
+    with mlflow_client(cfg.registry, cfg.storage) as client:
+        client.log_metric(run_id, "rebuild_elapsed_s", float(summary.get("elapsed_s", 0.0)))
+        for stage, state in summary.get("stages", {}).items():
+            client.set_tag(run_id, f"instaflow.stage_state.{stage}", state)
+        client.log_text(run_id, summary.get("lineage_markdown", ""), "lineage.md")
+        client.set_terminated(run_id)

@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from instaflow_core.config import GateConfig, RegistryConfig, StorageConfig, stable_hash
 from instaflow_core.errors import ConfigError, DataError, InstaflowError
-from instaflow_core.metrics import check_gate
 from instaflow_core.refs import ModelRef
 from instaflow_core.store import Store
-from tasks.common import local_root, publish_markdown
+from tasks.common import local_root, publish_markdown, root_flow_run_id, stage_cache_key
 
 logger = logging.getLogger("instaflow.tasks.registry")
 
@@ -177,7 +175,7 @@ def _parent_ok(client: Any, parent_run_id: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-@task(name="eval-mlflow-run", cache_policy=NO_CACHE)
+@task(name="eval-mlflow-run", cache_key_fn=stage_cache_key, persist_result=True)
 def log_evaluation(
     registry: RegistryConfig,
     storage: StorageConfig,
@@ -187,7 +185,8 @@ def log_evaluation(
     """One MLflow run with every metric (`<setting>.<metric>`), the sample grids and the results JSON.
 
     Idempotent: a run already tagged with these results' key is returned instead of logging a duplicate
-    (a cached rebuild does not add runs). Not cached by Prefect: the MLflow database may have been reset.
+    (a cached rebuild does not add runs). Cached by Prefect on the registry section (tracking URI included) and
+    the results; after resetting the MLflow database, `--refresh register` (or `evaluate`) logs again.
     """
     import mlflow
     import numpy as np
@@ -318,7 +317,7 @@ def _model_folder(store: Store, uri: str) -> Path:
     return folder
 
 
-@task(name="register-model", cache_policy=NO_CACHE)
+@task(name="register-model", cache_key_fn=stage_cache_key, persist_result=True)
 def register_model(
     registry: RegistryConfig,
     storage: StorageConfig,
@@ -331,8 +330,8 @@ def register_model(
 ) -> dict[str, Any]:
     """Log the diffusers folder as a pyfunc model, register it under `name`, tag it, alias it `candidate`.
 
-    Idempotent on the model reference: a version already registered for `model.key()` is returned as it is
-    (not cached by Prefect, so a reset MLflow database is noticed and the model registered again).
+    Idempotent on the model reference: a version already registered for `model.key()` is returned as it is.
+    Cached by Prefect like every stage task; after resetting the MLflow database use `--refresh register`.
     """
     import mlflow
 
@@ -350,6 +349,9 @@ def register_model(
         folder = _model_folder(store, model.uri)
         version_tags = {
             **{k: str(v) for k, v in tags.items()},
+            # the run that produced this version (the rebuild, when run from one): read here, not passed in,
+            # so the task's cache key stays stable across rebuilds
+            "instaflow.prefect_flow_run_id": root_flow_run_id(),
             **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if v is not None},
             MODEL_KEY_TAG: model_key,
             "instaflow.model_ref": model.key(),
@@ -452,6 +454,8 @@ def promote_version(
             "forced": False,
             "reasons": ["already the champion"],
         }
+    from instaflow_core.metrics import check_gate  # lazy: metrics imports torch, `models list` should not
+
     decision = check_gate(
         version_metrics(mv),
         version_metrics(champ) if champ is not None else None,
@@ -526,7 +530,7 @@ def list_models(client: Any, name: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-@task(name="promote-model", cache_policy=NO_CACHE)
+@task(name="promote-model", cache_key_fn=stage_cache_key, persist_result=True)
 def promote(
     registry: RegistryConfig,
     storage: StorageConfig,
