@@ -58,6 +58,8 @@ def _wire() -> None:
 
 def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("INSTAFLOW_DEBUG") == "1"
+    # transformers warns at import that torchvision is missing (its PIL fallbacks are what we use)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         _wire()
         # standalone_mode=False returns typer.Exit codes instead of exiting: pass them on
@@ -71,18 +73,20 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.secho("interrupted", fg="yellow", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit codes
-        import click
-
-        if isinstance(err, click.exceptions.Exit):
+    except Exception as err:
+        # usage errors and exits come from the click that typer uses (typer may vendor its own copy)
+        if isinstance(err, typer.Exit):
             sys.exit(err.exit_code)
-        if isinstance(err, click.ClickException):
+        if isinstance(err, typer.Abort):
+            sys.exit(1)
+        if callable(getattr(err, "show", None)) and isinstance(getattr(err, "exit_code", None), int):
             err.show()
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
         raise
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m flows.cli`: run the importable module, on whose `app` the command modules register
+    from flows.cli import main as _main
+
+    _main()

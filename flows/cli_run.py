@@ -29,6 +29,7 @@ PrefectApiOpt = typer.Option(
 def _prepare(preset: str, sets: list[str] | None, prefect_api: str | None) -> InstaflowConfig:
     cfg = load_config(preset, sets)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision here: its fallbacks are fine
     # the embedded (ephemeral) API can take >20 s to start on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.models.local_files_only else "0")

@@ -67,6 +67,7 @@ def evaluate_flow(
                     "model_kind",
                     "steps",
                     "guidance",
+                    "grid_uri",
                 )
             }
             for row in rows

@@ -337,4 +337,18 @@ def load(preset: str | Path = "tiny", overrides: list[str] | None = None) -> Ins
     for item in overrides or []:
         parts, value = parse_override(item)
         apply_override(data, parts, value)
-    return from_dict(data)
+    cfg = from_dict(data)
+    _anchor_bundled_paths(cfg, path)
+    return cfg
+
+
+def _anchor_bundled_paths(cfg: InstaflowConfig, preset_file: Path) -> None:
+    """A relative caption path that is not found from the cwd but ships with the project (the tiny preset's
+    captions) is made absolute, so `instaflow rebuild --preset tiny` works from any directory."""
+    project = preset_file.resolve().parent.parent
+    for src in cfg.curation.sources:
+        p = Path(src.path)
+        if "://" in src.path or p.is_absolute() or p.exists():
+            continue
+        if (project / p).exists():
+            src.path = str(project / p)

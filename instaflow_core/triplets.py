@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 from instaflow_core.errors import DataError
-from instaflow_core.store.tables import tensor_field
+from instaflow_core.store.tables import from_tensor_column, tensor_field
 
 SEED_MASK = (1 << 63) - 1  # seeds are stored as int64 and fed to torch.Generator.manual_seed
 FP16_MAX = 65504.0  # latents are stored as float16
@@ -292,11 +292,8 @@ def build_rows(
 
 
 def rows_to_latents(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:
-    """A fixed-size-list float16 column -> (B, *shape) float16 array (zero-copy where Arrow allows)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(column), *[int(s) for s in shape])
+    """A fixed-size-list float16 column -> (B, *shape) float16 array."""
+    return from_tensor_column(column, shape)
 
 
 # -------------------------------------------------------------------------------------------- sharding

@@ -276,10 +276,11 @@ def finish_pairs(
         raise DataError(
             f"table {job.table!r} holds {have} of {expected} expected rows after all shards: rerun to finish"
         )
-    # One small fragment per committed batch: compact them so training reads large sequential ranges (old
-    # versions stay readable; Lance deletes their files only after its cleanup age).
+    # One small fragment per committed batch: compact them so training reads large sequential ranges. No
+    # cleanup of old versions: references to earlier versions (lineage of trained models) stay readable.
     with store.guard(f"compact {job.table!r}"):
-        table.optimize()
+        table.to_lance().optimize.compact_files()
+        table.checkout_latest()
     _ensure_indexes(table)
     set_metadata(table, {**lineage_metadata(job, model, prompts), "rows": str(have)})
     table = open_table(store, job.table)

@@ -5,9 +5,11 @@ Reading plan, per epoch:
   from the table metadata) are cut into blocks of `block_rows` consecutive rows;
 - blocks are shuffled with `seed + epoch`, then dealt round-robin to `world_size * num_workers` readers, so each
   (rank, DataLoader worker) reads a disjoint share and together they cover every row once;
-- each reader takes `window_blocks` blocks at a time with one Lance `take` of sorted positions (large,
-  mostly sequential reads, also on S3), shuffles the rows inside the window, and yields batches; the next
-  window is fetched in a background thread while the current one is consumed (prefetching).
+- each reader takes windows of about `block_rows * window_blocks` rows (a whole number of batches) with one
+  Lance `take` of sorted positions (large, mostly sequential reads, also on S3), shuffles the rows inside the
+  window and builds its batches. `threads` reader threads build the next windows while the current one is
+  consumed (prefetching); Lance, randn and the float conversion release the GIL, so threads scale without
+  DataLoader worker processes, their start-up and their inter-process copies.
 
 X0 is regenerated from each row's seed exactly as `teacher.noise_from_seeds` draws it (CPU generators: identical on any
 device), unless the table stores x0 and `regenerate_noise=False`.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -128,8 +131,9 @@ class TripletDataset(IterableDataset):
         regenerate_noise: bool = True,
         drop_last: bool = False,
         block_rows: int = 64,
-        window_blocks: int = 16,
+        window_blocks: int = 8,
         prefetch: bool = True,
+        threads: int = 2,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -148,6 +152,7 @@ class TripletDataset(IterableDataset):
         self.block_rows = max(1, int(block_rows))
         self.window_blocks = max(1, int(window_blocks))
         self.prefetch = prefetch
+        self.threads = max(1, int(threads))
         self._ds: Any = None
         self._pid: int | None = None
         self._positions: np.ndarray | None = None
@@ -257,38 +262,45 @@ class TripletDataset(IterableDataset):
                 out[c] = seeds if c == "seed" else table.column(c).to_pylist()
         return out
 
+    def _window_batches(self, positions: np.ndarray, window_index: int) -> list[dict[str, Any]]:
+        """Read one window and build its batches (runs in a reader thread: Lance, randn and the half->float
+        conversion all release the GIL, so `threads` windows are built in parallel without processes)."""
+        table = self._read_window(positions, window_index)
+        n = table.num_rows
+        full = n // self.batch_size * self.batch_size
+        out = [self._batch(table.slice(s, self.batch_size)) for s in range(0, full, self.batch_size)]
+        if full < n and not self.drop_last:  # only the reader's last window has a remainder
+            out.append(self._batch(table.slice(full)))
+        return out
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         positions = self.reader_positions(worker, num_workers)
-        window = self.block_rows * self.window_blocks
+        # windows hold whole batches, so every window but the last is cut into batches on its own
+        rows = self.block_rows * self.window_blocks
+        window = max(1, -(-rows // self.batch_size)) * self.batch_size
         starts = list(range(0, len(positions), window))
         if not starts:
             return
-        pool = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+        if not self.prefetch:
+            for i, s in enumerate(starts):
+                yield from self._window_batches(positions[s : s + window], i)
+            return
+        pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="triplet-reader")
         try:
-
-            def fetch(i: int) -> pa.Table | Future:
-                args = (positions[starts[i] : starts[i] + window], i)
-                return pool.submit(self._read_window, *args) if pool else self._read_window(*args)
-
-            pending = fetch(0)
-            carry: pa.Table | None = None
-            for i in range(len(starts)):
-                table = pending.result() if isinstance(pending, Future) else pending
-                if i + 1 < len(starts):
-                    pending = fetch(i + 1)  # read ahead while this window is consumed
-                if carry is not None and carry.num_rows:
-                    table = pa.concat_tables([carry, table])
-                full = table.num_rows // self.batch_size * self.batch_size
-                for s in range(0, full, self.batch_size):
-                    yield self._batch(table.slice(s, self.batch_size))
-                carry = table.slice(full)
-            if carry is not None and carry.num_rows and not self.drop_last:
-                yield self._batch(carry)
+            pending: deque[Future] = deque()
+            nxt = 0
+            while nxt < len(starts) or pending:
+                # keep threads + 1 windows in flight: all threads busy while the oldest is consumed
+                while nxt < len(starts) and len(pending) <= self.threads:
+                    pending.append(
+                        pool.submit(self._window_batches, positions[starts[nxt] : starts[nxt] + window], nxt)
+                    )
+                    nxt += 1
+                yield from pending.popleft().result()
         finally:
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_loader(dataset: TripletDataset, num_workers: int = 0, **kwargs: Any) -> DataLoader:
