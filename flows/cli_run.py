@@ -107,7 +107,10 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
     t.add_column("where")
     for name in ("prompts", "triplets"):
         r = refs.get(name, {})
-        t.add_row(f"table {name}", f"{r.get('db_uri')}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)")
+        t.add_row(
+            f"table {name}",
+            f"{r.get('db_uri')}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)",
+        )
     for name in ("teacher", "2rf", "instaflow"):
         t.add_row(f"model {name}", str(refs.get(name, {}).get("uri")))
     ev = summary.get("evaluation", {}) or {}
@@ -140,11 +143,15 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
         for name, url in urls().items():
             console.print(f"{name}: {url}")
     except Exception:
-        console.print("Start the local stack (`instaflow stack up`) to browse runs in the Prefect and MLflow UIs.")
+        console.print(
+            "Start the local stack (`instaflow stack up`) to browse runs in the Prefect and MLflow UIs."
+        )
 
 
 @app.command()
-def curate(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt) -> None:
+def curate(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
     """Stage 1: ingest, normalise, dedupe, filter and split captions into the `prompts` table."""
     from flows.curate import curate_flow
 
@@ -155,7 +162,9 @@ def curate(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str |
 
 
 @app.command()
-def generate(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt) -> None:
+def generate(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
     from flows.generate import generate_flow
 
@@ -167,7 +176,9 @@ def generate(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str
 
 
 @app.command()
-def reflow(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt) -> None:
+def reflow(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
     """Stage 3: train the 2-Rectified Flow on the triplets (resumes from its last checkpoint)."""
     from flows.reflow import reflow_flow
     from tasks.models import teacher_model
@@ -184,7 +195,9 @@ def reflow(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str |
 
 
 @app.command()
-def distill(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt) -> None:
+def distill(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
     """Stage 4: distill the 2-RF into a one-step InstaFlow model."""
     from flows.distill import distill_flow
 
@@ -197,13 +210,17 @@ def distill(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str 
 
 
 @app.command()
-def evaluate(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt) -> None:
+def evaluate(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
     """Stage 5: evaluate the teacher, the 2-RF and InstaFlow (FID, CLIP score, straightness, latency)."""
     from flows.evaluate import evaluate_flow
 
     cfg = _prepare(preset, set_, prefect_api)
     models = {"2rf": _need(cfg, "2rf", "reflow"), "instaflow": _need(cfg, "instaflow", "distill")}
-    result = _run(evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate"))
+    result = _run(
+        evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
+    )
     _remember_eval(cfg, result)
     console.print_json(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
 
@@ -216,7 +233,9 @@ def _remember_eval(cfg: InstaflowConfig, result: dict[str, Any]) -> None:
 
 
 @app.command()
-def register(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt) -> None:
+def register(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
     """Stage 6: register InstaFlow (and the 2-RF) in MLflow; promote to champion if the gate passes."""
     from flows.register import register_flow
     from instaflow_core.store import Store
@@ -228,6 +247,8 @@ def register(preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str
         raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")
     evaluation = json.loads(store.read_bytes(uri))
     model, rf = _need(cfg, "instaflow", "distill"), _need(cfg, "2rf", "reflow")
-    lineage = {n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", "2rf", "instaflow")}
+    lineage = {
+        n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", "2rf", "instaflow")
+    }
     result = _run(register_flow, cfg, model, evaluation, lineage, rf_model=rf)
     console.print_json(json.dumps(result, default=str))

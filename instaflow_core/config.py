@@ -188,7 +188,9 @@ class DistillConfig(TrainConfig):
 
 # -------------------------------------------------------------------------------------------- evaluation
 class EvalConfig(Section):
-    coco_captions: str | None = None  # captions_val2017.json (local path or store URI); None = holdout prompts
+    coco_captions: str | None = (
+        None  # captions_val2017.json (local path or store URI); None = holdout prompts
+    )
     coco_images: str | None = None  # the matching image folder, for the reference statistics
     num_samples: int = Field(5000, ge=2)
     image_size: int = Field(256, ge=8)  # real and generated images are resized to this before features
@@ -208,7 +210,9 @@ class EvalConfig(Section):
 # ---------------------------------------------------------------------------------------------- registry
 class GateConfig(Section):
     max_fid_increase: float = Field(0.5, ge=0)  # candidate FID may exceed the champion's by at most this
-    max_clip_decrease: float = Field(0.005, ge=0)  # candidate CLIP may fall below the champion's by at most this
+    max_clip_decrease: float = Field(
+        0.005, ge=0
+    )  # candidate CLIP may fall below the champion's by at most this
 
 
 class RegistryConfig(Section):

@@ -120,5 +120,7 @@ def test_summary_json_written_by_cli(tmp_path: Path) -> None:
     summary = json.loads(out_json.read_text())
     assert summary["registered"]["aliases"] == ["champion"]
     grids = [m["grid_uri"] for m in summary["evaluation"]["metrics"].values()]
-    assert grids and all(Path(g.removeprefix("file://")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for g in grids)
+    assert grids and all(
+        Path(g.removeprefix("file://")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for g in grids
+    )
     assert "Rebuild summary" in out.stdout and "sample grid" in out.stdout
