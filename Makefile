@@ -2,7 +2,8 @@
 #   make demo   the end-to-end rebuild on the tiny preset (CPU, no cloud, a few minutes)
 #   make test   the test suite (starts its own SeaweedFS S3 server and Prefect API)
 #   make stack-up / stack-down / stack-status   the local stack (S3 + Prefect UI + MLflow UI)
-# GPU machines: `make TORCH_CONSTRAINT= demo` lets pip pick your CUDA torch instead of the CPU pin.
+# GPU machines: `make TORCH_CONSTRAINT=constraints/lock.txt demo` keeps the tested pins but lets pip pick your
+# CUDA torch instead of the CPU build.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
+$(STAMP): pyproject.toml $(TORCH_CONSTRAINT) constraints/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install $(PIP_C) -e ".[dev]"

@@ -163,14 +163,20 @@ def curate(
 
 @app.command()
 def generate(
-    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    prefect_api: str | None = PrefectApiOpt,
+    shard_slice: str | None = typer.Option(
+        None, "--shard-slice", help="Run only slice i of N of the shards (i/N, e.g. 0/4): one slice per GPU machine."
+    ),
 ) -> None:
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
-    from flows.generate import generate_flow
+    from flows.generate import generate_flow, parse_shard_slice
 
+    parse_shard_slice(shard_slice)  # a malformed slice fails before any work
     cfg = _prepare(preset, set_, prefect_api)
     prompts = _need(cfg, "prompts", "curate")
-    ref = _run(generate_flow, cfg, prompts)
+    ref = _run(generate_flow, cfg, prompts, shard_slice=shard_slice)
     _remember(cfg, triplets=ref)
     console.print(f"triplets: {ref.key()} ({ref.rows} rows)")
 

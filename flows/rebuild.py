@@ -45,15 +45,25 @@ def check_refresh(refresh: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _refresh_from(stage: str, first_forced: int | None):
-    """Force re-execution (refresh the cache) of every task in this stage when it is at or after the first one
-    the user asked to refresh."""
-    if first_forced is None or STAGES.index(stage) < first_forced:
-        yield
-        return
-    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+def _stage(stage: str, first_forced: int | None):
+    """Settings for one stage's subflow.
 
-    with temporary_settings(updates={PREFECT_TASKS_REFRESH_CACHE: True}):
+    - Heartbeats off for the stage subflows: Prefect's heartbeat thread sleeps in 1 s steps and is joined when a
+      flow run ends, which added ~1 s to every stage (most of a no-change rebuild's time). The rebuild's own run
+      keeps its heartbeat, so a crashed rebuild is still detected.
+    - Refresh the cache (force re-execution) of every task in this stage when it is at or after the first stage
+      the user asked to refresh.
+    """
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_TASKS_REFRESH_CACHE,
+        temporary_settings,
+    )
+
+    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if first_forced is not None and STAGES.index(stage) >= first_forced:
+        updates[PREFECT_TASKS_REFRESH_CACHE] = True
+    with temporary_settings(updates=updates):
         yield
 
 
@@ -69,23 +79,23 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     config_uri = save_resolved_config(cfg, run_id)
     mlflow_run = start_rebuild_run(cfg, run_id)  # stage runs nest under it (not part of any cache key)
 
-    with _refresh_from("teacher", first):
+    with _stage("teacher", first):
         teacher = teacher_model(cfg.models, cfg.storage)
-    with _refresh_from("curate", first):
+    with _stage("curate", first):
         prompts = curate_flow(cfg)
-    with _refresh_from("generate", first):
+    with _stage("generate", first):
         triplets = generate_flow(cfg, prompts, teacher)
-    with _refresh_from("reflow", first):
+    with _stage("reflow", first):
         rf = reflow_flow(cfg, triplets, teacher, mlflow_parent_run_id=mlflow_run)
-    with _refresh_from("distill", first):
+    with _stage("distill", first):
         one_step = distill_flow(cfg, rf, prompts, mlflow_parent_run_id=mlflow_run)
-    with _refresh_from("evaluate", first):
+    with _stage("evaluate", first):
         evaluation = evaluate_flow(
             cfg, {"2rf": rf, "instaflow": one_step}, teacher, prompts, parent_run_id=mlflow_run
         )
     refs = {"teacher": teacher, "prompts": prompts, "triplets": triplets, "2rf": rf, "instaflow": one_step}
     lineage = {name: ref.key() for name, ref in refs.items()}
-    with _refresh_from("register", first):
+    with _stage("register", first):
         registered = register_flow(cfg, one_step, evaluation, lineage, rf_model=rf, parent_run_id=mlflow_run)
 
     remember_refs(cfg.storage, refs)
