@@ -167,7 +167,9 @@ def generate(
     set_: list[str] = SetOpt,
     prefect_api: str | None = PrefectApiOpt,
     shard_slice: str | None = typer.Option(
-        None, "--shard-slice", help="Run only slice i of N of the shards (i/N, e.g. 0/4): one slice per GPU machine."
+        None,
+        "--shard-slice",
+        help="Run only slice i of N of the shards (i/N, e.g. 0/4): one slice per GPU machine.",
     ),
 ) -> None:
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""

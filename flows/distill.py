@@ -10,8 +10,6 @@ solves) and `registry`. Same caching, checkpoint/resume and MLflow behaviour as 
 
 from __future__ import annotations
 
-import argparse
-
 from prefect import flow, get_run_logger
 
 from flows.generate import run_pairs
@@ -59,29 +57,3 @@ def distill_flow(
     )
     get_run_logger().info("InstaFlow %s", ref.uri)
     return ref
-
-
-def main(argv: list[str] | None = None) -> ModelRef:
-    """`python -m flows.distill --preset tiny --set key=value`: on the store's latest 2-RF and prompts."""
-    from instaflow_core.config import load
-    from instaflow_core.errors import DataError
-    from tasks.common import prefect_settings
-    from tasks.lineage import latest_ref, remember_refs
-
-    parser = argparse.ArgumentParser(prog="python -m flows.distill", description=distill_flow.__doc__)
-    parser.add_argument("--preset", "-p", default="tiny")
-    parser.add_argument("--set", "-s", dest="sets", action="append", default=[])
-    args = parser.parse_args(argv)
-    cfg = load(args.preset, args.sets)
-    rf, prompts = latest_ref(cfg.storage, "2rf"), latest_ref(cfg.storage, "prompts")
-    if rf is None or prompts is None:
-        raise DataError(f"no 2rf/prompts recorded in {cfg.storage.root}: run `python -m flows.reflow` first")
-    with prefect_settings(cfg.storage, cfg.orchestration):
-        ref = distill_flow(cfg, rf, prompts)
-    remember_refs(cfg.storage, {"instaflow": ref})
-    print(f"instaflow: {ref.uri}")
-    return ref
-
-
-if __name__ == "__main__":
-    main()

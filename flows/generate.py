@@ -10,7 +10,6 @@ resumption and artifacts. Run on a GPU cluster: see infra/GPU_CLUSTER.md.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import logging
@@ -279,33 +278,3 @@ def generate_flow(
     return run_pairs(
         job, prompts, teacher, cfg.storage, cfg.orchestration, cfg.models, shard_slice=shard_slice
     )
-
-
-# ------------------------------------------------------------------------------------------------ __main__
-def main(argv: list[str] | None = None) -> TableRef:
-    """`python -m flows.generate --preset tiny --set key=value`: curate first when the store has no prompts."""
-    from flows.curate import curate_flow
-    from instaflow_core.config import load
-    from tasks.common import prefect_settings
-    from tasks.lineage import latest_ref, remember_refs
-
-    parser = argparse.ArgumentParser(prog="python -m flows.generate", description=generate_flow.__doc__)
-    parser.add_argument("--preset", "-p", default="tiny")
-    parser.add_argument("--set", "-s", dest="sets", action="append", default=[])
-    parser.add_argument("--shard-slice", default=None, help="i/N: make only shards with index %% N == i")
-    args = parser.parse_args(argv)
-    cfg = load(args.preset, args.sets)
-    with prefect_settings(cfg.storage, cfg.orchestration):
-        prompts = latest_ref(cfg.storage, "prompts")
-        if prompts is None:
-            prompts = curate_flow(cfg)
-            remember_refs(cfg.storage, {"prompts": prompts})
-        ref = generate_flow(cfg, prompts, shard_slice=args.shard_slice)
-    if args.shard_slice is None:
-        remember_refs(cfg.storage, {"triplets": ref})
-    print(f"triplets: {ref.key()} ({ref.rows} rows)")
-    return ref
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,6 @@ rebuild does not train again, and a killed run resumes from its last checkpoint 
 
 from __future__ import annotations
 
-import argparse
 import base64
 
 from prefect import flow, get_run_logger
@@ -69,31 +68,3 @@ def reflow_flow(
     )
     get_run_logger().info("2-RF %s", ref.uri)
     return ref
-
-
-def main(argv: list[str] | None = None) -> ModelRef:
-    """`python -m flows.reflow --preset tiny --set key=value`: on the store's latest triplets and teacher."""
-    from instaflow_core.config import load
-    from instaflow_core.errors import DataError
-    from tasks.common import prefect_settings
-    from tasks.lineage import latest_ref, remember_refs
-
-    parser = argparse.ArgumentParser(prog="python -m flows.reflow", description=reflow_flow.__doc__)
-    parser.add_argument("--preset", "-p", default="tiny")
-    parser.add_argument("--set", "-s", dest="sets", action="append", default=[])
-    args = parser.parse_args(argv)
-    cfg = load(args.preset, args.sets)
-    triplets, teacher = latest_ref(cfg.storage, "triplets"), latest_ref(cfg.storage, "teacher")
-    if triplets is None or teacher is None:
-        raise DataError(
-            f"no triplets/teacher recorded in {cfg.storage.root}: run `python -m flows.generate` first"
-        )
-    with prefect_settings(cfg.storage, cfg.orchestration):
-        ref = reflow_flow(cfg, triplets, teacher)
-    remember_refs(cfg.storage, {"2rf": ref})
-    print(f"2rf: {ref.uri}")
-    return ref
-
-
-if __name__ == "__main__":
-    main()

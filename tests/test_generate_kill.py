@@ -43,7 +43,7 @@ def _rows(storage_cfg) -> int:
 
 def _cli() -> list[str]:
     exe = shutil.which("instaflow", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "flows.generate"]
+    return [exe] if exe else [sys.executable, "-m", "flows.cli"]
 
 
 def test_sigkill_midway_then_rerun_is_exactly_once(prefect_api, tmp_path):
