@@ -93,23 +93,40 @@ def stop_pids(pids: list[int], timeout: float = 15.0, group: bool = True) -> lis
 
     def _send(pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if group and _leads_group(pid):
+            if pid in groups:
                 os.killpg(pid, sig)
             else:
                 os.kill(pid, sig)
 
+    groups = {p for p in live if group and _leads_group(p)}
+
+    def _running(pid: int) -> bool:
+        # a server's children (prefect's uvicorn, mlflow's workers) outlive their leader for a moment:
+        # the service is down only when its whole process group is gone
+        return pid_alive(pid) or (pid in groups and _group_alive(pid))
+
     for pid in live:
         _send(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(pid_alive(p) for p in live):
+    while time.monotonic() < deadline and any(_running(p) for p in live):
         time.sleep(0.1)
     for pid in live:
-        if pid_alive(pid):
+        if _running(pid):
             _send(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(pid_alive(p) for p in live):
+    while time.monotonic() < deadline and any(_running(p) for p in live):
         time.sleep(0.1)
     return live
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _leads_group(pid: int) -> bool:

@@ -57,13 +57,14 @@ def _run(cfg, flow, *args):
         return flow(cfg, *args)
 
 
-def _artifact(key):
+def _artifact(key, naming):
+    """The artifact under `key` that names `naming` (other tests share the session's Prefect API and key)."""
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return found[-1] if found else None
+    return next((a for a in found if naming in (a.data or "")), None)
 
 
 def test_generate_tiny_local(prefect_api, local_storage_cfg):
@@ -95,7 +96,7 @@ def test_generate_tiny_local(prefect_api, local_storage_cfg):
     assert meta["teacher"] == teacher.source
     assert meta["prompts_version"] == str(prompts.version) and meta["prompts_table"] == "prompts"
     assert meta["config_hash"] == ref.config_hash
-    art = _artifact("instaflow-triplets")
+    art = _artifact("instaflow-triplets", ref.key())
     assert art is not None and ref.key() in art.data and "a sample per shard" in art.data
     indexed = {c for i in table.list_indices() for c in i.columns}
     assert {"triplet_id", "prompt_id"} <= indexed
