@@ -160,9 +160,12 @@ def run_pairs(
         f"{len(shards)} shards, {expected} expected triplets, {written} written by this run in {seconds:.1f}s "
         f"({rate:.2f} triplets/s); solver `{job.solver.column()}`, latents {tuple(shape)}"
     )
-    preview = _preview(ref, model, storage_cfg, models_cfg, len(shards))
+    # the preview decodes latents with the model: only worth it when this run wrote something
+    preview = _preview(ref, model, storage_cfg, models_cfg, len(shards)) if ran else ""
     if preview:
         extra += "\n\n" + preview
+    elif not ran:
+        extra += "\n\nevery shard was a cache hit: the previous run's artifact shows the samples"
     publish_markdown(
         artifact_key,
         lineage_markdown(
