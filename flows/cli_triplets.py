@@ -279,6 +279,25 @@ def export(
 
 
 # ------------------------------------------------------------------------------------------- show
+def _table_teacher(tbl: Any, cfg: Any) -> Any:
+    """The model that made the table's latents (its VAE decodes them), from the table's lineage metadata;
+    None when the table does not record one that can still be loaded (then the configured teacher is used)."""
+    from instaflow_core.refs import ModelRef
+    from instaflow_core.store import get_metadata
+    from tasks.models import load_model
+
+    uri = get_metadata(tbl).get("teacher_uri")
+    if not uri:
+        return None
+    try:
+        return load_model(ModelRef(uri=uri, kind="teacher"), cfg.storage, cfg.models)
+    except Exception as err:  # moved or deleted since: say so, fall back to the configured teacher
+        console.print(
+            f"[yellow]the table's teacher {uri} could not be loaded ({err}); using models.teacher[/]"
+        )
+        return None
+
+
 @app.command()
 def show(
     ids: list[str] = typer.Argument(None, help="triplet ids to show."),
@@ -317,7 +336,7 @@ def show(
     x1 = from_tensor_column(rows.column("x1"), shape).astype(np.float32)
     if x1.ndim != 4:
         raise DataError(f"x1 has shape {x1.shape[1:]}: expected (4, h, w) latents")
-    comps = teacher_components(cfg.models)
+    comps = _table_teacher(tbl, cfg) or teacher_components(cfg.models)
     with torch.inference_mode():
         images = decode_latents(comps.vae, torch.from_numpy(x1))
     grid = caption_grid(images, rows.column(text).to_pylist(), cols=cols)

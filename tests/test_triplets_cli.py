@@ -262,3 +262,36 @@ def test_cli_on_s3(s3_storage_cfg, runner, tmp_path):
     r = runner(["triplets", "show", *ids, "--out", out, *sets])
     assert r.exit_code == 0, r.output
     assert made["store"].read_bytes(out)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_decodes_with_the_teacher_recorded_in_the_table(local_storage_cfg, runner, tmp_path):
+    """The latents were made by the table's teacher: `show` decodes with its VAE, not with models.teacher."""
+    import torch
+    from PIL import Image
+
+    from instaflow_core.config import TinyModelConfig
+    from instaflow_core.models import build_tiny
+    from instaflow_core.store import from_tensor_column, set_metadata
+    from instaflow_core.store.query import caption_grid, rows_by_id
+    from instaflow_core.teacher import decode_latents
+
+    made = _make_table(local_storage_cfg)
+    other = build_tiny(TinyModelConfig(seed=7))  # not the configured teacher (seed 0)
+    folder = other.save(tmp_path / "teacher-seed7")
+    set_metadata(made["table"], {"teacher_uri": str(folder)})
+    ids = made["table"].search().select(["triplet_id"]).limit(2).to_arrow().column(0).to_pylist()
+    out = tmp_path / "grid.png"
+    r = runner(["triplets", "show", *ids, "--out", str(out), "--cols", "2", *_sets(local_storage_cfg)])
+    assert r.exit_code == 0, r.output
+
+    rows = rows_by_id(open_table(made["store"], "triplets"), ids, ["triplet_id", "prompt", "x1"])
+    x1 = torch.from_numpy(from_tensor_column(rows.column("x1"), SHAPE).astype(np.float32))
+    captions = rows.column("prompt").to_pylist()
+
+    def grid(comps) -> np.ndarray:
+        with torch.inference_mode():
+            return np.asarray(caption_grid(decode_latents(comps.vae, x1), captions, cols=2).convert("RGB"))
+
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(got, grid(other))
+    assert not np.array_equal(got, grid(build_tiny()))
