@@ -26,7 +26,34 @@ PrefectApiOpt = typer.Option(
 )
 
 
-def _prepare(preset: str, sets: list[str] | None, prefect_api: str | None) -> InstaflowConfig:
+StackOpt = typer.Option(
+    False,
+    "--stack",
+    help="Run against the local stack (`instaflow stack up`): its S3, Prefect API and MLflow.",
+)
+
+
+def _stack_settings(sets: list[str] | None) -> list[str]:
+    """Point this process at the running local stack; returns the config overrides for its S3 and MLflow."""
+    from infra import stack
+
+    if not any(s.healthy for s in stack.status()):
+        raise stack.StackError("the local stack is not running: start it with `instaflow stack up`")
+    env = stack.env()
+    for key in ("PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ[key] = env[key]
+    return [
+        *stack.storage_overrides(),
+        f"registry.tracking_uri={env['MLFLOW_TRACKING_URI']}",
+        *(sets or []),
+    ]
+
+
+def _prepare(
+    preset: str, sets: list[str] | None, prefect_api: str | None, use_stack: bool = False
+) -> InstaflowConfig:
+    if use_stack:
+        sets = _stack_settings(sets)
     cfg = load_config(preset, sets)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision here: its fallbacks are fine
@@ -42,12 +69,17 @@ def _prepare(preset: str, sets: list[str] | None, prefect_api: str | None) -> In
 
 
 def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
     from tasks.common import prefect_settings
 
-    with prefect_settings(cfg.storage, cfg.orchestration):
-        result = flow_fn(cfg, *args, return_state=True, **kwargs)
+    # Prefect read its settings when it was imported: an API chosen later (--prefect-api, --stack) must be
+    # applied through its settings context, not just the environment
+    api = os.environ.get("PREFECT_API_URL")
+    with temporary_settings(updates={PREFECT_API_URL: api} if api else {}):
+        with prefect_settings(cfg.storage, cfg.orchestration):
+            result = flow_fn(cfg, *args, return_state=True, **kwargs)
     if isinstance(result, State):
         if result.is_failed() or result.is_crashed():
             try:
@@ -83,13 +115,14 @@ def rebuild(
     set_: list[str] = SetOpt,
     refresh: list[str] = typer.Option(None, "--refresh", help="Force this stage and every stage after it."),
     prefect_api: str | None = PrefectApiOpt,
+    use_stack: bool = StackOpt,
     json_out: str | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
 ) -> None:
     """Run the whole pipeline end to end: curate -> generate -> reflow -> distill -> evaluate -> register."""
     from flows.rebuild import check_refresh, rebuild_flow
 
     check_refresh(refresh or [])
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, use_stack)
     console.print(f"[bold]instaflow rebuild[/] preset={cfg.preset} store={cfg.storage.root}")
     t0 = time.perf_counter()
     summary = _run(rebuild_flow, cfg, refresh=refresh or [])
@@ -137,14 +170,19 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
         for row in rows:
             mt.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
         console.print(mt)
-    try:
-        from infra.stack import urls
+    from infra import stack
 
-        for name, url in urls().items():
-            console.print(f"{name}: {url}")
-    except Exception:
+    up = [svc for svc in stack.status() if svc.healthy]
+    for svc in up:
+        console.print(f"{svc.name}: {svc.url}")
+    if not up:
         console.print(
-            "Start the local stack (`instaflow stack up`) to browse runs in the Prefect and MLflow UIs."
+            "Start the local stack (`instaflow stack up`) and rebuild with `--stack` to browse runs in the"
+        )
+        console.print("Prefect and MLflow UIs.")
+    elif not os.environ.get("PREFECT_API_URL"):
+        console.print(
+            "(this rebuild used the embedded API and store: rebuild with `--stack` to see it in these UIs)"
         )
 
 
