@@ -136,34 +136,33 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory):
     find_chromium() is None, reason="chromium is not installed (Debian: apt-get install chromium)"
 )
 def test_prefect_ui_shows_the_lineage_artifact(local_stack, tmp_path: Path) -> None:
-    from infra import stack
 
     chromium = find_chromium()
     state, env = local_stack
     api = env["PREFECT_API_URL"]
     ui = api.removesuffix("/api")
 
-    # A tiny rebuild against the stack: store on its S3, registry on its MLflow, runs on its Prefect.
+    # A tiny rebuild against the stack (`--stack`): store on its S3, registry on its MLflow, runs on its Prefect.
     summary_path = tmp_path / "summary.json"
-    sets = [
-        *stack.storage_overrides(state, prefix="ui-test"),
-        f"registry.tracking_uri={env['MLFLOW_TRACKING_URI']}",
-    ]
-    sets += fast_tiny_overrides()
     cmd = [
         str(Path(sys.executable).parent / "instaflow"),
         "rebuild",
+        "--stack",
         "--preset",
         "tiny",
         "--json",
         str(summary_path),
     ]
-    for s in sets:
+    for s in fast_tiny_overrides():
         cmd += ["--set", s]
-    run_env = {**os.environ, **env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1"}
+    # only the stack's folder: `--stack` itself must find its API, S3 endpoint, keys and MLflow
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "AWS_", "MLFLOW_"))}
+    run_env.update(INSTAFLOW_STACK_DIR=str(state), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1")
     res = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=800)
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert "Starting temporary server" not in res.stdout + res.stderr  # it ran on the stack's Prefect
     summary = json.loads(summary_path.read_text())
+    assert summary["refs"]["prompts"]["db_uri"].startswith("s3://")
     flow_run_id = summary["run_id"]
     prompts_table = summary["refs"]["prompts"]["table"]
 
