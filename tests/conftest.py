@@ -90,3 +90,24 @@ def storage_cfg(request: pytest.FixtureRequest) -> StorageConfig:
     """Both backends: tests using this run once on a local folder and once on the SeaweedFS server."""
     name = "local_storage_cfg" if request.param == "file" else "s3_storage_cfg"
     return request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads make a tiny
+    UNet step ~10x slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny SD components (random init, fixed seed), built once per test module."""
+    from instaflow_core.config import TinyModelConfig
+    from instaflow_core.models import build_tiny
+
+    return build_tiny(TinyModelConfig())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,24 +20,12 @@ from instaflow_core.models import (
 )
 from instaflow_core.tokenizer_assets import TINY_CLIP_DIR, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny convolutions: one thread is ~10x faster than two when other processes share the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> SDComponents:
-    return build_tiny(TinyModelConfig())
 
 
 @pytest.fixture(scope="module")

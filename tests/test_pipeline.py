@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +17,9 @@ from instaflow_core.models import SDComponents, build_tiny, encode_prompts
 from instaflow_core.pipeline import InstaFlowPipeline, load_lora, merge_weight_delta, slerp, weight_delta
 from instaflow_core.teacher import noise_from_seeds
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["a photo of a cat", "a red car on a street"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny convolutions: one thread is ~10x faster than two when other processes share the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> SDComponents:
-    return build_tiny(TinyModelConfig())
 
 
 @pytest.fixture()

@@ -29,6 +29,8 @@ from tasks.common import prefect_settings
 from tasks.models import teacher_model
 from tasks.training import make_job, read_summary
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REFLOW_STEPS = 6
 # One MLflow sqlite db per test session: creating one runs ~100 alembic migrations (seconds on a busy machine).
 MLFLOW_DIR = Path(tempfile.gettempdir()) / f"instaflow-test-mlflow-{os.getpid()}"
@@ -84,15 +86,6 @@ def mlflow_run(cfg: InstaflowConfig, run_id: str):
 
     client = MlflowClient(tracking_uri=tracking_uri(cfg.registry, cfg.storage))
     return client, client.get_run(run_id)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 10x to spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from instaflow_core.config import TinyModelConfig
 from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.models import SDComponents, UNetVelocity, build_tiny, latent_shape
+from instaflow_core.models import SDComponents, UNetVelocity, latent_shape
 from instaflow_core.rectified_flow import euler_sample
 from instaflow_core.teacher import decode_latents, make_scheduler, noise_from_seeds, solve_rf, solve_teacher
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["a photo of a cat", "a red car on a street", "a bowl of soup"]
 SEEDS = [11, 22, 33]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # tiny convolutions: one thread is ~10x faster than two when other processes share the cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> SDComponents:
-    return build_tiny(TinyModelConfig())
 
 
 def _sd_pipe(c: SDComponents, scheduler: str) -> StableDiffusionPipeline:

@@ -157,7 +157,9 @@ def test_prefect_ui_shows_the_lineage_artifact(local_stack, tmp_path: Path) -> N
         cmd += ["--set", s]
     # only the stack's folder: `--stack` itself must find its API, S3 endpoint, keys and MLflow
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "AWS_", "MLFLOW_"))}
-    run_env.update(INSTAFLOW_STACK_DIR=str(state), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1")
+    run_env.update(
+        INSTAFLOW_STACK_DIR=str(state), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1"
+    )
     res = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=800)
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     assert "Starting temporary server" not in res.stdout + res.stderr  # it ran on the stack's Prefect
