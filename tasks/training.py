@@ -51,8 +51,9 @@ _REPO = Path(__file__).resolve().parent.parent
 _ERRORS: dict[str, type[InstaflowError]] = {
     c.__name__: c for c in (InstaflowError, ConfigError, DataError, StorageError, TrainingError)
 }
-# Parameters that say where to report, not what to train: kept out of the cache key.
-_NOT_IN_KEY = ("registry", "mlflow_parent_run_id")
+# Where to report is no reason to retrain: the registry settings stay out of the cache key (the MLflow
+# parent run is left out of every task's key by stage_cache_key).
+_NOT_IN_KEY = ("registry",)
 
 
 # ------------------------------------------------------------------------------------------ identity
@@ -83,7 +84,7 @@ def make_job(
 
 
 def training_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """`stage_cache_key` over the references and the stage section (the MLflow settings left out)."""
+    """`stage_cache_key` over the references and the stage section, without the registry settings."""
     return stage_cache_key(context, {k: v for k, v in parameters.items() if k not in _NOT_IN_KEY})
 
 
