@@ -261,21 +261,15 @@ def evaluate(
 ) -> None:
     """Stage 5: evaluate the teacher, the 2-RF and InstaFlow (FID, CLIP score, straightness, latency)."""
     from flows.evaluate import evaluate_flow
+    from tasks.lineage import remember_evaluation
 
     cfg = _prepare(preset, set_, prefect_api)
     models = {"2rf": _need(cfg, "2rf", "reflow"), "instaflow": _need(cfg, "instaflow", "distill")}
     result = _run(
         evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
     )
-    _remember_eval(cfg, result)
+    remember_evaluation(cfg.storage, result)
     console.print_json(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
-
-
-def _remember_eval(cfg: InstaflowConfig, result: dict[str, Any]) -> None:
-    from instaflow_core.store import Store
-
-    store = Store(cfg.storage)
-    store.write_bytes(store.uri("refs", "latest-eval.json"), json.dumps(result, default=str).encode())
 
 
 @app.command()
@@ -284,14 +278,12 @@ def register(
 ) -> None:
     """Stage 6: register InstaFlow (and the 2-RF) in MLflow; promote to champion if the gate passes."""
     from flows.register import register_flow
-    from instaflow_core.store import Store
+    from tasks.lineage import latest_evaluation
 
     cfg = _prepare(preset, set_, prefect_api)
-    store = Store(cfg.storage)
-    uri = store.uri("refs", "latest-eval.json")
-    if not store.exists(uri):
+    evaluation = latest_evaluation(cfg.storage)
+    if evaluation is None:
         raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")
-    evaluation = json.loads(store.read_bytes(uri))
     model, rf = _need(cfg, "instaflow", "distill"), _need(cfg, "2rf", "reflow")
     lineage = {
         n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", "2rf", "instaflow")

@@ -27,6 +27,7 @@ from tasks.lineage import (
     emit_assets,
     end_rebuild_run,
     lineage_chain,
+    remember_evaluation,
     remember_refs,
     save_resolved_config,
     stage_states,
@@ -99,6 +100,7 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
         registered = register_flow(cfg, one_step, evaluation, lineage, rf_model=rf, parent_run_id=mlflow_run)
 
     remember_refs(cfg.storage, refs)
+    remember_evaluation(cfg.storage, evaluation)
     chain = lineage_chain(refs, evaluation, registered)
     publish_markdown("instaflow-lineage", chain, description="The whole chain of this rebuild")
     emit_assets(refs)

@@ -19,6 +19,7 @@ from instaflow_core.store import Store
 logger = logging.getLogger("instaflow.lineage")
 
 LATEST = "refs/latest.json"
+LATEST_EVAL = "refs/latest-eval.json"  # the last evaluation result: `instaflow register` registers with it
 
 # Subflow name fragment -> stage name (for the "which stages ran" report).
 _STAGE_OF_FLOW = {
@@ -57,6 +58,20 @@ def latest_ref(storage: StorageConfig, name: str) -> TableRef | ModelRef | None:
     raw = dict(raw)
     kind = raw.pop("type", "")
     return TableRef(**raw) if kind == "TableRef" else ModelRef(**raw)
+
+
+def remember_evaluation(storage: StorageConfig, result: dict[str, Any]) -> str:
+    """Record the latest evaluation result in the store (what a later `instaflow register` uses)."""
+    store = Store(storage)
+    uri = store.uri(*LATEST_EVAL.split("/"))
+    store.write_bytes(uri, json.dumps(result, default=str).encode())
+    return uri
+
+
+def latest_evaluation(storage: StorageConfig) -> dict[str, Any] | None:
+    store = Store(storage)
+    uri = store.uri(*LATEST_EVAL.split("/"))
+    return json.loads(store.read_bytes(uri)) if store.exists(uri) else None
 
 
 def lineage_chain(refs: dict[str, BaseModel], evaluation: dict[str, Any], registered: dict[str, Any]) -> str:

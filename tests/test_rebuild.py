@@ -55,6 +55,12 @@ def test_rebuild_is_incremental(tmp_path: Path, prefect_api: None) -> None:
     assert reg["version"] == "1" and "champion" in reg["aliases"]
     assert Path(first["config_uri"].removeprefix("file://")).is_file()
     assert "prompts" in first["lineage_markdown"] and "InstaFlow" in first["lineage_markdown"]
+    # a later `instaflow register` (or any stage run alone) finds what this rebuild produced
+    from tasks.lineage import latest_evaluation, latest_ref
+
+    storage = load("tiny", [f"storage.root={root}"]).storage
+    assert latest_evaluation(storage)["uri"] == first["evaluation"]["uri"]
+    assert latest_ref(storage, "instaflow").model_dump() == first["refs"]["instaflow"]
 
     # nothing changed: every stage is a cache hit, same references, no new model version
     second = _rebuild(root)
