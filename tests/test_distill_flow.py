@@ -18,7 +18,9 @@ from instaflow_core.stage_models import STAGE_META
 from instaflow_core.store import Store, open_ref
 from tasks.common import prefect_settings
 from tasks.training import make_job, read_summary
-from tests.test_reflow_flow import load_pipeline, make_inputs, mlflow_run, one_torch_thread, tiny_cfg  # noqa: F401
+from tests.test_reflow_flow import load_pipeline, make_inputs, mlflow_run, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DISTILL_SETS = [
     "distill.stages=[{steps: 2, batch_size: 4, loss: l2}, {steps: 2, batch_size: 4, loss: lpips}]",

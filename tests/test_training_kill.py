@@ -15,12 +15,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from flows.reflow import reflow_flow
 from instaflow_core.config import StorageConfig
 from instaflow_core.store import Store
 from tasks.common import prefect_settings
 from tasks.training import RUN_FILE, make_job, read_summary
-from tests.test_reflow_flow import make_inputs, mlflow_run, one_torch_thread, tiny_cfg  # noqa: F401
+from tests.test_reflow_flow import make_inputs, mlflow_run, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 40
 EVERY = 5
