@@ -21,9 +21,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from instaflow_core.config import load
-from instaflow_core.models import build_tiny, latent_shape
-from instaflow_core.teacher import make_scheduler, solve_teacher
-from instaflow_core.triplets import PairsJob, expand_jobs, run_shard, triplet_schema
+from instaflow_core.generation.shards import run_shard
+from instaflow_core.generation.teacher import make_scheduler, solve_teacher
+from instaflow_core.generation.triplets import PairsJob, expand_jobs, triplet_schema
+from instaflow_core.models.loading import latent_shape
+from instaflow_core.models.tiny import build_tiny
 
 
 def rate(fn, n: int, repeats: int = 2) -> float:
@@ -57,7 +59,7 @@ def main() -> None:
     gen = cfg.generation
     batch = args.batch or gen.batch_size
     steps = args.steps or gen.num_inference_steps
-    job = PairsJob.from_generation(gen).model_copy(update={"batch_size": batch})
+    job = PairsJob.from_generation(gen.model_copy(update={"batch_size": batch}))
     comps = build_tiny(cfg.models.tiny)
     shape = latent_shape(comps)
     prompts = [f"a photo of thing {i}, style {i % 7}" for i in range(args.prompts)]

@@ -1,6 +1,6 @@
 """Training-loader throughput of SD-size triplets: TripletDataset on Lance (SeaweedFS S3 and local disk) vs the
 per-sample `.pth` layout public SD pair generators write (one torch.save per sample). Prints ratios, asserts
-nothing. Goal (issue 4): >= 10x the baseline and >= 3000 samples/s.
+nothing. Goal: >= 10x the baseline and >= 3000 samples/s.
 
 Both sides deliver the same batches: x0 and x1 as (B, 4, 64, 64) float32 plus the prompts. The baseline files
 hold noise and latent in float16 (`{"noise", "latent", "caption", "seed"}`) and are read by a map-style dataset
@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from instaflow_core.config import StorageConfig
+from instaflow_core.generation.triplets import SolverSpec, build_rows, expand_jobs, run_filter, triplet_schema
 from instaflow_core.store import Store, create_table, merge_rows, table_ref
 from instaflow_core.store.dataset import TripletDataset, make_loader
-from instaflow_core.triplets import SolverSpec, build_rows, expand_jobs, run_filter, triplet_schema
 
 SHAPE = (4, 64, 64)
 SOLVER = SolverSpec(steps=25, guidance=5.0)
@@ -72,7 +72,7 @@ class PthFiles(Dataset):
 
 
 def write_pth(folder: Path, prompts: list[str], seeds: list[int], x1: np.ndarray) -> int:
-    from instaflow_core.store.dataset import noise_from_seeds
+    from instaflow_core.rectified_flow import noise_from_seeds
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(len(prompts)):
@@ -92,7 +92,7 @@ def write_table(
     chunk: int = 1024,
     store_noise: bool = False,
 ):
-    from instaflow_core.store.dataset import noise_from_seeds
+    from instaflow_core.rectified_flow import noise_from_seeds
 
     store = Store(storage_cfg)
     schema = triplet_schema(SHAPE, store_noise=store_noise)
@@ -242,7 +242,7 @@ def main() -> None:
     )
     print(f"  Lance, x0 and x1 stored                {b_x0:9,.0f} B  ({b_pth / b_x0:.2f}x)")
     print(f"  per-sample .pth (noise + latent fp16)  {b_pth:9,.0f} B")
-    print("goal (issue 4): >= 10x the baseline and >= 3000 samples/s")
+    print("goal: >= 10x the baseline and >= 3000 samples/s")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,13 @@ from dataclasses import fields
 
 import torch
 
-from instaflow_core.toy import GMMSettings, distill_student, make_mixture, run_gmm_experiment, sample_error
+from instaflow_core.experiments.gmm import (
+    GMMSettings,
+    distill_student,
+    make_mixture,
+    run_gmm_experiment,
+    sample_error,
+)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Query latency on a 100k-row triplets table: SQL filter, full-text search, vector search (p50 / p95 in ms).
 
-Goal (issue 4): p50 <= 50 ms per query on a 100k-row table. Prints ratios, asserts nothing.
+Goal: p50 <= 50 ms per query on a 100k-row table. Prints ratios, asserts nothing.
 
 The table has the generation stage's schema. Latents are the tiny preset's (4x8x8 float16, 128 B a row) rather
 than SD's 4x64x64 (32 KB a row = 3.2 GB for 100k rows, too big for this machine's disk and time budget); the
@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from instaflow_core.config import StorageConfig
-from instaflow_core.prompts import prompt_id
+from instaflow_core.curation.prompts import prompt_id
+from instaflow_core.generation.triplets import SolverSpec, build_rows, expand_jobs, triplet_schema
 from instaflow_core.store import Store, create_table, open_table
 from instaflow_core.store.query import (
     EMBEDDING_COLUMN,
@@ -35,7 +36,6 @@ from instaflow_core.store.query import (
     search_text,
     search_vector,
 )
-from instaflow_core.triplets import SolverSpec, build_rows, expand_jobs, triplet_schema
 
 GOAL_MS = 50.0
 SHAPE = (4, 8, 8)

@@ -24,11 +24,13 @@ import torch
 def build_table(root: str, rows: int, steps: int) -> tuple:
     """A `triplets` table of `rows` rows from the tiny teacher, and its saved folder: (TableRef, ModelRef)."""
     from instaflow_core.config import StorageConfig, TinyModelConfig
-    from instaflow_core.models import build_tiny, latent_shape
+    from instaflow_core.generation.shards import run_shard
+    from instaflow_core.generation.teacher import solve_teacher
+    from instaflow_core.generation.triplets import SolverSpec, expand_jobs, triplet_schema
+    from instaflow_core.models.loading import latent_shape
+    from instaflow_core.models.tiny import build_tiny
     from instaflow_core.refs import ModelRef
     from instaflow_core.store import Store, create_table, merge_rows, open_table, table_ref
-    from instaflow_core.teacher import solve_teacher
-    from instaflow_core.triplets import SolverSpec, expand_jobs, run_shard, triplet_schema
 
     storage = StorageConfig(root=root)
     store = Store(storage)
@@ -84,16 +86,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from instaflow_core.config import TrainConfig, TrainStageConfig
-    from instaflow_core.stage_models import (
-        PromptEmbeddings,
-        StudentVelocity,
-        distill_batch_loss,
-        load_student,
-        reflow_batch_loss,
-        triplet_batches,
-    )
+    from instaflow_core.models.velocity import StudentVelocity
     from instaflow_core.store import Store
     from instaflow_core.training import BatchRequest, train
+    from instaflow_core.training.job import triplet_batches
+    from instaflow_core.training.losses import distill_batch_loss, reflow_batch_loss
+    from instaflow_core.training.student import PromptEmbeddings, load_student
 
     tmp = tempfile.TemporaryDirectory(prefix="instaflow-bench-")
     root = args.root or f"file://{tmp.name}/store"

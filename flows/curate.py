@@ -6,8 +6,8 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.refs import TableRef
-from tasks.common import lineage_markdown, publish_markdown
-from tasks.prompts import curate_prompts, curation_summary, source_files
+from tasks.artifacts import lineage_markdown, publish_markdown
+from tasks.curation import curate_prompts, curation_summary, source_files
 
 
 @flow(name="instaflow-curate")
@@ -36,7 +36,7 @@ def curate_flow(cfg: InstaflowConfig) -> TableRef:
     inputs = {f"source {i}": f["path"] for i, f in enumerate(files)}
     inputs["curation config"] = ref.config_hash
     publish_markdown(
-        "instaflow-prompts",
+        "instaflow-curate",
         lineage_markdown("curate", inputs, {"prompts": ref}, extra),
         description="Prompt curation lineage",
     )

@@ -1,8 +1,8 @@
 """Stage 4: distillation. The 2-RF makes its own pairs, and a one-step student learns them: InstaFlow.
 
     prompts + 2-RF -> distill_pairs table (the triplet stage's sharded, exactly-once machinery; Euler
-    `distill.pairs.num_inference_steps` steps, guidance `distill.pairs.guidance_scale`, seeds from
-    `distill.pairs.seed`) -> train-distill (t = 0, X0 -> the 2-RF's output) -> models/instaflow-<key>/
+    `distillation.pairs.num_inference_steps` steps, guidance `distillation.pairs.guidance_scale`, seeds from
+    `distillation.pairs.seed`) -> distill-train (t = 0, X0 -> the 2-RF's output) -> models/instaflow-<key>/
 
 Reads `distill`, `storage`, `orchestration` (the pair shards' task runner), `models` (dtype when the 2-RF
 solves) and `registry`. Same caching, checkpoint/resume and MLflow behaviour as reflow.
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.generate import run_pairs
-from flows.reflow import stage_report
+from flows.pairs import run_pairs
 from instaflow_core.config import InstaflowConfig
+from instaflow_core.generation.triplets import PairsJob
 from instaflow_core.refs import ModelRef, TableRef
-from instaflow_core.triplets import PairsJob
-from tasks.common import publish_markdown
-from tasks.training import train_distill
+from tasks.artifacts import publish_markdown
+from tasks.training import stage_report, train_distill
 
 PAIRS_TABLE = "distill_pairs"
 
@@ -28,7 +27,7 @@ def distill_flow(
     cfg: InstaflowConfig, rf: ModelRef, prompts: TableRef, mlflow_parent_run_id: str | None = None
 ) -> ModelRef:
     """2-RF + prompts -> distill_pairs -> the one-step InstaFlow diffusers folder (ModelRef kind "instaflow")."""
-    job = PairsJob.from_distill_pairs(cfg.distill.pairs, table=PAIRS_TABLE)
+    job = PairsJob.from_distill_pairs(cfg.distillation.pairs, table=PAIRS_TABLE)
     pairs = run_pairs(
         job,
         prompts,
@@ -39,7 +38,7 @@ def distill_flow(
         artifact_key="instaflow-distill-pairs",
         stage="distill pairs",
     )
-    ref = train_distill(cfg.distill, cfg.storage, pairs, rf, cfg.registry, mlflow_parent_run_id)
+    ref = train_distill(cfg.distillation, cfg.storage, pairs, rf, cfg.registration, mlflow_parent_run_id)
     report = stage_report(
         cfg,
         "distill",
@@ -47,10 +46,10 @@ def distill_flow(
             "2rf": rf,
             "prompts": prompts,
             "distill_pairs": pairs,
-            "distill config": cfg.section_hash("distill"),
+            "distill config": cfg.section_hash("distillation"),
         },
         ref,
-        (cfg.distill, pairs, rf),
+        (cfg.distillation, pairs, rf),
     )
     publish_markdown(
         "instaflow-distill", report, description="Distillation: inputs, the model, summary, samples"

@@ -11,9 +11,8 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.refs import ModelRef, TableRef
-from tasks.common import lineage_markdown, publish_markdown
-from tasks.evaluation import evaluate_model, input_identity, reference_stats, write_results
-from tasks.registry import log_evaluation
+from tasks.artifacts import lineage_markdown, publish_markdown
+from tasks.evaluation import evaluate_model, input_identity, log_evaluation, reference_stats, write_results
 
 
 @flow(name="instaflow-evaluate")
@@ -27,21 +26,23 @@ def evaluate_flow(
     """Metrics of every model on the evaluation set -> {uri, metrics, table, networks, eval_set, run_id, ...}.
 
     `models` maps a label ("2rf", "instaflow", ...) to a diffusers folder reference; its `kind` picks the
-    settings (2rf: each of eval.rf_steps with eval.rf_guidance; others: one step, no guidance). The teacher
-    runs DPM-Solver++ with CFG (eval.teacher_steps, eval.teacher_guidance). `prompts` supplies the holdout
+    settings (2rf: each of evaluation.rf_steps with evaluation.rf_guidance; others: one step, no guidance). The teacher
+    runs DPM-Solver++ with CFG (evaluation.teacher_steps, evaluation.teacher_guidance). `prompts` supplies the holdout
     captions when no COCO captions are configured. Results: a Prefect table artifact `instaflow-eval`, the
     same table as JSON in the store, and one MLflow run with every metric and the sample grids.
     """
     log = get_run_logger()
-    inputs = input_identity(cfg.eval, cfg.storage)
-    ref = reference_stats(cfg.eval, cfg.models, cfg.storage, prompts, teacher, inputs)
-    rows = list(evaluate_model(cfg.eval, cfg.models, cfg.storage, "teacher", teacher, prompts, ref, inputs))
+    inputs = input_identity(cfg.evaluation, cfg.storage)
+    ref = reference_stats(cfg.evaluation, cfg.models, cfg.storage, prompts, teacher, inputs)
+    rows = list(
+        evaluate_model(cfg.evaluation, cfg.models, cfg.storage, "teacher", teacher, prompts, ref, inputs)
+    )
     for label, model in models.items():
         if model is None:
             continue
-        rows += evaluate_model(cfg.eval, cfg.models, cfg.storage, label, model, prompts, ref, inputs)
+        rows += evaluate_model(cfg.evaluation, cfg.models, cfg.storage, label, model, prompts, ref, inputs)
     results = write_results(cfg.storage, rows, ref)
-    run = log_evaluation(cfg.registry, cfg.storage, results, parent_run_id)
+    run = log_evaluation(cfg.registration, cfg.storage, results, parent_run_id)
 
     consumed: dict[str, Any] = {"teacher": teacher, **{k: v for k, v in models.items() if v is not None}}
     if prompts is not None:

@@ -13,8 +13,10 @@ from prefect import flow, get_run_logger
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import DataError
 from instaflow_core.refs import ModelRef, TableRef
-from tasks.common import code_version, git_sha, lineage_markdown, publish_markdown
-from tasks.registry import CANDIDATE, CHAMPION, promote, register_model
+from tasks.artifacts import lineage_markdown, publish_markdown
+from tasks.caching import code_version, git_sha
+from tasks.registration import promote, register_model
+from tasks.tracking.promotion import CANDIDATE, CHAMPION
 
 _VERSION_RE = re.compile(r"@v(\d+)$")
 
@@ -88,15 +90,15 @@ def register_flow(
     rf_model: ModelRef | None = None,
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Register `model` as `registry.model_name` (alias `candidate`), and the 2-RF as `registry.rf_model_name`
-    when both are given; with `registry.auto_promote` the gate decides whether `champion` moves.
+    """Register `model` as `registration.model_name` (alias `candidate`), and the 2-RF as `registration.rf_model_name`
+    when both are given; with `registration.auto_promote` the gate decides whether `champion` moves.
 
     `metrics` is evaluate_flow's result (or a flat {"fid": .., "clip_score": ..}); `lineage` maps names
     (prompts, triplets, teacher, ...) to references or their keys. Returns {model_name, version, aliases,
     model_uri, run_id, run_url, metrics, gate?, rf?}.
     """
     log = get_run_logger()
-    reg_cfg = cfg.registry
+    reg_cfg = cfg.registration
     tags = lineage_tags(cfg, lineage, metrics)
     one_step = pick_metrics(metrics, model.kind, most_steps=False)
     inference = {"num_inference_steps": 1, "guidance_scale": 1.0, "dtype": cfg.models.dtype}
@@ -111,8 +113,8 @@ def register_flow(
     if rf_model is not None and reg_cfg.rf_model_name:
         rf_metrics = pick_metrics(metrics, rf_model.kind, most_steps=True) if metrics else {}
         rf_inference = {
-            "num_inference_steps": max(cfg.eval.rf_steps),
-            "guidance_scale": cfg.eval.rf_guidance,
+            "num_inference_steps": max(cfg.evaluation.rf_steps),
+            "guidance_scale": cfg.evaluation.rf_guidance,
             "dtype": cfg.models.dtype,
         }
         rf_reg = register_model(

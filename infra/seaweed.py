@@ -277,4 +277,4 @@ def create_bucket(
     except ClientError as err:
         code = err.response.get("Error", {}).get("Code", "")
         if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise SeaweedError(f"cannot create bucket {bucket!r} on {endpoint}: {code or err}") from None
+            raise SeaweedError(f"cannot create bucket {bucket!r} on {endpoint}: {code or err}") from err

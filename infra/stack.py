@@ -110,8 +110,8 @@ def credentials(state_dir: Path | str | None = None) -> tuple[str, str]:
             values[k.strip()] = v.strip().strip("'\"")
     try:
         return values["AWS_ACCESS_KEY_ID"], values["AWS_SECRET_ACCESS_KEY"]
-    except KeyError:
-        raise StackError(f"{path} lacks AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+    except KeyError as err:
+        raise StackError(f"{path} lacks AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from err
 
 
 def _ensure_credentials(d: Path) -> tuple[str, str]:

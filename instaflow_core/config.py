@@ -9,14 +9,33 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from instaflow_core.errors import ConfigError
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found by wheel installs too
+# Sections that were renamed (one word per stage): a preset or override using the old name gets told the new one.
+RENAMED_SECTIONS = {"eval": "evaluation", "registry": "registration", "distill": "distillation"}
+
+
+def _no_is_no(value: Any) -> Any:
+    """YAML 1.1 reads `no` as false: `--set reflow.mixed_precision=no` means accelerate's "no", not a bool."""
+    return "no" if value is False else value
+
+
+# accelerate's words; `no` = full precision
+MixedPrecision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_no_is_no)]
 
 
 class Section(BaseModel):
@@ -49,7 +68,6 @@ class OrchestrationConfig(Section):
     dask_address: str | None = None  # tcp://scheduler:8786 for task_runner=dask; None = a local Dask cluster
     # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
     result_storage: str | None = None
-    refresh: list[str] = Field(default_factory=list)  # stages to force (and everything after them)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -103,19 +121,27 @@ class CurationConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------ generation
-class GenerationConfig(Section):
+class PairsConfig(Section):
+    """How a model turns (prompt, seed) into (X0, X1) pairs, sharded: the teacher's triplets (`generation`) and
+    the 2-RF's distillation pairs (`distillation.pairs`) share these settings and the machinery behind them."""
+
     images_per_prompt: int = Field(1, ge=1)
-    seed: int = 0  # base seed: per-triplet seeds derive from (seed, prompt_id, image index)
-    scheduler: Literal["dpmsolver++", "euler", "ddim"] = "dpmsolver++"
+    seed: int = 0  # base seed: per-pair seeds derive from (seed, prompt_id, image index)
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(5.0, ge=0.0)
-    negative_prompt: str = ""
     shard_size: int = Field(256, ge=1)  # prompts per shard (one Prefect task run per shard)
-    batch_size: int = Field(8, ge=1)  # prompts per teacher forward
+    batch_size: int = Field(8, ge=1)  # prompts per model forward
+    max_prompts: int | None = Field(None, ge=1)
+
+
+class GenerationConfig(PairsConfig):
+    """The teacher's triplets: its probability-flow ODE through a diffusers scheduler, with CFG."""
+
+    scheduler: Literal["dpmsolver++", "euler", "ddim"] = "dpmsolver++"
+    negative_prompt: str = ""
     store_noise: bool = False  # the seed reproduces X0; store it only when asked
     split: Literal["train", "holdout", "all"] = "train"
-    max_prompts: int | None = Field(None, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     compile: bool = False
 
 
@@ -144,15 +170,14 @@ class TrainConfig(Section):
     keep_checkpoints: int | None = Field(2, ge=1)  # newest N step folders kept in ckpt_dir; None = all
     log_every: int = Field(10, ge=1)
     seed: int = 0
-    num_workers: int = Field(0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     tf32: bool = False
     channels_last: bool = False
     gradient_checkpointing: bool = False
     sdpa: bool = True
     compile: bool = False
     use_8bit_adam: bool = False
-    # > 1: the training task runs `accelerate launch --num_processes N [launcher_args] -m flows.train_entry`
+    # > 1: the training task runs `accelerate launch --num_processes N [launcher_args] -m instaflow_core.training.entry`
     # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.
     num_processes: int = Field(1, ge=1)
     launcher_args: list[str] = Field(default_factory=list)
@@ -169,25 +194,18 @@ class TrainConfig(Section):
         return v
 
 
-class DistillPairsConfig(Section):
-    """How the 2-RF generates its own distillation pairs (Euler, a few dozen steps, light guidance)."""
-
-    num_inference_steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(1.5, ge=0.0)
-    images_per_prompt: int = Field(1, ge=1)
-    seed: int = 1  # a different base seed from generation: fresh noise for distillation
-    shard_size: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
-    max_prompts: int | None = Field(None, ge=1)
+def _distillation_pairs() -> PairsConfig:
+    """The 2-RF's own pairs: Euler with light guidance, and a base seed apart from generation's (fresh noise)."""
+    return PairsConfig(guidance_scale=1.5, seed=1)
 
 
-class DistillConfig(TrainConfig):
-    pairs: DistillPairsConfig = Field(default_factory=DistillPairsConfig)
+class DistillationConfig(TrainConfig):
+    pairs: PairsConfig = Field(default_factory=_distillation_pairs)
     lpips_weights: str | None = None  # local path to LPIPS weights (stage loss "lpips")
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-class EvalConfig(Section):
+class EvaluationConfig(Section):
     coco_captions: str | None = (
         None  # captions_val2017.json (local path or store URI); None = holdout prompts
     )
@@ -215,7 +233,7 @@ class GateConfig(Section):
     )  # candidate CLIP may fall below the champion's by at most this
 
 
-class RegistryConfig(Section):
+class RegistrationConfig(Section):
     tracking_uri: str | None = None  # None = sqlite under the store's local root (or ./.instaflow/mlflow.db)
     experiment: str = "instaflow"
     model_name: str = "instaflow-tiny"
@@ -233,9 +251,9 @@ class InstaflowConfig(Section):
     curation: CurationConfig = Field(default_factory=CurationConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     reflow: TrainConfig
-    distill: DistillConfig
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    distillation: DistillationConfig
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> InstaflowConfig:
@@ -262,7 +280,7 @@ def stable_hash(obj: Any) -> str:
 
 # ------------------------------------------------------------------------------------------- loading
 def preset_path(preset: str | Path) -> Path:
-    """A preset name (`tiny`, `sd15`) resolves to configs/<name>.yaml; anything else is a path."""
+    """A preset name (`tiny`, `sd15`) resolves to instaflow_core/presets/<name>.yaml; anything else is a path."""
     p = Path(preset)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_file():
@@ -322,10 +340,15 @@ def _format_validation(err: ValidationError) -> str:
 
 
 def from_dict(data: dict[str, Any]) -> InstaflowConfig:
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            raise ConfigError(
+                f"config section {old!r} is now called {new!r}: rename it in the preset / --set"
+            )
     try:
         return InstaflowConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err)) from None
+        raise ConfigError(_format_validation(err)) from err
 
 
 def load(preset: str | Path = "tiny", overrides: list[str] | None = None) -> InstaflowConfig:
@@ -334,7 +357,7 @@ def load(preset: str | Path = "tiny", overrides: list[str] | None = None) -> Ins
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data.setdefault("preset", path.stem)
@@ -347,12 +370,13 @@ def load(preset: str | Path = "tiny", overrides: list[str] | None = None) -> Ins
 
 
 def _anchor_bundled_paths(cfg: InstaflowConfig, preset_file: Path) -> None:
-    """A relative caption path that is not found from the cwd but ships with the project (the tiny preset's
-    captions) is made absolute, so `instaflow rebuild --preset tiny` works from any directory."""
-    project = preset_file.resolve().parent.parent
+    """A relative caption path that is not found from the cwd but lies next to the preset file (the tiny
+    preset's bundled captions) is made absolute, so `instaflow rebuild --preset tiny` works from any directory
+    and from a wheel install."""
+    here = preset_file.resolve().parent
     for src in cfg.curation.sources:
         p = Path(src.path)
         if "://" in src.path or p.is_absolute() or p.exists():
             continue
-        if (project / p).exists():
-            src.path = str(project / p)
+        if (here / p).exists():
+            src.path = str(here / p)

@@ -20,7 +20,7 @@ Classifier-free guidance needs an `uncond` of the same kind (batch 1 or B); it i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -33,6 +33,22 @@ TSchedule = Literal["uniform", "logit_normal", "cosmap"]
 LossKind = Literal["l2", "pseudo_huber", "lpips"]
 
 UNET_TIMESTEPS = 1000.0
+
+
+# ------------------------------------------------------------------------------------------- the noise
+def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """X0 (B, *shape) float32 on CPU, row i drawn from `torch.Generator().manual_seed(seeds[i])`.
+
+    Noise is a seed: drawn on a CPU generator it is the same on any device and in any batch composition, so a
+    triplet stores its seed, not its noise. Imports torch only (DataLoader workers start in a second).
+    """
+    out = torch.empty((len(seeds), *shape))
+    gen = torch.Generator()
+    for i, s in enumerate(seeds):
+        # manual_seed resets the whole generator state: identical to a fresh Generator per row; writing into
+        # the output row saves the stack copy.
+        torch.randn(tuple(shape), generator=gen.manual_seed(int(s)), out=out[i])
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the path
@@ -143,19 +159,30 @@ def guided_velocity(
 
 # ------------------------------------------------------------------------------------------- sampling
 def _euler(
-    model: VelocityModel, x0: Tensor, cond: Any, steps: int, guidance: float, uncond: Any
+    model: VelocityModel,
+    x0: Tensor,
+    cond: Any,
+    steps: int,
+    guidance: float,
+    uncond: Any,
+    on_step: Callable[[int], None] | None = None,
+    keep: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """The Euler loop, autograd left as the caller set it. Returns x1 (B, ...), states [N+1], velocities [N]."""
+    """The Euler loop, autograd left as the caller set it. Returns x1 (B, ...), states [N+1], velocities [N]
+    (empty lists when `keep` is false: a sampler that needs only x1 holds one state at a time)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     x, b = x0, x0.shape[0]
-    states, velocities = [x0], []
+    states, velocities = ([x0], []) if keep else ([], [])
     for i in range(steps):
         t = torch.full((b,), i / steps, dtype=x0.dtype, device=x0.device)  # (B,)
         v = guided_velocity(model, x, t, cond, uncond, guidance)  # (B, ...)
         x = x + v / steps
-        states.append(x)
-        velocities.append(v)
+        if keep:
+            states.append(x)
+            velocities.append(v)
+        if on_step is not None:
+            on_step(i)
     return x, states, velocities
 
 
@@ -168,12 +195,14 @@ def euler_sample(
     guidance: float = 1.0,
     uncond: Any = None,
     return_trajectory: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Solve dx/dt = v(x, t) from t=0 (x0, noise) to t=1 with N Euler steps: x1 (B, ...).
 
-    With return_trajectory, also the states (N+1, B, ...) at t = 0, 1/N, ..., 1.
+    With return_trajectory, also the states (N+1, B, ...) at t = 0, 1/N, ..., 1. `on_step(i)` is called after
+    step i (progress bars).
     """
-    x1, states, _ = _euler(model, x0, cond, steps, guidance, uncond)
+    x1, states, _ = _euler(model, x0, cond, steps, guidance, uncond, on_step, keep=return_trajectory)
     return (x1, torch.stack(states)) if return_trajectory else x1
 
 
@@ -243,7 +272,7 @@ def _image_loss(
 ) -> Tensor:
     if decode is None or lpips is None:
         raise ConfigError(
-            "distill loss 'lpips' needs a decoder and an LPIPS network (set distill.lpips_weights); "
+            "distill loss 'lpips' needs a decoder and an LPIPS network (set distillation.lpips_weights); "
             "use loss l2 or pseudo_huber otherwise"
         )
     return lpips(decode(pred), decode(target)).mean()

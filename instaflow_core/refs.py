@@ -5,7 +5,75 @@ Prefect persists these as task results and builds cache keys from them, so they 
 
 from __future__ import annotations
 
+import sys
+from enum import Enum
+
 from pydantic import BaseModel, ConfigDict
+
+from instaflow_core.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10: the same behaviour (str() and f-strings give the value)
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Stage(StrEnum):
+    """The pipeline's stages, in order. The value is the verb every layer uses for the stage (CLI command,
+    Prefect flow `instaflow-<verb>`, artifact keys); `section` is the noun of its config section and modules."""
+
+    TEACHER = "teacher"
+    CURATE = "curate"
+    GENERATE = "generate"
+    REFLOW = "reflow"
+    DISTILL = "distill"
+    EVALUATE = "evaluate"
+    REGISTER = "register"
+
+    @property
+    def section(self) -> str:
+        return _SECTIONS[self]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [s.value for s in cls]
+
+
+_SECTIONS = {
+    Stage.TEACHER: "models",
+    Stage.CURATE: "curation",
+    Stage.GENERATE: "generation",
+    Stage.REFLOW: "reflow",
+    Stage.DISTILL: "distillation",
+    Stage.EVALUATE: "evaluation",
+    Stage.REGISTER: "registration",
+}
+
+
+class ModelKind(StrEnum):
+    """What a model folder is: the teacher, the 2-Rectified Flow (reflow's output) or the one-step InstaFlow."""
+
+    TEACHER = "teacher"
+    RF2 = "2rf"
+    INSTAFLOW = "instaflow"
+
+
+def parse_stages(names: list[str] | None, what: str = "--refresh") -> list[Stage]:
+    """Stage names (`--refresh reflow`) -> Stages, or a ConfigError naming the unknown one."""
+    out = []
+    for name in names or []:
+        try:
+            out.append(Stage(name))
+        except ValueError as err:
+            raise ConfigError(f"{what} {name!r}: choose from {', '.join(Stage.names())}") from err
+    return out
+
+
+# The model each training stage makes (the one mapping from stage to model kind).
+TRAINED_KIND = {Stage.REFLOW: ModelKind.RF2, Stage.DISTILL: ModelKind.INSTAFLOW}
 
 
 class TableRef(BaseModel):
@@ -29,7 +97,7 @@ class ModelRef(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     uri: str
-    kind: str  # teacher | 2rf | instaflow
+    kind: ModelKind
     config_hash: str = ""
     source: str = ""  # what it was built from (teacher id, table ref key)
 

@@ -16,33 +16,36 @@ from typing import Any
 import numpy as np
 from prefect import task
 
-from instaflow_core.coco import TEACHER_REFERENCE, EvalSet, build_eval_set, load_images
-from instaflow_core.config import EvalConfig, ModelsConfig, StorageConfig, stable_hash
-from instaflow_core.errors import DataError
-from instaflow_core.feature_nets import clip_network, describe_networks, fid_network
-from instaflow_core.metrics import (
-    FeatureStats,
-    Sampler,
-    SamplerSpec,
-    batched_features,
-    evaluate_sampler,
-    png_bytes,
+from instaflow_core.config import (
+    EvaluationConfig,
+    ModelsConfig,
+    RegistrationConfig,
+    StorageConfig,
+    stable_hash,
 )
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.errors import DataError
+from instaflow_core.evaluation.eval_set import TEACHER_REFERENCE, EvalSet, build_eval_set, load_images
+from instaflow_core.evaluation.feature_nets import clip_network, describe_networks, fid_network
+from instaflow_core.evaluation.metrics import FeatureStats
+from instaflow_core.evaluation.sampling import Sampler, SamplerSpec, batched_features, evaluate_sampler
+from instaflow_core.inference.images import png_bytes
+from instaflow_core.models.loading import load_model
+from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from instaflow_core.store import Store
-from tasks.common import Progress, code_version, publish_markdown, publish_table, stage_cache_key
-from tasks.models import load_model
+from tasks.artifacts import Progress, publish_markdown, publish_table
+from tasks.caching import code_version, stage_cache_key
+from tasks.tracking.runs import log_evaluation_run
 
 logger = logging.getLogger("instaflow.tasks.evaluation")
 
-EVAL_TABLE_KEY = "instaflow-eval"
+EVAL_TABLE_KEY = "instaflow-evaluate"
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60]
 
 
-def teacher_spec(eval_cfg: EvalConfig) -> SamplerSpec:
+def teacher_spec(eval_cfg: EvaluationConfig) -> SamplerSpec:
     """The teacher's reference path: DPM-Solver++ with classifier-free guidance (25 steps, w=5 in the paper)."""
     return SamplerSpec(
         name=f"teacher_{eval_cfg.teacher_steps}step",
@@ -53,13 +56,13 @@ def teacher_spec(eval_cfg: EvalConfig) -> SamplerSpec:
     )
 
 
-def model_specs(eval_cfg: EvalConfig, label: str, model: ModelRef) -> list[SamplerSpec]:
+def model_specs(eval_cfg: EvaluationConfig, label: str, model: ModelRef) -> list[SamplerSpec]:
     """What to evaluate for one model: the teacher path; a 2-RF at each of `rf_steps` with `rf_guidance`;
     a one-step (InstaFlow) model at one step without guidance, as the paper."""
     kind = model.kind or label
-    if kind == "teacher":
+    if kind == ModelKind.TEACHER:
         return [teacher_spec(eval_cfg)]
-    if kind == "2rf":
+    if kind == ModelKind.RF2:
         return [
             SamplerSpec(f"{label}_{n}step", kind, "euler", n, eval_cfg.rf_guidance)
             for n in sorted(set(eval_cfg.rf_steps))
@@ -83,7 +86,7 @@ def _tick(batches: Iterator[np.ndarray], progress: Progress, step: float) -> Ite
         progress.update(done)
 
 
-def input_identity(eval_cfg: EvalConfig, storage_cfg: StorageConfig) -> dict[str, Any]:
+def input_identity(eval_cfg: EvaluationConfig, storage_cfg: StorageConfig) -> dict[str, Any]:
     """Size and mtime/ETag of the COCO captions file (cache-key material: a replaced file is noticed)."""
     if not eval_cfg.coco_captions:
         return {}
@@ -95,16 +98,16 @@ def input_identity(eval_cfg: EvalConfig, storage_cfg: StorageConfig) -> dict[str
         else:
             st = store.local_path(path).stat()
             info = {"size": st.st_size, "mtime": st.st_mtime}
-    except FileNotFoundError:
-        raise DataError(f"eval.coco_captions: {path} not found") from None
+    except FileNotFoundError as err:
+        raise DataError(f"evaluation.coco_captions: {path} not found") from err
     keep = ("size", "mtime", "ETag", "LastModified")
     return {"coco_captions": path, **{k: str(info[k]) for k in keep if k in info}}
 
 
 # -------------------------------------------------------------------------------------------- reference
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="eval-reference-stats")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-reference-stats")
 def reference_stats(
-    eval_cfg: EvalConfig,
+    eval_cfg: EvaluationConfig,
     models_cfg: ModelsConfig,
     storage_cfg: StorageConfig,
     prompts: TableRef | None,
@@ -164,9 +167,9 @@ def reference_stats(
 
 
 # ----------------------------------------------------------------------------------------------- a model
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="eval-model")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-model")
 def evaluate_model(
-    eval_cfg: EvalConfig,
+    eval_cfg: EvaluationConfig,
     models_cfg: ModelsConfig,
     storage_cfg: StorageConfig,
     label: str,
@@ -254,7 +257,7 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="eval-results")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-results")
 def write_results(
     storage_cfg: StorageConfig, rows: list[dict[str, Any]], reference: dict[str, Any]
 ) -> dict[str, Any]:
@@ -279,7 +282,7 @@ def write_results(
     caveat = _caveat(networks, eval_set)
     publish_table(EVAL_TABLE_KEY, table, description=f"Evaluation on {eval_set['name']}; {caveat}")
     publish_markdown(
-        "instaflow-eval-notes",
+        "instaflow-evaluate-notes",
         f"### Evaluation notes\n\n- set: {eval_set['note']}\n- FID features: {networks['fid_features']}\n"
         f"- CLIP: {networks['clip_model']}\n- results: `{uri}`",
         description="Which networks and reference images the evaluation used",
@@ -303,3 +306,18 @@ def _caveat(networks: dict[str, Any], eval_set: dict[str, Any]) -> str:
         )
         if x
     )
+
+
+@task(name="evaluate-log-run", cache_key_fn=stage_cache_key, persist_result=True)
+def log_evaluation(
+    registry: RegistrationConfig,
+    storage: StorageConfig,
+    results: dict[str, Any],
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """One MLflow run with every metric, the sample grids and the results JSON (tracking.runs.log_evaluation_run).
+
+    Cached by Prefect on the registration section (tracking URI included) and the results; after resetting the
+    MLflow database, `--refresh evaluate` logs again.
+    """
+    return log_evaluation_run(registry, storage, results, parent_run_id)

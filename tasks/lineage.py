@@ -193,37 +193,43 @@ def save_resolved_config(cfg: Any, run_id: str) -> str:
     return uri
 
 
-def start_rebuild_run(cfg: Any, prefect_run_id: str) -> str | None:
-    """An MLflow parent run for one rebuild: the stage runs (reflow, distill, evaluation) nest under it."""
-    from tasks.registry import ensure_experiment, mlflow_client
+def finish_rebuild(
+    cfg: Any,
+    run_id: str,
+    refs: dict[str, BaseModel],
+    evaluation: dict[str, Any],
+    registered: dict[str, Any],
+    mlflow_run: str | None,
+    config_uri: str,
+    started: float,
+) -> dict[str, Any]:
+    """The end of a rebuild: record the latest refs and evaluation in the store, publish the lineage chain and
+    asset materialisations, report which stages ran, close the MLflow parent run; returns the summary."""
+    import time
 
-    try:
-        with mlflow_client(cfg.registry, cfg.storage) as client:
-            exp_id = ensure_experiment(client, cfg.registry.experiment)
-            run = client.create_run(
-                exp_id,
-                run_name=f"rebuild-{cfg.preset}",
-                tags={
-                    "instaflow.stage": "rebuild",
-                    "instaflow.prefect_flow_run_id": prefect_run_id,
-                    "instaflow.preset": cfg.preset,
-                    **{f"instaflow.config_hash.{k}": v for k, v in cfg.hashes().items()},
-                },
-            )
-            return run.info.run_id
-    except Exception as err:  # tracking is best effort here; the stages report their own errors
-        logger.warning("could not open the MLflow rebuild run: %s", err)
-        return None
+    from prefect.context import FlowRunContext
 
+    from tasks.artifacts import publish_markdown, run_logger
+    from tasks.tracking.runs import end_rebuild_run
 
-def end_rebuild_run(cfg: Any, run_id: str | None, summary: dict[str, Any]) -> None:
-    if run_id is None:
-        return
-    from tasks.registry import mlflow_client
-
-    with mlflow_client(cfg.registry, cfg.storage) as client:
-        client.log_metric(run_id, "rebuild_elapsed_s", float(summary.get("elapsed_s", 0.0)))
-        for stage, state in summary.get("stages", {}).items():
-            client.set_tag(run_id, f"instaflow.stage_state.{stage}", state)
-        client.log_text(run_id, summary.get("lineage_markdown", ""), "lineage.md")
-        client.set_terminated(run_id)
+    remember_refs(cfg.storage, refs)
+    remember_evaluation(cfg.storage, evaluation)
+    chain = lineage_chain(refs, evaluation, registered)
+    publish_markdown("instaflow-lineage", chain, description="The whole chain of this rebuild")
+    emit_assets(refs)
+    states = stage_states(run_id) if FlowRunContext.get() is not None else {}
+    elapsed = time.perf_counter() - started
+    run_logger().info("rebuild finished in %.1fs; stages: %s", elapsed, states)
+    summary = {
+        "elapsed_s": round(elapsed, 2),
+        "mlflow_run_id": mlflow_run,
+        "run_id": run_id,
+        "config_uri": config_uri,
+        "stages": states,
+        "refs": {k: v.model_dump(mode="json") for k, v in refs.items()},
+        "evaluation": evaluation,
+        "registered": registered,
+        "lineage_markdown": chain,
+    }
+    end_rebuild_run(cfg, mlflow_run, summary)
+    return summary

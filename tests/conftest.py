@@ -108,6 +108,6 @@ def one_torch_thread() -> Iterator[None]:
 def tiny():
     """The tiny SD components (random init, fixed seed), built once per test module."""
     from instaflow_core.config import TinyModelConfig
-    from instaflow_core.models import build_tiny
+    from instaflow_core.models.tiny import build_tiny
 
     return build_tiny(TinyModelConfig())

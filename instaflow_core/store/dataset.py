@@ -36,23 +36,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from instaflow_core.config import StorageConfig
 from instaflow_core.errors import DataError
+from instaflow_core.rectified_flow import noise_from_seeds
 from instaflow_core.refs import TableRef
 from instaflow_core.store.tables import from_tensor_column
 from instaflow_core.store.uri import Store
 
 AUTO = "auto"
-
-
-def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """The same X0 as `instaflow_core.teacher.noise_from_seeds` (a test pins the equality), without importing
-    diffusers: spawned DataLoader workers start in a second instead of ten."""
-    out = torch.empty((len(seeds), *shape))
-    gen = torch.Generator()
-    for i, s in enumerate(seeds):
-        # manual_seed resets the whole generator state: identical to a fresh Generator per row; writing into
-        # the output row saves the stack copy.
-        torch.randn(tuple(shape), generator=gen.manual_seed(int(s)), out=out[i])
-    return out
 
 
 def _open_lance(ref: TableRef, storage_cfg: StorageConfig) -> Any:
@@ -67,7 +56,7 @@ def _open_lance(ref: TableRef, storage_cfg: StorageConfig) -> Any:
                 uri, version=int(ref.version), storage_options=store.storage_options() or None
             )
         except ValueError as err:  # lance reports a missing dataset / version as ValueError
-            raise DataError(f"cannot open triplets table {ref.key()}: {str(err).splitlines()[0]}") from None
+            raise DataError(f"cannot open triplets table {ref.key()}: {str(err).splitlines()[0]}") from err
 
 
 def default_filter(ds: Any) -> str | None:

@@ -1,7 +1,7 @@
 """Reading triplet (and prompt) tables the way a user asks: filters, full-text and vector search, stats.
 
 Pure data access over a LanceTable (plus `embed_prompts`, which turns prompts into the vectors a vector search
-needs, and `caption_grid`, which lays decoded images out with their prompts). Every user mistake (a bad SQL
+needs). Every user mistake (a bad SQL
 filter, a missing table, column or version) is a `DataError` with one line.
 
 Indexes: `ensure_indexes(table)` keeps BTree scalar indexes on the id / run / teacher columns (the writer calls
@@ -68,7 +68,7 @@ def _run(builder: Any, what: str, expr: str) -> pa.Table:
         raise
     except (ValueError, RuntimeError, pa.ArrowInvalid) as err:
         # Lance reports filter/SQL mistakes as ValueError("Invalid input, ...") / RuntimeError.
-        raise _bad_query(what, expr, err) from None
+        raise _bad_query(what, expr, err) from err
 
 
 # ------------------------------------------------------------------------------------------- columns
@@ -317,35 +317,3 @@ def embed_prompts(
     if not out:
         return np.zeros((0, int(text_encoder.config.hidden_size)), np.float32)
     return np.concatenate(out)
-
-
-# ------------------------------------------------------------------------------------------- rendering
-def caption_grid(images: np.ndarray, captions: Sequence[str], cols: int = 4, min_side: int = 128) -> Any:
-    """(N, H, W, 3) uint8 images -> a PIL image grid, each tile upscaled to >= `min_side` px with its caption."""
-    import textwrap
-
-    from PIL import Image, ImageDraw, ImageFont
-
-    n = len(images)
-    if n == 0:
-        raise DataError("no images to put in a grid")
-    h, w = images.shape[1:3]
-    scale = max(1, math.ceil(min_side / max(h, w)))
-    tw, th = w * scale, h * scale
-    font = ImageFont.load_default()
-    chars = max(8, tw // 6)  # the default bitmap font is ~6 px wide
-    wrapped = [textwrap.wrap(str(c), chars)[:3] or [""] for c in captions]
-    line_h = 12
-    cap_h = line_h * max(len(w_) for w_ in wrapped) + 6
-    cols = max(1, min(cols, n))
-    rows = math.ceil(n / cols)
-    pad = 4
-    grid = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + cap_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (img, lines) in enumerate(zip(images, wrapped, strict=True)):
-        r, c = divmod(i, cols)
-        x, y = pad + c * (tw + pad), pad + r * (th + cap_h + pad)
-        grid.paste(Image.fromarray(np.asarray(img, np.uint8)).resize((tw, th), Image.NEAREST), (x, y))
-        for k, line in enumerate(lines):
-            draw.text((x, y + th + 3 + k * line_h), line, fill="black", font=font)
-    return grid

@@ -124,7 +124,7 @@ def to_arrow(data: Any, schema: pa.Schema) -> pa.Table:
             raise DataError(f"rows do not match the table schema: missing {missing}, unexpected {extra}")
         return data.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as err:
-        raise DataError(f"rows do not match the table schema: {err}") from None
+        raise DataError(f"rows do not match the table schema: {err}") from err
 
 
 def _dedupe_last(data: pa.Table, on: str) -> pa.Table:

@@ -9,10 +9,7 @@ they are never stored on the Store, printed, logged, pickled or put into an exce
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,79 +17,12 @@ from typing import Any
 
 from instaflow_core.config import StorageConfig
 from instaflow_core.errors import InstaflowError, StorageError
+from instaflow_core.store.errors import StoreNotFoundError, translate_error
+from instaflow_core.store.folders import FolderTransfer
+from instaflow_core.store.schemes import _file_uri, _split_scheme
 
 
-class StoreNotFoundError(StorageError, FileNotFoundError):
-    """Nothing at that URI (catchable as FileNotFoundError too)."""
-
-
-# Fragments of messages from botocore, s3fs and Lance's Rust object store, mapped to one clear line.
-_AUTH_MARKERS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "status: 403", "Forbidden")
-_UNREACHABLE_MARKERS = (
-    "Could not connect to the endpoint",
-    "kind: Connect",
-    "Connection refused",
-    "connection refused",
-    "dns error",
-    "ConnectTimeout",
-    "Connect timeout",
-    "EndpointConnectionError",
-)
-_NO_BUCKET_MARKERS = ("NoSuchBucket", "bucket does not exist", "The specified bucket does not exist")
-
-
-def translate_error(
-    err: BaseException,
-    what: str,
-    *,
-    endpoint: str | None = None,
-    bucket: str | None = None,
-    key_envs: tuple[str, str] | None = None,
-) -> StorageError | None:
-    """A StorageError with one clear line for a storage failure, or None if `err` is not one.
-
-    The line is built here from the kind of failure, never copied from `err` (whose text can be long).
-    """
-    if isinstance(err, InstaflowError):
-        return None
-    text = f"{type(err).__name__}: {err}"
-    where = endpoint or "S3"
-    keys = f" (keys from ${key_envs[0]} / ${key_envs[1]})" if key_envs else ""
-    if "InvalidAccessKeyId" in text:
-        return StorageError(f"{what}: S3 at {where} does not know the access key{keys} (InvalidAccessKeyId)")
-    if "SignatureDoesNotMatch" in text:
-        return StorageError(f"{what}: S3 at {where} rejected the secret key{keys} (SignatureDoesNotMatch)")
-    if any(m in text for m in _NO_BUCKET_MARKERS):
-        return StorageError(f"{what}: bucket {bucket or '?'!r} does not exist at {where}")
-    if any(m in text for m in _UNREACHABLE_MARKERS):
-        return StorageError(f"{what}: cannot reach the S3 endpoint {where}; is the server running?")
-    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
-        return StorageError(f"{what}: no S3 credentials found{keys}")
-    if any(m in text for m in _AUTH_MARKERS) or (isinstance(err, PermissionError) and endpoint):
-        return StorageError(f"{what}: access denied by S3 at {where}{keys}")
-    if isinstance(err, PermissionError):
-        return StorageError(f"{what}: permission denied ({err.filename or err})")
-    return None
-
-
-def _split_scheme(uri: str) -> tuple[str, str]:
-    """('s3', 'bucket/key') | ('file', '/abs/path'); plain paths count as file (relative to the cwd)."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        return "s3", uri[len("s3://") :].strip("/")
-    if uri.startswith("file://"):
-        rest = uri[len("file://") :]
-        return "file", str(Path(rest or ".").expanduser().resolve())
-    if "://" in uri:
-        raise StorageError(f"unsupported storage URI {uri!r}: use a path, file:// or s3://")
-    return "file", str(Path(uri).expanduser().resolve())
-
-
-def _file_uri(path: str) -> str:
-    return "file://" + path
-
-
-class Store:
+class Store(FolderTransfer):
     """The configured storage root and everything that reads or writes under it.
 
     `root` is normalised: `file:///abs/path` for local folders (relative roots resolved against the cwd when
@@ -264,7 +194,7 @@ class Store:
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise StorageError(f"cannot create storage root {path}: {err.strerror}") from None
+                raise StorageError(f"cannot create storage root {path}: {err.strerror}") from err
             if not os.access(path, os.W_OK):
                 raise StorageError(f"storage root {path} is not writable")
             self._checked = True
@@ -295,7 +225,7 @@ class Store:
                 bucket=self.bucket,
                 key_envs=(self.cfg.access_key_env, self.cfg.secret_key_env),
             )
-            raise (mapped or StorageError(f"{what}: S3 error {code or type(err).__name__}")) from None
+            raise (mapped or StorageError(f"{what}: S3 error {code or type(err).__name__}")) from err
         self._checked = True
 
     # ----------------------------------------------------------------------------------- blobs
@@ -346,115 +276,6 @@ class Store:
         with self.guard(f"delete {uri}"):
             if fs.exists(path):
                 fs.rm(path, recursive=recursive)
-
-    # ----------------------------------------------------------------------------------- folders
-    def put_dir(self, local_dir: str | Path, uri: str, clean: bool = False) -> str:
-        """Upload a local folder's contents (or one file) to uri; `clean` first deletes what is there."""
-        src = Path(local_dir)
-        if not src.exists():
-            raise StorageError(f"put_dir: local path {src} does not exist")
-        fs, dest = self._fs_for(uri)
-        if src.is_file():
-            pairs = [(str(src), dest)]
-        else:
-            pairs = [
-                (str(p), f"{dest}/{p.relative_to(src).as_posix()}")
-                for p in sorted(src.rglob("*"))
-                if p.is_file()
-            ]
-        with self.guard(f"upload {src} -> {uri}"):
-            if clean and fs.exists(dest):
-                fs.rm(dest, recursive=True)
-            if pairs:
-                if _split_scheme(uri)[0] == "file":
-                    for _, r in pairs:
-                        Path(r).parent.mkdir(parents=True, exist_ok=True)
-                # Lists on both sides: fsspec maps them 1:1 and uploads concurrently on S3.
-                fs.put([lp for lp, _ in pairs], [r for _, r in pairs])
-        return uri
-
-    def _remote_files(self, fs: Any, path: str) -> dict[str, dict[str, Any]]:
-        """{relative name: info} of every file under path; {"": info} when path is a single file."""
-        found = fs.find(path, detail=True, withdirs=False)
-        if not found:
-            return {}
-        base = path.rstrip("/")
-        out: dict[str, dict[str, Any]] = {}
-        for name, info in found.items():
-            name = name.rstrip("/")
-            rel = "" if name == base else name[len(base) + 1 :] if name.startswith(base + "/") else None
-            if rel is not None:
-                out[rel] = info
-        return out
-
-    def get_dir(self, uri: str, local_dir: str | Path) -> Path:
-        """Download the folder at uri into local_dir (contents land directly in local_dir)."""
-        fs, path = self._fs_for(uri)
-        dest = Path(local_dir)
-        with self.guard(f"download {uri}"):
-            files = self._remote_files(fs, path)
-            if not files:
-                raise StoreNotFoundError(f"download {uri}: not found")
-            dest.mkdir(parents=True, exist_ok=True)
-            rpaths, lpaths = [], []
-            for rel in sorted(files):
-                target = dest / (rel or Path(path).name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                rpaths.append(f"{path}/{rel}" if rel else path)
-                lpaths.append(str(target))
-            fs.get(rpaths, lpaths)
-        return dest
-
-    def local_copy(self, uri: str, cache_dir: str | Path | None = None) -> Path:
-        """A local path holding uri: the path itself for local URIs, else a cached download.
-
-        The cache key is the URI plus a fingerprint of the remote listing (names, sizes, ETags), so a folder
-        rewritten in place is downloaded again. Downloads land in a temp folder renamed into place, so an
-        interrupted download never looks complete.
-        """
-        scheme, path = _split_scheme(uri)
-        if scheme == "file":
-            p = Path(path)
-            if not p.exists():
-                raise StoreNotFoundError(f"{uri}: not found")
-            return p
-        fs, path = self._fs_for(uri)
-        with self.guard(f"download {uri}"):
-            files = self._remote_files(fs, path)
-        if not files:
-            raise StoreNotFoundError(f"{uri}: not found")
-        listing = sorted(
-            (rel, info.get("size"), info.get("ETag") or info.get("LastModified"))
-            for rel, info in files.items()
-        )
-        fingerprint = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
-        root = Path(
-            cache_dir
-            or os.environ.get("INSTAFLOW_CACHE_DIR")
-            or Path.home() / ".cache" / "instaflow" / "store"
-        )
-        slot = root / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-        final = slot / fingerprint
-        single = list(files) == [""]
-        result = final / Path(path).name if single else final
-        if (final / ".complete").exists():
-            return result
-        slot.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=slot))
-        try:
-            self.get_dir(uri, tmp)
-            (tmp / ".complete").write_text(uri)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / ".complete").exists():  # not a concurrent winner: a real failure
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in slot.iterdir():  # keep one version per URI
-            if old != final and not old.name.startswith(".dl-"):
-                shutil.rmtree(old, ignore_errors=True)
-        return result
 
     # ----------------------------------------------------------------------------------- tables
     def db(self, check: bool = True) -> Any:

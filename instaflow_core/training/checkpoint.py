@@ -143,7 +143,7 @@ class Checkpointer:
                 return None
             return self.fs.cat_file(self._path(LATEST)).decode().strip() or None
         except OSError as err:
-            raise StorageError(f"cannot read checkpoints under {self.uri}: {err}") from None
+            raise StorageError(f"cannot read checkpoints under {self.uri}: {err}") from err
 
     def load(self, name: str, files: tuple[str, ...]) -> Loaded:
         folder = self._path(name)
@@ -154,7 +154,7 @@ class Checkpointer:
             raise TrainingError(
                 f"checkpoint {self.uri}/{name} named by {self.uri}/{LATEST} is incomplete ({err}); "
                 f"delete {LATEST} to start over or point it at an older step"
-            ) from None
+            ) from err
         return Loaded(uri=f"{self.uri}/{name}", state=state, files=blobs)
 
     # -------------------------------------------------------------------------------------- write
@@ -171,7 +171,7 @@ class Checkpointer:
                     self.fs.pipe_file(f"{folder}/{fname}", blob)
                 self.fs.pipe_file(self._path(LATEST), name.encode())
         except OSError as err:
-            raise StorageError(f"cannot write checkpoint {self.uri}/{name}: {err}") from None
+            raise StorageError(f"cannot write checkpoint {self.uri}/{name}: {err}") from err
         self._prune(name)
         return f"{self.uri}/{name}"
 

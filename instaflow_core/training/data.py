@@ -117,11 +117,11 @@ class BatchStream:
         self._it = iter(self.batches)  # next epoch of a re-iterable source
         try:
             return next(self._it)
-        except StopIteration:
+        except StopIteration as err:
             raise DataError(
                 "the batch iterable is empty or a one-shot iterator that ran out: pass a list/DataLoader "
                 "or a factory batches(req)"
-            ) from None
+            ) from err
 
     def next(self, span: StageSpan, step: int) -> dict:
         """The next micro-batch of this rank for optimizer step `step` of stage `span`."""
@@ -131,12 +131,12 @@ class BatchStream:
                 self._open_stage(span, 0)
             try:
                 batch = next(self._it)
-            except StopIteration:
+            except StopIteration as err:
                 raise DataError(
                     f"batches for stage {span.index} ran out after {self._drawn} micro-batches "
                     f"(at step {step + 1}); the factory must yield at least "
                     f"{(span.end - span.start) * span.accumulation} per rank"
-                ) from None
+                ) from err
             self._drawn += 1
         else:
             batch = None

@@ -308,7 +308,7 @@ def _resume(p: _Parts) -> tuple[_Run, dict | None]:
         p.scheduler.load_state_dict(obj_from_bytes(loaded.files["scheduler.pt"]))
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"checkpoint {loaded.uri} does not fit this model/optimizer: {first}") from None
+        raise TrainingError(f"checkpoint {loaded.uri} does not fit this model/optimizer: {first}") from err
     st = loaded.state
     run = _Run(step=int(st["step"]), history=list(st.get("history", [])), final_loss=st.get("final_loss"))
     run.checkpoint = loaded.uri

@@ -149,10 +149,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
-        except ImportError:
+        except ImportError as err:
             raise ConfigError(
                 "use_8bit_adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or set use_8bit_adam=false"
-            ) from None
+            ) from err
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 

@@ -1,0 +1,1 @@
+"""The `instaflow` command line: `main.py` wires one module per command group."""

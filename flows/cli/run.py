@@ -1,0 +1,286 @@
+"""`instaflow rebuild` and the stage commands (`curate`, `generate`, `reflow`, `distill`, `evaluate`, `register`).
+
+A stage run on its own takes its inputs from the latest outputs recorded in the store by earlier runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.cli.options import PresetOpt, SetOpt, load_config
+from instaflow_core.config import InstaflowConfig
+from instaflow_core.errors import InstaflowError
+
+console = Console()
+
+PrefectApiOpt = typer.Option(
+    None, "--prefect-api", help="Prefect API URL (default: $PREFECT_API_URL, else an embedded ephemeral API)."
+)
+
+
+StackOpt = typer.Option(
+    False,
+    "--stack",
+    help="Run against the local stack (`instaflow stack up`): its S3, Prefect API and MLflow.",
+)
+
+
+def _stack_settings(sets: list[str] | None) -> list[str]:
+    """Point this process at the running local stack; returns the config overrides for its S3 and MLflow."""
+    from infra import stack
+
+    if not any(s.healthy for s in stack.status()):
+        raise stack.StackError("the local stack is not running: start it with `instaflow stack up`")
+    env = stack.env()
+    for key in ("PREFECT_API_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ[key] = env[key]
+    return [
+        *stack.storage_overrides(),
+        f"registration.tracking_uri={env['MLFLOW_TRACKING_URI']}",
+        *(sets or []),
+    ]
+
+
+def _prepare(
+    preset: str, sets: list[str] | None, prefect_api: str | None, use_stack: bool = False
+) -> InstaflowConfig:
+    if use_stack:
+        sets = _stack_settings(sets)
+    cfg = load_config(preset, sets)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no torchvision here: its fallbacks are fine
+    # the embedded (ephemeral) API can take >20 s to start on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.models.local_files_only else "0")
+    if prefect_api:
+        os.environ["PREFECT_API_URL"] = prefect_api
+    from instaflow_core.store import Store
+
+    Store(cfg.storage).check()  # unreachable S3 / wrong keys: one clear line before any work starts
+    return cfg
+
+
+def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import State
+
+    from tasks.caching import prefect_settings
+
+    # Prefect read its settings when it was imported: an API chosen later (--prefect-api, --stack) must be
+    # applied through its settings context, not just the environment
+    api = os.environ.get("PREFECT_API_URL")
+    with temporary_settings(updates={PREFECT_API_URL: api} if api else {}):
+        with prefect_settings(cfg.storage, cfg.orchestration):
+            result = flow_fn(cfg, *args, return_state=True, **kwargs)
+    if isinstance(result, State):
+        if result.is_failed() or result.is_crashed():
+            try:
+                result.result()
+            except InstaflowError:
+                raise
+            except Exception as err:
+                if os.environ.get("INSTAFLOW_DEBUG") == "1":
+                    raise
+                raise InstaflowError(f"{flow_fn.__name__} failed: {type(err).__name__}: {err}") from err
+        return result.result()
+    return result
+
+
+def _need(cfg: InstaflowConfig, name: str, hint: str) -> Any:
+    from tasks.lineage import latest_ref
+
+    ref = latest_ref(cfg.storage, name)
+    if ref is None:
+        raise InstaflowError(f"no {name} in {cfg.storage.root} yet: run `instaflow {hint}` first")
+    return ref
+
+
+def _remember(cfg: InstaflowConfig, **refs: Any) -> None:
+    from tasks.lineage import remember_refs
+
+    remember_refs(cfg.storage, refs)
+
+
+def rebuild(
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    refresh: list[str] = typer.Option(None, "--refresh", help="Force this stage and every stage after it."),
+    prefect_api: str | None = PrefectApiOpt,
+    use_stack: bool = StackOpt,
+    json_out: str | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
+) -> None:
+    """Run the whole pipeline end to end: curate -> generate -> reflow -> distill -> evaluate -> register."""
+    from flows.rebuild import rebuild_flow
+    from instaflow_core.refs import parse_stages
+
+    parse_stages(refresh, "--refresh")  # a typo fails before any work
+    cfg = _prepare(preset, set_, prefect_api, use_stack)
+    console.print(f"[bold]instaflow rebuild[/] preset={cfg.preset} store={cfg.storage.root}")
+    t0 = time.perf_counter()
+    summary = _run(rebuild_flow, cfg, refresh=refresh or [])
+    summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    _print_summary(cfg, summary)
+    if json_out:
+        with open(json_out, "w") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+
+
+def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
+    refs = summary.get("refs", {})
+    t = Table(title="Rebuild summary", show_lines=False)
+    t.add_column("what")
+    t.add_column("where")
+    for name in ("prompts", "triplets"):
+        r = refs.get(name, {})
+        t.add_row(
+            f"table {name}",
+            f"{r.get('db_uri')}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)",
+        )
+    for name in ("teacher", "2rf", "instaflow"):
+        t.add_row(f"model {name}", str(refs.get(name, {}).get("uri")))
+    ev = summary.get("evaluation", {}) or {}
+    t.add_row("metrics", str(ev.get("uri")))
+    for setting, m in (ev.get("metrics") or {}).items():
+        if isinstance(m, dict) and m.get("grid_uri"):
+            t.add_row(f"sample grid {setting}", str(m["grid_uri"]))
+    reg = summary.get("registered", {}) or {}
+    t.add_row(
+        "registered",
+        f"models:/{reg.get('model_name')}/{reg.get('version')} aliases={','.join(reg.get('aliases', []))}",
+    )
+    if reg.get("tracking_uri"):
+        t.add_row("MLflow tracking", str(reg.get("tracking_uri")))
+    t.add_row("resolved config", str(summary.get("config_uri")))
+    t.add_row("stages", ", ".join(f"{k}={v}" for k, v in summary.get("stages", {}).items()))
+    t.add_row("time", f"{summary.get('wall_s')} s (flow {summary.get('elapsed_s')} s)")
+    console.print(t)
+    rows = ev.get("table") or []
+    if rows:
+        mt = Table(title="Evaluation")
+        for c in rows[0]:
+            mt.add_column(str(c))
+        for row in rows:
+            mt.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()])
+        console.print(mt)
+    from infra import stack
+
+    up = [svc for svc in stack.status() if svc.healthy]
+    for svc in up:
+        console.print(f"{svc.name}: {svc.url}")
+    if not up:
+        console.print(
+            "Start the local stack (`instaflow stack up`) and rebuild with `--stack` to browse runs in the"
+        )
+        console.print("Prefect and MLflow UIs.")
+    elif not os.environ.get("PREFECT_API_URL"):
+        console.print(
+            "(this rebuild used the embedded API and store: rebuild with `--stack` to see it in these UIs)"
+        )
+
+
+def curate(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
+    """Stage 1: ingest, normalise, dedupe, filter and split captions into the `prompts` table."""
+    from flows.curate import curate_flow
+
+    cfg = _prepare(preset, set_, prefect_api)
+    ref = _run(curate_flow, cfg)
+    _remember(cfg, prompts=ref)
+    console.print(f"prompts: {ref.key()} ({ref.rows} rows)")
+
+
+def generate(
+    preset: str = PresetOpt,
+    set_: list[str] = SetOpt,
+    prefect_api: str | None = PrefectApiOpt,
+    shard_slice: str | None = typer.Option(
+        None,
+        "--shard-slice",
+        help="Run only slice i of N of the shards (i/N, e.g. 0/4): one slice per GPU machine.",
+    ),
+) -> None:
+    """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
+    from flows.generate import generate_flow
+    from tasks.generation import parse_shard_slice
+
+    parse_shard_slice(shard_slice)  # a malformed slice fails before any work
+    cfg = _prepare(preset, set_, prefect_api)
+    prompts = _need(cfg, "prompts", "curate")
+    ref = _run(generate_flow, cfg, prompts, shard_slice=shard_slice)
+    _remember(cfg, triplets=ref)
+    console.print(f"triplets: {ref.key()} ({ref.rows} rows)")
+
+
+def reflow(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
+    """Stage 3: train the 2-Rectified Flow on the triplets (resumes from its last checkpoint)."""
+    from flows.reflow import reflow_flow
+    from tasks.teacher import teacher_model
+
+    cfg = _prepare(preset, set_, prefect_api)
+    triplets = _need(cfg, "triplets", "generate")
+    from tasks.caching import prefect_settings
+
+    with prefect_settings(cfg.storage, cfg.orchestration):
+        teacher = teacher_model(cfg.models, cfg.storage)
+    ref = _run(reflow_flow, cfg, triplets, teacher)
+    _remember(cfg, teacher=teacher, **{"2rf": ref})
+    console.print(f"2-RF: {ref.uri}")
+
+
+def distill(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
+    """Stage 4: distill the 2-RF into a one-step InstaFlow model."""
+    from flows.distill import distill_flow
+
+    cfg = _prepare(preset, set_, prefect_api)
+    rf = _need(cfg, "2rf", "reflow")
+    prompts = _need(cfg, "prompts", "curate")
+    ref = _run(distill_flow, cfg, rf, prompts)
+    _remember(cfg, instaflow=ref)
+    console.print(f"InstaFlow: {ref.uri}")
+
+
+def evaluate(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
+    """Stage 5: evaluate the teacher, the 2-RF and InstaFlow (FID, CLIP score, straightness, latency)."""
+    from flows.evaluate import evaluate_flow
+    from tasks.lineage import remember_evaluation
+
+    cfg = _prepare(preset, set_, prefect_api)
+    models = {"2rf": _need(cfg, "2rf", "reflow"), "instaflow": _need(cfg, "instaflow", "distill")}
+    result = _run(
+        evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
+    )
+    remember_evaluation(cfg.storage, result)
+    console.print_json(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
+
+
+def register(
+    preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
+) -> None:
+    """Stage 6: register InstaFlow (and the 2-RF) in MLflow; promote to champion if the gate passes."""
+    from flows.register import register_flow
+    from tasks.lineage import latest_evaluation
+
+    cfg = _prepare(preset, set_, prefect_api)
+    evaluation = latest_evaluation(cfg.storage)
+    if evaluation is None:
+        raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")
+    model, rf = _need(cfg, "instaflow", "distill"), _need(cfg, "2rf", "reflow")
+    lineage = {
+        n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", "2rf", "instaflow")
+    }
+    result = _run(register_flow, cfg, model, evaluation, lineage, rf_model=rf)
+    console.print_json(json.dumps(result, default=str))

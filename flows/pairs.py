@@ -1,0 +1,88 @@
+"""The shard fan-out both pair-making stages compose: generation's teacher triplets and distillation's pairs.
+
+    prompts table version -> plan (sorted prompt ids, shards of N prompts) -> prepare the table (schema, lineage)
+    -> one `generate-shard` task run per shard, mapped over the task runner -> indexes, metadata -> TableRef
+
+Same sharding, resumption and artifacts for both; run on a GPU cluster: see infra/GPU_CLUSTER.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
+
+from instaflow_core.config import ModelsConfig, OrchestrationConfig, StorageConfig
+from instaflow_core.generation.triplets import PairsJob
+from instaflow_core.refs import ModelRef, TableRef
+from tasks.artifacts import Progress, run_logger
+from tasks.generation import (
+    finish_pairs,
+    generate_preview,
+    pairs_shard,
+    parse_shard_slice,
+    plan_pairs,
+    prepare_pairs_table,
+    report_pairs,
+    slice_ref,
+    wrote_now,
+)
+from tasks.runners import make_task_runner
+
+
+def run_pairs(
+    job: PairsJob,
+    prompts: TableRef,
+    model: ModelRef,
+    storage_cfg: StorageConfig,
+    orchestration_cfg: OrchestrationConfig,
+    models_cfg: ModelsConfig | None = None,
+    *,
+    artifact_key: str = "instaflow-generate",
+    stage: str = "generate",
+    shard_slice: str | None = None,
+) -> TableRef:
+    """Plan, prepare, map the shards over the configured task runner, finish. Call inside a flow.
+
+    `shard_slice="i/N"` makes only every N-th shard starting at i (N independent runs, e.g. one per GPU node,
+    share the work) and returns the table as it is, without the completeness check; a final run without a
+    slice finds every shard done, then indexes the table and returns the complete reference.
+    """
+    t0 = time.perf_counter()
+    sliced = parse_shard_slice(shard_slice)
+    all_shards = plan_pairs(job, prompts, storage_cfg)
+    shape = prepare_pairs_table(job, model, prompts, storage_cfg, models_cfg)
+    expected = sum(s.n_prompts for s in all_shards) * job.pairs.images_per_prompt
+    shards = [s for s in all_shards if sliced is None or s.index % sliced[1] == sliced[0]]
+    run_logger().info(
+        "%s: %d shards, %d triplets expected, latents %s, solver %s, runner %s x%d",
+        job.table, len(shards), expected, tuple(shape), job.solver.column(),
+        orchestration_cfg.task_runner, orchestration_cfg.max_workers,
+    )  # fmt: skip
+
+    overall = Progress(f"{job.table}: shards done")
+    bar = tqdm(total=len(shards), desc=f"{job.table} shards", unit="shard", position=0)
+    shard_args = {"job": job, "prompts": prompts, "model": model, "storage_cfg": storage_cfg}
+    results: list[dict[str, Any]] = []
+    with make_task_runner(orchestration_cfg) as runner:
+        futures = [
+            runner.submit(pairs_shard, parameters={**shard_args, "shard": shard, "models_cfg": models_cfg})
+            for shard in shards
+        ]
+        for fut in as_completed(futures):
+            results.append(fut.result())  # re-raises a failed shard's error (the others' commits stay)
+            bar.update(1)
+            overall.update(len(results) / max(len(shards), 1))
+    bar.close()
+
+    if sliced is not None:
+        return slice_ref(job, model, storage_cfg, shards, results, shard_slice or "")
+    ref = finish_pairs(job, model, prompts, storage_cfg, expected)
+    preview = generate_preview(ref, model, storage_cfg, models_cfg, len(shards)) if wrote_now(results) else ""
+    report_pairs(
+        job, ref, prompts, model, results, expected=expected, shape=shape,
+        seconds=time.perf_counter() - t0, preview=preview, artifact_key=artifact_key, stage=stage,
+    )  # fmt: skip
+    return ref

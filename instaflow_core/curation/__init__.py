@@ -1,0 +1,1 @@
+"""Prompt curation: streaming caption readers (`readers`) and pure prompt functions (`prompts`)."""

@@ -1,0 +1,1 @@
+"""Inference: the one-step / N-step `InstaFlowPipeline` and image helpers (decode, grids, PNG)."""

@@ -1,0 +1,24 @@
+"""URIs: a plain path or file:// (local) versus an object store (s3://), split once here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from instaflow_core.errors import StorageError
+
+
+def _split_scheme(uri: str) -> tuple[str, str]:
+    """('s3', 'bucket/key') | ('file', '/abs/path'); plain paths count as file (relative to the cwd)."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        return "s3", uri[len("s3://") :].strip("/")
+    if uri.startswith("file://"):
+        rest = uri[len("file://") :]
+        return "file", str(Path(rest or ".").expanduser().resolve())
+    if "://" in uri:
+        raise StorageError(f"unsupported storage URI {uri!r}: use a path, file:// or s3://")
+    return "file", str(Path(uri).expanduser().resolve())
+
+
+def _file_uri(path: str) -> str:
+    return "file://" + path

@@ -1,0 +1,201 @@
+"""Prompt curation as a Prefect task: captions in, a versioned `prompts` LanceDB table out.
+
+Crash safety: nothing is written to `prompts` until every source has been read and curated. Kept rows are
+buffered in memory up to `curation.batch_rows`; beyond that they spill to a staging table (`_staging_prompts`,
+overwritten at the start of each run, dropped at the end), so memory stays bounded for laion-size inputs.
+Then ONE `merge_insert` on prompt_id commits the result: a crash before it leaves the previous version intact
+(at worst a stale staging table, which the next run overwrites), and Lance commits are atomic.
+
+The merge syncs the table to this curation: new prompts inserted, changed ones (split, token count, ...)
+updated, prompts this configuration no longer keeps deleted; unchanged rows are not rewritten. A rerun thus
+adds no duplicates, and every earlier state stays readable as an older table version. The lineage metadata
+(config hash, sources, counts) is written right after, as the next version; the returned TableRef points at
+that one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from instaflow_core.config import CurationConfig, ModelsConfig, StorageConfig, stable_hash
+from instaflow_core.curation.filters import token_counter
+from instaflow_core.curation.prompts import PROMPTS_SCHEMA, CurationReport, Curator, TokenCounter
+from instaflow_core.curation.readers import curated_batches
+from instaflow_core.errors import DataError
+from instaflow_core.refs import TableRef
+from instaflow_core.store import Store, create_table, open_table, set_metadata, table_ref
+from tasks.artifacts import publish_table
+from tasks.caching import code_version, stage_cache_key
+
+logger = logging.getLogger("instaflow.tasks.curation")
+
+PROMPTS_TABLE = "prompts"
+STAGING_TABLE = "_staging_prompts"
+REPORT_KEY = "instaflow-curate-report"
+
+
+def teacher_tokenizer(models: ModelsConfig) -> tuple[Any, str]:
+    """The teacher's tokenizer and a short name for it, loading as little as possible.
+
+    tiny: the committed CLIP BPE files; a diffusers folder: its tokenizer/ only; anything else: the full
+    teacher (a hub id from the local cache, a single-file checkpoint).
+    """
+    if models.teacher == "tiny":
+        from instaflow_core.models.tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer(models.tiny.vocab_merges), f"tiny-clip-{models.tiny.vocab_merges}"
+    folder = Path(models.teacher.removeprefix("file://")).expanduser()
+    if (folder / "tokenizer").is_dir():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"), f"{models.teacher}/tokenizer"
+    from instaflow_core.models.loading import teacher_components
+
+    return teacher_components(models).tokenizer, models.teacher
+
+
+def curate_into_table(
+    curation: CurationConfig,
+    store: Store,
+    count_tokens: TokenCounter,
+    *,
+    table_name: str = PROMPTS_TABLE,
+    metadata: dict[str, Any] | None = None,
+) -> tuple[TableRef, CurationReport]:
+    """Read, curate and commit (see the module docstring); returns the table reference and the report."""
+    config_hash = stable_hash(curation.model_dump(mode="json"))
+    curator = Curator.from_config(curation, count_tokens)
+    source_fs = store.fs if store.is_s3 else None  # s3:// sources use the store's endpoint and keys
+    db = store.db()
+
+    buffer: list[Any] = []
+    buffered = 0
+    staging = None
+    for batch in curated_batches(curation, curator, fs=source_fs):
+        buffer.append(batch)
+        buffered += batch.num_rows
+        if buffered >= curation.batch_rows:
+            staging = staging or _fresh_staging(store, db)
+            staging.add(_concat(buffer))
+            buffer, buffered = [], 0
+    report = curator.report
+    if report.kept == 0:
+        # Committing would empty the table: almost surely a wrong column, filter or source.
+        raise DataError(
+            f"curation kept no captions out of {report.read} read "
+            f"(dropped: {dict(report.dropped) or 'none'}; bad rows: {dict(report.bad_rows) or 'none'})"
+        )
+
+    table = create_table(store, table_name, PROMPTS_SCHEMA)
+    if staging is not None:
+        if buffer:
+            staging.add(_concat(buffer))
+        source = staging.to_lance().scanner(batch_size=8192).to_reader()
+    else:
+        source = _concat(buffer)
+    with store.guard(f"commit table {table_name!r}"):
+        merge = (
+            table.merge_insert("prompt_id")
+            .when_matched_update_all(
+                # Lance's SQL has no IS DISTINCT FROM; these columns are never null in rows we write.
+                where="target.source != source.source OR target.split != source.split "
+                "OR target.n_tokens != source.n_tokens OR target.flags != source.flags"
+            )
+            .when_not_matched_insert_all()
+            .when_not_matched_by_source_delete()
+            .execute(source)
+        )
+    if staging is not None:
+        with store.guard("drop the staging table"):
+            db.drop_table(STAGING_TABLE, ignore_missing=True)
+    table = open_table(store, table_name)
+    set_metadata(
+        table,
+        {
+            "stage": "curate",
+            "config_hash": config_hash,
+            "sources": json.dumps([s.model_dump(mode="json") for s in curation.sources]),
+            "report": json.dumps(report.to_dict(), sort_keys=True),
+            "code_version": code_version(),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(metadata or {}),
+        },
+    )
+    logger.info(
+        "curated %d of %d captions into %s (inserted %s, updated %s, deleted %s)",
+        report.kept,
+        report.read,
+        table_name,
+        getattr(merge, "num_inserted_rows", "?"),
+        getattr(merge, "num_updated_rows", "?"),
+        getattr(merge, "num_deleted_rows", "?"),
+    )
+    return table_ref(store, table_name, config_hash=config_hash), report
+
+
+def _concat(tables: list[Any]) -> Any:
+    import pyarrow as pa
+
+    return pa.concat_tables(tables) if tables else PROMPTS_SCHEMA.empty_table()
+
+
+def _fresh_staging(store: Store, db: Any) -> Any:
+    with store.guard("create the staging table"):
+        return db.create_table(STAGING_TABLE, schema=PROMPTS_SCHEMA, mode="overwrite")
+
+
+@task(name="curate-prompts", cache_key_fn=stage_cache_key, persist_result=True)
+def curate_prompts(
+    curation: CurationConfig,
+    models: ModelsConfig,
+    storage: StorageConfig,
+    source_files: list[dict[str, Any]],
+) -> TableRef:
+    """Curate the configured caption sources into the `prompts` table; publish counts dropped per reason.
+
+    `source_files` (path, size, mtime/etag of every input file) is part of the cache key only: a changed or
+    added file recomputes, an unchanged one is a cache hit.
+    """
+    tokenizer, tokenizer_name = teacher_tokenizer(models)
+    store = Store(storage)
+    ref, report = curate_into_table(
+        curation,
+        store,
+        token_counter(tokenizer),
+        metadata={"tokenizer": tokenizer_name, "source_files": json.dumps(source_files, sort_keys=True)},
+    )
+    publish_table(
+        REPORT_KEY,
+        report.rows(),
+        description=f"Captions dropped per reason; kept {report.kept} of {report.read} into {ref.key()}",
+    )
+    return ref
+
+
+def source_files(curation: CurationConfig, storage: StorageConfig) -> list[dict[str, Any]]:
+    """Path, size and mtime/etag of every file the sources name (cheap: listing only, no reads)."""
+    from instaflow_core.curation.readers import source_identity
+
+    if not curation.sources:
+        raise DataError("curation.sources is empty: name at least one caption file (path, format, column)")
+    store = Store(storage)
+    fs = store.fs if store.is_s3 else None
+    return [f for s in curation.sources for f in source_identity(s, fs)]
+
+
+def curation_summary(storage: StorageConfig, ref: TableRef) -> dict[str, Any]:
+    """The report and lineage recorded in the prompts table's metadata at the ref's version."""
+    from instaflow_core.store import get_metadata, open_ref
+
+    meta = get_metadata(open_ref(Store(storage), ref))
+    return {
+        "report": json.loads(meta.get("report", "{}")),
+        "tokenizer": meta.get("tokenizer", "?"),
+        "config_hash": meta.get("config_hash", ""),
+    }
