@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from flows.pairs import run_pairs
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.generation.triplets import PairsJob
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from tasks.artifacts import publish_markdown
 from tasks.training import stage_report, train_distill
 
@@ -43,7 +43,7 @@ def distill_flow(
         cfg,
         "distill",
         {
-            "2rf": rf,
+            ModelKind.RF2: rf,
             "prompts": prompts,
             "distill_pairs": pairs,
             "distill config": cfg.section_hash("distillation"),

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import DataError
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from tasks.artifacts import lineage_markdown, publish_markdown
 from tasks.caching import code_version, git_sha
 from tasks.registration import promote, register_model
@@ -136,12 +136,14 @@ def register_flow(
 
     outputs = {"model": f"models:/{result['model_name']}/{result['version']} {result['aliases']}"}
     if "rf" in result:
-        outputs["2rf"] = (
+        outputs[ModelKind.RF2] = (
             f"models:/{result['rf']['model_name']}/{result['rf']['version']} {result['rf']['aliases']}"
         )
     publish_markdown(
         "instaflow-register-lineage",
-        lineage_markdown("register", {"model": model, **({"2rf": rf_model} if rf_model else {})}, outputs),
+        lineage_markdown(
+            "register", {"model": model, **({ModelKind.RF2: rf_model} if rf_model else {})}, outputs
+        ),
         description="What was registered, and its aliases",
     )
     return result

@@ -60,6 +60,11 @@ class ModelKind(StrEnum):
     RF2 = "2rf"
     INSTAFLOW = "instaflow"
 
+    @classmethod
+    def trained(cls) -> tuple[ModelKind, ...]:
+        """The kinds the pipeline trains (in order): the 2-RF, then InstaFlow."""
+        return (cls.RF2, cls.INSTAFLOW)
+
 
 def parse_stages(names: list[str] | None, what: str = "--refresh") -> list[Stage]:
     """Stage names (`--refresh reflow`) -> Stages, or a ConfigError naming the unknown one."""

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from instaflow_core.config import StorageConfig
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from instaflow_core.store import Store
 
 logger = logging.getLogger("instaflow.lineage")
@@ -92,9 +92,9 @@ def lineage_chain(refs: dict[str, BaseModel], evaluation: dict[str, Any], regist
         "   |  teacher solves its ODE (generation)",
         f"triplets     {k('triplets')}    teacher {k('teacher')}",
         "   |  reflow (text-conditioned rectified flow)",
-        f"2-RF         {k('2rf')}",
+        f"2-RF         {k(ModelKind.RF2)}",
         "   |  distillation (pairs from the 2-RF, one-step student)",
-        f"InstaFlow    {k('instaflow')}",
+        f"InstaFlow    {k(ModelKind.INSTAFLOW)}",
         "   |  evaluation",
         f"metrics      {evaluation.get('uri', '-')}",
         "   |  registration",
@@ -125,7 +125,7 @@ def emit_assets(refs: dict[str, BaseModel]) -> None:
         from prefect.assets import Asset, materialize
     except ImportError:  # older Prefect: nothing to emit
         return
-    order = ["prompts", "triplets", "2rf", "instaflow"]
+    order = ["prompts", "triplets", ModelKind.RF2, ModelKind.INSTAFLOW]
     upstream: list[Any] = [Asset(key=_asset_key(refs["teacher"]))] if "teacher" in refs else []
     for name in order:
         ref = refs.get(name)

@@ -17,6 +17,7 @@ from rich.table import Table
 from flows.cli.options import PresetOpt, SetOpt, load_config
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import InstaflowError
+from instaflow_core.refs import ModelKind
 
 console = Console()
 
@@ -143,7 +144,7 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
             f"table {name}",
             f"{r.get('db_uri')}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)",
         )
-    for name in ("teacher", "2rf", "instaflow"):
+    for name in ("teacher", ModelKind.RF2, ModelKind.INSTAFLOW):
         t.add_row(f"model {name}", str(refs.get(name, {}).get("uri")))
     ev = summary.get("evaluation", {}) or {}
     t.add_row("metrics", str(ev.get("uri")))
@@ -233,7 +234,7 @@ def reflow(
     with prefect_settings(cfg.storage, cfg.orchestration):
         teacher = teacher_model(cfg.models, cfg.storage)
     ref = _run(reflow_flow, cfg, triplets, teacher)
-    _remember(cfg, teacher=teacher, **{"2rf": ref})
+    _remember(cfg, teacher=teacher, **{ModelKind.RF2: ref})
     console.print(f"2-RF: {ref.uri}")
 
 
@@ -244,7 +245,7 @@ def distill(
     from flows.distill import distill_flow
 
     cfg = _prepare(preset, set_, prefect_api)
-    rf = _need(cfg, "2rf", "reflow")
+    rf = _need(cfg, ModelKind.RF2, "reflow")
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(distill_flow, cfg, rf, prompts)
     _remember(cfg, instaflow=ref)
@@ -259,7 +260,10 @@ def evaluate(
     from tasks.lineage import remember_evaluation
 
     cfg = _prepare(preset, set_, prefect_api)
-    models = {"2rf": _need(cfg, "2rf", "reflow"), "instaflow": _need(cfg, "instaflow", "distill")}
+    models = {
+        kind: _need(cfg, kind, stage)
+        for kind, stage in ((ModelKind.RF2, "reflow"), (ModelKind.INSTAFLOW, "distill"))
+    }
     result = _run(
         evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
     )
@@ -278,9 +282,9 @@ def register(
     evaluation = latest_evaluation(cfg.storage)
     if evaluation is None:
         raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")
-    model, rf = _need(cfg, "instaflow", "distill"), _need(cfg, "2rf", "reflow")
+    model, rf = _need(cfg, ModelKind.INSTAFLOW, "distill"), _need(cfg, ModelKind.RF2, "reflow")
     lineage = {
-        n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", "2rf", "instaflow")
+        n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", *ModelKind.trained())
     }
     result = _run(register_flow, cfg, model, evaluation, lineage, rf_model=rf)
     console.print_json(json.dumps(result, default=str))

@@ -21,6 +21,8 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 
+from instaflow_core.refs import ModelKind
+
 DIFFUSERS_ARTIFACT = "diffusers"
 
 
@@ -66,7 +68,7 @@ class DiffusersPyfunc(mlflow.pyfunc.PythonModel):
             "guidance_scale": float(config.get("guidance_scale", 1.0)),
             "batch_size": int(config.get("batch_size", 8)),
         }
-        self.kind = str(config.get("kind", "instaflow"))
+        self.kind = str(config.get("kind", ModelKind.INSTAFLOW.value))
         self.components = load_components(
             context.artifacts[DIFFUSERS_ARTIFACT], dtype=config.get("dtype", "float32")
         )
