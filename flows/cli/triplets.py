@@ -347,4 +347,4 @@ def show(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png)
         out = str(path.resolve())
-    console.print(f"wrote {rows.num_rows} image(s) ({grid.width}x{grid.height}) to {out}")
+    console.print(f"wrote {rows.num_rows} image(s) ({grid.shape[1]}x{grid.shape[0]}) to {out}")

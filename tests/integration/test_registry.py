@@ -157,7 +157,7 @@ def test_gate_promote_block_force_rollback_and_champion_loads(setup):
 
 
 def test_cli_list_promote_blocked_exit_code(setup):
-    from flows.cli.main import app
+    from flows.cli.models import app
 
     root = setup["root"]
     sets = [
