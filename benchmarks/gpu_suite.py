@@ -141,7 +141,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[..., None]]]:
     """Every row group, most important first, so the time budget cuts the least useful ones."""
     from suite_gen import gen_compile, gen_core, gen_switches
     from suite_infer import infer_compile, infer_core, infer_switches
-    from suite_train import train_core, train_search, train_switches
+    from suite_search import train_search
+    from suite_train import train_core, train_switches
 
     compile_b1 = functools.partial(infer_compile, which=0)  # the one-step latency goal needs CUDA graphs
     compile_bn = functools.partial(infer_compile, which=1)

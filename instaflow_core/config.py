@@ -36,9 +36,7 @@ def _no_is_no(value: Any) -> Any:
 
 # accelerate's words; `no` = full precision
 MixedPrecision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_no_is_no)]
-# A GPU speed switch: true / false, or "auto" = on when the stage runs on CUDA, off elsewhere
-# (models/switches.py resolves it; docs/gpu-speed.md lists every switch and what it buys).
-Switch = bool | Literal["auto"]
+Switch = bool | Literal["auto"]  # a speed switch: "auto" = on CUDA only (docs/gpu-speed.md lists them all)
 
 
 class Section(BaseModel):
@@ -145,10 +143,10 @@ class GenerationConfig(PairsConfig):
     store_noise: bool = False  # the seed reproduces X0; store it only when asked
     split: Literal["train", "holdout", "all"] = "train"
     mixed_precision: MixedPrecision = "no"
-    compile: Switch = "auto"  # torch.compile of the teacher UNet, in place (default mode)
-    channels_last: Switch = "auto"  # the teacher UNet's weights in NHWC (cuDNN's fast convolutions)
-    cfg_batched: bool = True  # uncond + cond in one doubled forward; false = two forwards (half the memory)
-    async_write: Switch = "auto"  # the table write of batch k on a worker thread while batch k+1 computes
+    compile: Switch = "auto"  # speed switches (docs/gpu-speed.md): torch.compile of the teacher UNet
+    channels_last: Switch = "auto"
+    cfg_batched: bool = True  # false: uncond and cond as two forwards (half the activation memory)
+    async_write: Switch = "auto"  # batch k's table write runs while batch k+1 is solved
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -177,18 +175,13 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     mixed_precision: MixedPrecision = "no"
-    # speed switches, applied to the student's UNet by training/setup.py (docs/gpu-speed.md)
-    tf32: Switch = "auto"  # TF32 matmuls / convolutions for the float32 parts
+    tf32: Switch = "auto"  # speed switches, set on the student's UNet (docs/gpu-speed.md)
     channels_last: Switch = "auto"
-    gradient_checkpointing: bool = False  # memory for time: recompute activations in backward
-    sdpa: bool = True  # torch scaled_dot_product_attention (flash / memory-efficient); false = classic
-    compile: Switch = False  # torch.compile of the UNet, in place; "auto" = on CUDA
-    adamw: Literal["auto", "fused", "foreach", "for-loop"] = (
-        "auto"  # auto: fused on CUDA, torch's default else
-    )
-    # pinned, prefetching loader: batches read, pinned and uploaded on a thread 2 ahead of the step (the batch
-    # source then runs on that thread: it must use its own generators, not the global RNG)
-    prefetch: Switch = "auto"
+    gradient_checkpointing: bool = False
+    sdpa: bool = True
+    compile: Switch = False
+    adamw: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused on CUDA
+    prefetch: Switch = "auto"  # the pinned, prefetching loader (batch sources must not use the global RNG)
     use_8bit_adam: bool = False
     # > 1: the training task runs `accelerate launch --num_processes N [launcher_args] -m instaflow_core.training.entry`
     # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.
