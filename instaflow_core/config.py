@@ -36,6 +36,7 @@ def _no_is_no(value: Any) -> Any:
 
 # accelerate's words; `no` = full precision
 MixedPrecision = Annotated[Literal["no", "fp16", "bf16"], BeforeValidator(_no_is_no)]
+Switch = bool | Literal["auto"]  # a speed switch: "auto" = on CUDA only (docs/gpu-speed.md lists them all)
 
 
 class Section(BaseModel):
@@ -142,7 +143,10 @@ class GenerationConfig(PairsConfig):
     store_noise: bool = False  # the seed reproduces X0; store it only when asked
     split: Literal["train", "holdout", "all"] = "train"
     mixed_precision: MixedPrecision = "no"
-    compile: bool = False
+    compile: Switch = "auto"  # speed switches (docs/gpu-speed.md): torch.compile of the teacher UNet
+    channels_last: Switch = "auto"
+    cfg_batched: bool = True  # false: uncond and cond as two forwards (half the activation memory)
+    async_write: Switch = "auto"  # batch k's table write runs while batch k+1 is solved
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -171,11 +175,13 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     mixed_precision: MixedPrecision = "no"
-    tf32: bool = False
-    channels_last: bool = False
+    tf32: Switch = "auto"  # speed switches, set on the student's UNet (docs/gpu-speed.md)
+    channels_last: Switch = "auto"
     gradient_checkpointing: bool = False
     sdpa: bool = True
-    compile: bool = False
+    compile: Switch = False
+    adamw: Literal["auto", "fused", "foreach", "for-loop"] = "auto"  # auto: fused on CUDA
+    prefetch: Switch = "auto"  # the pinned, prefetching loader (batch sources must not use the global RNG)
     use_8bit_adam: bool = False
     # > 1: the training task runs `accelerate launch --num_processes N [launcher_args] -m instaflow_core.training.entry`
     # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.

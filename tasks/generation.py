@@ -133,6 +133,7 @@ def pairs_shard(
     from tqdm.auto import tqdm
 
     from instaflow_core.models.loading import latent_shape
+    from instaflow_core.models.switches import switch_on
     from instaflow_core.rectified_flow import noise_from_seeds
 
     store = Store(storage_cfg)
@@ -182,6 +183,7 @@ def pairs_shard(
             write=lambda t, r: merge_rows(t, r, "triplet_id"),
             noise=lambda seeds: noise_from_seeds(seeds, shape),
             on_batch=on_batch,
+            async_write=switch_on(job.async_write, device),
         )
     finally:
         bar.close()

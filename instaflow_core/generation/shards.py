@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from instaflow_core.errors import DataError
 from instaflow_core.generation.triplets import FP16_MAX, SolverSpec, TripletJob, build_rows, sql_str
+from instaflow_core.generation.writer import AsyncLatentWriter
 
 
 class ShardSpec(BaseModel):
@@ -112,12 +113,15 @@ def run_shard(
     write: Callable[[Any, pa.Table], Any],
     noise: NoiseFn | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    async_write: bool = False,
 ) -> ShardResult:
     """Make the triplets of one shard that the table does not hold yet, one merged commit per batch.
 
     `done_filter` selects this shard's rows in `table` (by prompt-id range, independent of shard numbering) so a
     rerun skips ids already written; `write(table, rows)` must merge on triplet_id. `on_batch(done, total)`
     reports progress in triplets. X0 is stored only when the table has an x0 column and `noise` is given.
+    `async_write`: `write` runs on a worker thread while the next batch is solved (generation/writer.py); the
+    shard is reported done once its last write has landed.
     """
     t0 = time.perf_counter()
     schema = table.schema
@@ -128,6 +132,8 @@ def run_shard(
     if store_x0 and noise is None:
         raise ValueError("the table stores x0: pass noise=")
     written = 0
+    if async_write:  # a drop-in for `write`: same calls, same order, on one worker thread
+        write = AsyncLatentWriter(write)
     if on_batch:
         on_batch(skipped, len(jobs))
     for start in range(0, len(todo), batch_size):
@@ -148,4 +154,6 @@ def run_shard(
         written += len(batch)
         if on_batch:
             on_batch(skipped + written, len(jobs))
+    if async_write:
+        write.close()  # waits for the last write; a failed one raises here
     return ShardResult(shard, len(jobs), skipped, written, time.perf_counter() - t0)

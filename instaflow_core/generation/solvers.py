@@ -22,6 +22,7 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
     """solve(prompts, seeds) -> X1 for the job's SolverSpec: the teacher's ODE or a rectified flow's Euler."""
     from instaflow_core.generation.teacher import solve_rf, solve_teacher
     from instaflow_core.models.loading import latent_shape
+    from instaflow_core.models.switches import set_switches, switch_on
     from instaflow_core.rectified_flow import noise_from_seeds
 
     spec = job.solver
@@ -38,7 +39,9 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
                 negative_prompt=spec.negative_prompt,
                 device=device,
                 mixed_precision=spec.mixed_precision,
-                compile=job.compile,
+                compile=switch_on(job.compile, device),
+                channels_last=switch_on(job.channels_last, device),
+                cfg_batched=job.cfg_batched,
             )
 
         return solve
@@ -49,6 +52,11 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
     from instaflow_core.models.velocity import UNetVelocity
 
     components.to(device)
+    set_switches(
+        components.unet,
+        channels_last=switch_on(job.channels_last, device) or None,
+        compile=switch_on(job.compile, device) or None,
+    )
     velocity = UNetVelocity.from_components(components).eval()
     shape = latent_shape(components)
 

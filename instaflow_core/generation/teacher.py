@@ -3,13 +3,15 @@
 `solve_teacher` is the loop of diffusers' StableDiffusionPipeline written out for a batch of (prompt, seed)
 rows: X0 comes from per-row CPU generators (so the same seed gives the same X0 on any device and any batch
 composition), uncond and cond run in one doubled forward, and the result is the scaled latent X1 (decode it
-with `vae.decode(x1 / scaling_factor)`). A fresh scheduler is made per call: multistep schedulers keep state.
+with `vae.decode(x1 / scaling_factor)`; generation never decodes). A fresh scheduler is made per call:
+multistep schedulers keep state. The GPU fast paths are options of the same function (docs/gpu-speed.md):
+`channels_last` and `compile` are set on the UNet itself (once: later calls find them set), `cfg_batched=False`
+runs uncond and cond as two forwards (half the activation memory), `out_device=None` leaves X1 on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,11 +22,11 @@ from torch import Tensor
 from instaflow_core.errors import ConfigError, DataError
 from instaflow_core.models.components import SDComponents
 from instaflow_core.models.loading import latent_shape
+from instaflow_core.models.switches import set_switches
 from instaflow_core.models.velocity import encode_prompts
 from instaflow_core.rectified_flow import VelocityModel, euler_sample, noise_from_seeds
 
 SCHEDULERS = ("dpmsolver++", "euler", "ddim")
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_scheduler(name: str, base_config: Any) -> SchedulerMixin:
@@ -54,14 +56,6 @@ def autocast(device: torch.device | str, mixed_precision: str) -> contextlib.Abs
     return torch.autocast(device_type=torch.device(device).type, dtype=dtypes[mixed_precision])
 
 
-def _maybe_compile(unet: torch.nn.Module, compile: bool) -> Any:
-    if not compile:
-        return unet
-    if unet not in _compiled:  # compile once per UNet object, not once per shard
-        _compiled[unet] = torch.compile(unet)
-    return _compiled[unet]
-
-
 @torch.no_grad()
 def solve_teacher(
     components: SDComponents,
@@ -75,11 +69,16 @@ def solve_teacher(
     device: str | torch.device = "cpu",
     mixed_precision: str = "no",
     compile: bool = False,
+    channels_last: bool = False,
+    cfg_batched: bool = True,
+    out_device: str | torch.device | None = "cpu",
 ) -> Tensor:
-    """X1 (B, 4, h, w) float32 on CPU: the teacher's ODE solution from X0 = noise_from_seeds(seeds).
+    """X1 (B, 4, h, w) float32 on `out_device` (None: left on `device`): the teacher's ODE solution from
+    X0 = noise_from_seeds(seeds).
 
     Classifier-free guidance when guidance > 1 (uncond = `negative_prompt`), as StableDiffusionPipeline does.
-    The networks are moved to `device` in place.
+    The networks are moved to `device` in place; `compile` / `channels_last` are switched on the UNet in place
+    (only ever on: another stage may share the module).
     """
     if len(prompts) != len(seeds):
         raise DataError(f"solve_teacher: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -90,31 +89,44 @@ def solve_teacher(
         return torch.empty((0, *latent_shape(components)))
     device = torch.device(device)
     components.to(device)
+    unet = components.unet
+    set_switches(unet, channels_last=channels_last or None, compile=compile or None)
     sched = make_scheduler(scheduler, components.scheduler.config)
     sched.set_timesteps(steps, device=device)
-    unet = _maybe_compile(components.unet, compile)
     do_cfg = guidance > 1.0
 
     cond = encode_prompts(components.text_encoder, components.tokenizer, list(prompts))  # (B, 77, D)
+    uncond = None
     if do_cfg:
-        uncond = encode_prompts(
-            components.text_encoder, components.tokenizer, [negative_prompt]
-        )  # (1, 77, D)
-        cond = torch.cat([uncond.expand(b, -1, -1), cond])  # (2B, 77, D): uncond first, as diffusers
-    cond = cond.to(components.unet.dtype)
+        uncond = encode_prompts(components.text_encoder, components.tokenizer, [negative_prompt]).expand(
+            b, -1, -1
+        )  # (B, 77, D)
+        if cfg_batched:
+            cond = torch.cat([uncond, cond])  # (2B, 77, D): uncond first, as diffusers
+        uncond = uncond.to(unet.dtype)
+    cond = cond.to(unet.dtype)
 
-    x = noise_from_seeds(seeds, latent_shape(components)).to(device) * sched.init_noise_sigma  # (B, 4, h, w)
+    x0 = noise_from_seeds(seeds, latent_shape(components))  # (B, 4, h, w) on the CPU, one generator per seed
+    if device.type == "cuda":  # pinned: an asynchronous upload, not a synchronous copy from pageable memory
+        x0 = x0.pin_memory()
+    x = x0.to(device, non_blocking=True) * sched.init_noise_sigma
     for t in sched.timesteps:
-        x_in = torch.cat([x, x]) if do_cfg else x  # (2B or B, 4, h, w)
-        x_in = sched.scale_model_input(x_in, t)
         with autocast(device, mixed_precision):
-            eps = unet(x_in.to(components.unet.dtype), t, encoder_hidden_states=cond).sample
+            if do_cfg and cfg_batched:
+                x_in = sched.scale_model_input(torch.cat([x, x]), t)  # (2B, 4, h, w)
+                eps = unet(x_in.to(unet.dtype), t, encoder_hidden_states=cond).sample
+            else:  # no guidance, or uncond and cond as two forwards of (B, 4, h, w)
+                x_in = sched.scale_model_input(x, t).to(unet.dtype)
+                eps = unet(x_in, t, encoder_hidden_states=cond).sample
+                if do_cfg:
+                    eps = torch.cat([unet(x_in, t, encoder_hidden_states=uncond).sample, eps])
         eps = eps.float()
         if do_cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
         x = sched.step(eps, t, x).prev_sample  # the scheduler integrates in float32
-    return x.float().cpu()
+    x = x.float()
+    return x if out_device is None else x.to(out_device)
 
 
 @torch.no_grad()

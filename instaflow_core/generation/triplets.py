@@ -99,8 +99,12 @@ class PairsJob(BaseModel):
     pairs: PairsConfig
     store_noise: bool = False
     split: Literal["train", "holdout", "all"] = "train"
-    compile: bool = False
+    compile: bool | Literal["auto"] = False
     device: str = "auto"  # auto = cuda when available, else cpu
+    # speed switches (config.GenerationConfig; "auto" = on CUDA): they change how fast X1 comes, never its id
+    channels_last: bool | Literal["auto"] = "auto"
+    cfg_batched: bool = True
+    async_write: bool | Literal["auto"] = "auto"
 
     @classmethod
     def from_generation(cls, gen: GenerationConfig, table: str = "triplets") -> PairsJob:
@@ -119,6 +123,9 @@ class PairsJob(BaseModel):
             store_noise=gen.store_noise,
             split=gen.split,
             compile=gen.compile,
+            channels_last=gen.channels_last,
+            cfg_batched=gen.cfg_batched,
+            async_write=gen.async_write,
         )
 
     @classmethod

@@ -7,18 +7,22 @@ import copy
 import torch
 from torch import nn
 
+from instaflow_core.models.switches import drop_compiled
+
 
 class EMA:
     """Keeps `model` = decay * model + (1 - decay) * live weights after every optimizer step.
 
     The copy is made from the raw module before accelerate wraps it (so it carries no DDP wrapper and no
     autocast patch), lives on the training device in the live weights' dtype, and never needs gradients.
-    Buffers (e.g. norm statistics) are copied, not averaged.
+    Buffers (e.g. norm statistics) are copied, not averaged. `update` is one multi-tensor `_foreach_lerp_` (a
+    few kernels for all of the UNet's tensors, not two per tensor). A UNet compiled in place is copied eager.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = float(decay)
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # a deep copy keeps the original's compiled callable, which would run the LIVE weights: drop it
+        self.model = drop_compiled(copy.deepcopy(model)).eval().requires_grad_(False)
 
     def to(self, device: torch.device | str) -> EMA:
         self.model.to(device)

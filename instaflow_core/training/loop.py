@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from instaflow_core.config import TrainConfig, stable_hash
 from instaflow_core.errors import ConfigError, TrainingError
+from instaflow_core.models.switches import switch_on
 from instaflow_core.training.checkpoint import (
     Checkpointer,
     capture_rng,
@@ -33,6 +34,7 @@ from instaflow_core.training.checkpoint import (
 )
 from instaflow_core.training.data import BatchSource, BatchStream, to_device
 from instaflow_core.training.ema import EMA
+from instaflow_core.training.prefetch import DeviceFeed
 from instaflow_core.training.setup import (
     StageSpan,
     apply_perf_switches,
@@ -57,6 +59,7 @@ class TrainResult:
     checkpoint: str | None  # URI of the newest checkpoint folder
     history: list[dict] = field(default_factory=list)  # one record per log_every steps (see train)
     ema_model: nn.Module | None = None
+    switches: dict[str, Any] = field(default_factory=dict)  # the speed switches as read back from the UNet
 
 
 @dataclass
@@ -118,14 +121,15 @@ def train(
     last = _last_span(spans, stage_index)
     set_seed(cfg.seed, device_specific=True)  # seed + rank: ranks draw different t / noise
 
-    forward_module = apply_perf_switches(model, cfg, acc.device)
+    switches = apply_perf_switches(model, cfg, acc.device)  # on the UNet, in place (compile too)
     ema = EMA(model, cfg.ema_decay)  # copied before accelerate patches forward for autocast
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, acc.device)
     scheduler = build_scheduler(optimizer, cfg, spans)
-    wrapped, optimizer = acc.prepare(forward_module, optimizer)
+    wrapped, optimizer = acc.prepare(model, optimizer)
     ema.to(acc.device).copy_from(model)  # DDP broadcast rank 0's weights in prepare: start the EMA there too
     ckpt = Checkpointer(ckpt_dir, store, keep=cfg.keep_checkpoints)
     parts = _Parts(cfg, acc, spans, model, wrapped, ema, optimizer, scheduler, ckpt)
+    feed = None
 
     try:
         run, rng = _resume(parts)
@@ -136,8 +140,13 @@ def train(
             stream.seek(run.step)
             if rng is not None:
                 restore_rng(rng)  # after seeking, so skipping data cannot disturb the restored streams
-            _loop(parts, run, last, stream, loss_fn, on_log)
+            # the pinned, prefetching loader (cfg.prefetch: on CUDA by default), started after the RNG restore
+            depth = 2 if switch_on(cfg.prefetch, acc.device) else 0
+            feed = DeviceFeed(stream, spans, run.step, last.end, acc.device, depth=depth)
+            _loop(parts, run, last, feed, loss_fn, on_log)
     finally:
+        if feed is not None:
+            feed.close()
         _unpatch(acc, wrapped, model)
         if owns_accelerator:
             acc.free_memory()
@@ -147,6 +156,7 @@ def train(
         checkpoint=run.checkpoint,
         history=run.history,
         ema_model=ema.model,
+        switches=switches,
     )
 
 
@@ -175,7 +185,7 @@ def _loop(
     p: _Parts,
     run: _Run,
     last: StageSpan,
-    stream: BatchStream,
+    stream: BatchStream | DeviceFeed,
     loss_fn: LossFn,
     on_log: Callable[[dict], None] | None,
 ) -> None:

@@ -1,4 +1,4 @@
-"""How training is set up and distributed (accelerate, optimizer, schedule, performance switches).
+"""How training is set up and distributed (accelerate, optimizer, schedule, speed switches on the UNet).
 
 Kept apart from the loop (torchtitan style): the loop only sees a prepared model and optimizer and
 an Accelerator to call backward / reduce / no_sync on.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -17,6 +18,7 @@ from torch import nn
 
 from instaflow_core.config import TrainConfig, TrainStageConfig
 from instaflow_core.errors import ConfigError
+from instaflow_core.models.switches import perf_flags, set_switches, set_tf32, switch_on
 
 log = logging.getLogger("instaflow.training")
 
@@ -96,49 +98,86 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return acc
 
 
-def apply_perf_switches(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """TF32, channels_last, gradient checkpointing, SDPA and torch.compile: applied on CUDA only.
+def switch_target(model: nn.Module) -> nn.Module:
+    """The module that owns the switches: `model.unet` for StudentVelocity / UNetVelocity, else `model`."""
+    unet = getattr(model, "unet", None)
+    return unet if isinstance(unet, nn.Module) else model
 
-    Returns the module to hand to accelerate (the compiled wrapper when compile is on). On other devices
-    every switch is a logged no-op: they trade memory/precision for speed that only exists on a GPU.
+
+def apply_perf_switches(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """TF32, channels_last, gradient checkpointing, SDPA and torch.compile, set on the UNet itself.
+
+    "auto" switches are on for CUDA and off elsewhere; true / false apply on any device (so a CPU run can
+    check them). Everything happens in place (compile too, `nn.Module.compile()`), so the module handed to
+    accelerate, the EMA copy and the checkpoints keep their plain names. Returns and logs the flags read back
+    from the UNet; a switch asked for that the module does not have is logged as not applied.
     """
-    wanted = [
-        n for n in ("tf32", "channels_last", "gradient_checkpointing", "compile") if getattr(cfg, n)
-    ] + ([] if cfg.sdpa else ["sdpa=false"])
-    if device.type != "cuda":
-        if wanted:
-            log.info("device %s: ignoring CUDA-only switches %s", device.type, ", ".join(wanted))
-        return model
-    if cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.gradient_checkpointing:
-        enable = getattr(model, "enable_gradient_checkpointing", None)
-        if enable is None:
-            log.warning(
-                "gradient_checkpointing: %s has no enable_gradient_checkpointing()", type(model).__name__
-            )
-        else:
-            enable()
-    if not cfg.sdpa:
-        # diffusers uses scaled_dot_product_attention by default; the switch turns it off for debugging
-        set_proc = getattr(model, "set_attn_processor", None)
-        if set_proc is not None:
-            from diffusers.models.attention_processor import AttnProcessor
-
-            set_proc(AttnProcessor())
-    if wanted:
-        log.info("CUDA switches on: %s", ", ".join(wanted))
-    if cfg.compile:
-        return torch.compile(model)
-    return model
+    target = switch_target(model)
+    tf32 = switch_on(cfg.tf32, device) and device.type == "cuda"  # the flags mean nothing elsewhere
+    if tf32:
+        set_tf32(True)
+    want = {
+        "channels_last": switch_on(cfg.channels_last, device),
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "sdpa": cfg.sdpa,
+        "compile": switch_on(cfg.compile, device),
+    }
+    got = set_switches(
+        target,
+        channels_last=want["channels_last"],
+        gradient_checkpointing=want["gradient_checkpointing"],
+        sdpa=None if cfg.sdpa else False,  # diffusers' default is SDPA already: leave custom processors alone
+        compile=want["compile"] or None,  # never un-compile what the caller compiled
+    )
+    got = {**perf_flags(target), **got}
+    # asked for, but the module has no such switch (a toy MLP has no attention, no checkpointing flag)
+    missing = [k for k, v in want.items() if got[k] is None and (v if k != "sdpa" else not v)]
+    applied = {k: v for k, v in got.items() if v is not None} | {"tf32": tf32}
+    (log.warning if missing else log.info)(
+        "switches on %s (%s): %s%s",
+        type(target).__name__,
+        device.type,
+        ", ".join(f"{k}={v}" for k, v in applied.items()),
+        f"; asked for but not applicable to this module: {', '.join(missing)}" if missing else "",
+    )
+    return applied
 
 
 # ------------------------------------------------------------------------------------------ optimizer
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; bitsandbytes' 8-bit AdamW when cfg.use_8bit_adam.
+ADAMW_IMPLS = ("fused", "foreach", "for-loop")
+
+
+def make_adamw(
+    params: list[nn.Parameter], *, impl: str = "auto", device: torch.device | None = None, **kwargs: Any
+) -> torch.optim.AdamW:
+    """torch AdamW with its implementation chosen explicitly (kept in `optimizer.defaults["impl"]`).
+
+    "fused": one kernel per parameter group (CUDA; CPU from torch 2.4); "foreach": multi-tensor kernels;
+    "for-loop": one kernel chain per tensor; "auto": fused when training on CUDA (`device`, else where the
+    parameters are), torch's own default elsewhere (unchanged behaviour on CPU).
+    """
+    if impl == "auto":
+        on_cuda = device.type == "cuda" if device is not None else bool(params) and params[0].is_cuda
+        impl = "fused" if on_cuda else "default"
+    flags = {
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for-loop": {"foreach": False},
+        "default": {},
+    }
+    if impl not in flags:
+        raise ConfigError(f"adamw={impl!r}: choose auto or one of {list(ADAMW_IMPLS)}")
+    opt = torch.optim.AdamW(params, **kwargs, **flags[impl])
+    opt.defaults["impl"] = impl
+    return opt
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (`cfg.adamw`: fused on CUDA); 8-bit AdamW when cfg.use_8bit_adam.
+
+    `device` is where training runs (the parameters may still be on the CPU: accelerate moves them later).
 
     The param groups start at lr 1.0: the LambdaLR from build_scheduler multiplies it into the real lr.
     """
@@ -154,7 +193,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                 "use_8bit_adam needs bitsandbytes (pip install bitsandbytes, CUDA only); or set use_8bit_adam=false"
             ) from err
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return make_adamw(params, impl=cfg.adamw, device=device, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, spans: list[StageSpan]):

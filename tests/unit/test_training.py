@@ -198,13 +198,14 @@ def test_bad_inputs_are_clear_errors(tmp_path):
 
 
 def test_mixed_precision_and_cuda_switches_on_cpu(tmp_path):
-    """bf16 autocast after an fp32 run in the same process; CUDA-only switches are no-ops here."""
+    """bf16 autocast after an fp32 run in the same process; "auto" switches are off here, and switches the MLP
+    does not have are reported, not applied (tests/unit/test_fast_paths.py checks them on a UNet)."""
     model = net(0)
     c = TrainConfig(
         stages=[TrainStageConfig(steps=2, batch_size=4)],
         lr=1e-2,
         mixed_precision="bf16",
-        compile=True,
+        compile="auto",
         channels_last=True,
         gradient_checkpointing=True,
         checkpoint_every=2,
