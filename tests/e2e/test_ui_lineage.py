@@ -81,7 +81,7 @@ def test_lineage_prints_the_chain_back_to_the_prompts(registry: str) -> None:
     res = _lineage("instaflow-tiny@1", "--tracking-uri", registry, "--json")
     info = json.loads(res.output)
     assert info["refs"]["prompts"] == LINEAGE["prompts"] and info["table_versions"]["triplets"] == "7"
-    assert set(info["config_hashes"]) >= {"curation", "generation", "reflow", "distill"}
+    assert set(info["config_hashes"]) >= {"curation", "generation", "reflow", "distillation"}
 
 
 @pytest.mark.parametrize(
