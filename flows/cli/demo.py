@@ -57,6 +57,7 @@ def flow_model(resolved: ResolvedModel, dtype: str) -> Any:
         steps=int(resolved.defaults.get("num_inference_steps", 1)),
         guidance=float(resolved.defaults.get("guidance_scale", 1.0)),
         lineage=resolved.lineage or {"folder": str(resolved.folder)},
+        load=pipe,
     )
 
 
@@ -78,6 +79,7 @@ def teacher_model(cfg: InstaflowConfig) -> Any:
         steps=cfg.evaluation.teacher_steps,
         guidance=cfg.evaluation.teacher_guidance,
         lineage={"kind": ModelKind.TEACHER.value, "teacher": cfg.models.teacher, "solver": "dpmsolver++"},
+        load=components,
     )
 
 

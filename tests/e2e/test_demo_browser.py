@@ -98,7 +98,10 @@ def test_demo_page_makes_an_image_from_the_champion(registered_tiny: Any, tmp_pa
                 assert needle in text, (needle, text[-2000:])
             page.screenshot(OUT / "generate.png")
 
-            assert page.click_text("Compare")
+            assert page.eval(  # the tab, not the Compare button inside it (not rendered until the tab opens)
+                "(() => { const t = [...document.querySelectorAll('[role=tab]')]"
+                ".find(e => e.innerText.trim() === 'Compare'); if (!t) return false; t.click(); return true; })()"
+            )
             assert wait_until(lambda: page.eval("!!document.querySelector('#compare-btn')"), 30, interval=0.3)
             _type(page, "#c-prompt textarea", PROMPT)
             _click(page, "#compare-btn")
