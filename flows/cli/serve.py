@@ -25,7 +25,7 @@ import typer
 
 from flows.cli.lineage import find_version, parse_model_ref, resolve_tracking_uri
 from flows.cli.options import PresetOpt, SetOpt
-from flows.cli.sources import TrackingOpt
+from flows.cli.sources import TrackingOpt, is_folder_spec
 from instaflow_core.errors import ConfigError
 
 
@@ -60,6 +60,11 @@ def serve(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     cfg = load_config(preset, set_)
     spec = model or f"{cfg.registration.model_name}@champion"
+    if is_folder_spec(spec):
+        raise ConfigError(
+            f"{spec}: `instaflow serve` serves a registered model (NAME@ALIAS or NAME/VERSION); "
+            "a folder becomes one through the register stage"
+        )
     name, alias, version = parse_model_ref(spec)
     uri, (registry, storage) = resolve_tracking_uri(preset, set_, tracking_uri)
     with mlflow_client(registry, storage) as client:
