@@ -127,8 +127,12 @@ def demo(
     """Open a local web page to generate with registered models and compare them side by side."""
     from instaflow_core.errors import ConfigError
 
+    from infra.procs import LOOPBACK, port_in_use
+
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: choose 1..65535")
+    if port_in_use(port, LOOPBACK):
+        raise ConfigError(f"port {port} on {LOOPBACK} is in use: choose another with --port")
     cfg = load_config(preset, set_)
     models = demo_models(model, cfg, preset, set_, tracking_uri)
     from instaflow_core.inference.demo_app import build_demo, launch

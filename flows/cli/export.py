@@ -72,7 +72,7 @@ def onnx_cmd(
     pipe = load_pipeline(resolved.folder, dtype="float32", device="cpu")
     typer.echo(f"exporting {resolved.label} to {out} (opset {opset}; a few minutes on a CPU)")
     with torch.no_grad():
-        paths = export_onnx(pipe, out, opset=opset)
+        paths = export_onnx(pipe, out, opset=opset, on_graph=lambda g, sec: typer.echo(f"  {g}: {sec:.0f} s"))
     error = check_against_torch(pipe, out)
     if error > tolerance:
         raise DataError(f"the ONNX images differ from PyTorch's by {error:.2e} (> --tolerance {tolerance:g})")

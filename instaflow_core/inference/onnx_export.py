@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,25 +92,44 @@ def _export_graph(
 ) -> None:
     """One graph, the batch axis dynamic on every input (and so on the output)."""
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(
-        module.eval(),
-        args,
-        str(path),
-        input_names=names,
-        output_names=[output],
-        opset_version=opset,
-        dynamo=True,
-        dynamic_shapes={n: {0: batch} for n in names},
-        external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES,
-        verbose=False,
-    )
+    # Known-harmless noise of torch 2.13's exporter: "torchvision is not installed. Skipping torchvision::nms"
+    # (a logger), torch.utils._pytree's LeafSpec deprecation, and "axis name batch will not be used" (the
+    # inputs share one batch dimension, which is the point).
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*", category=UserWarning)
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(path),
+                input_names=names,
+                output_names=[output],
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes={n: {0: batch} for n in names},
+                external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES,
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
 
 
-def export_onnx(model: Any, out_dir: str | Path, *, opset: int = DEFAULT_OPSET) -> dict[str, Path]:
+def export_onnx(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    on_graph: Callable[[str, float], None] | None = None,
+) -> dict[str, Path]:
     """Export `model` (an InstaFlowPipeline or SDComponents: .unet, .vae, .text_encoder, .tokenizer) in fp32.
 
     Writes text_encoder / one_step / vae_decoder .onnx, tokenizer/ and manifest.json into `out_dir`; returns
-    {graph name: path} plus "tokenizer" and "manifest". The export seconds per graph go into the manifest.
+    {graph name: path} plus "tokenizer" and "manifest". The export seconds per graph go into the manifest;
+    `on_graph(name, seconds)` is called after each graph (progress).
     """
     for part in ("unet", "vae", "text_encoder", "tokenizer"):
         if getattr(model, part, None) is None:
@@ -150,6 +171,8 @@ def export_onnx(model: Any, out_dir: str | Path, *, opset: int = DEFAULT_OPSET) 
             logger.info("exporting %s to %s", name, paths[name])
             _export_graph(module, args, names, output, paths[name], opset)
             seconds[name] = round(time.perf_counter() - start, 3)
+            if on_graph is not None:
+                on_graph(name, seconds[name])
     tokenizer.save_pretrained(out / "tokenizer")
     paths["tokenizer"] = out / "tokenizer"
     manifest = {
