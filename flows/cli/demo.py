@@ -125,9 +125,8 @@ def demo(
     set_: list[str] = SetOpt,
 ) -> None:
     """Open a local web page to generate with registered models and compare them side by side."""
-    from instaflow_core.errors import ConfigError
-
     from infra.procs import LOOPBACK, port_in_use
+    from instaflow_core.errors import ConfigError
 
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: choose 1..65535")
