@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from flows.cli import config, lineage, models, run, schedule, stack, triplets
+from flows.cli import config, demo, export, lineage, models, run, sample, schedule, serve, stack, triplets
 from instaflow_core.errors import InstaflowError
 
 app = typer.Typer(
@@ -27,12 +27,16 @@ app = typer.Typer(
 for command in (run.rebuild, run.curate, run.generate, run.reflow, run.distill, run.evaluate, run.register):
     app.command()(command)
 app.command()(lineage.lineage)
+# Using a model: images, animations, the demo page, the scoring server.
+for command in (sample.sample, sample.interpolate, demo.demo, serve.serve):
+    app.command()(command)
 # Command groups.
 app.add_typer(config.app, name="config")
 app.add_typer(triplets.app, name="triplets")
 app.add_typer(models.app, name="models")
 app.add_typer(schedule.app, name="schedule")
 app.add_typer(stack.app, name="stack")
+app.add_typer(export.app, name="export")
 
 
 @app.callback()

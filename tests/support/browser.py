@@ -136,6 +136,10 @@ class Browser:
         from websockets.sync.client import connect
 
         profile_dir.mkdir(parents=True, exist_ok=True)
+        # A reused profile keeps the last run's DevToolsActivePort: reading that stale port before Chromium
+        # rewrites the file would connect to nothing (connection refused). Chromium writes a fresh one.
+        active = profile_dir / "DevToolsActivePort"
+        active.unlink(missing_ok=True)
         self.log = profile_dir / "chromium.log"
         cmd = [
             binary,
@@ -150,7 +154,6 @@ class Browser:
             self.proc = subprocess.Popen(
                 cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
-        active = profile_dir / "DevToolsActivePort"
         try:
             if not wait_until(lambda: active.exists() and active.read_text().strip(), 30, alive=self._alive):
                 raise RuntimeError(f"chromium did not open its DevTools port:\n{log_tail(self.log)}")
