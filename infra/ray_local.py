@@ -63,7 +63,10 @@ class LocalRayCluster:
         return f"{LOOPBACK}:{self.port}"
 
     def _run(self, args: list[str], timeout: float = 300) -> None:
-        env = {**os.environ, **self.env, "RAY_USAGE_STATS_ENABLED": "0"}
+        # RAY_AUTH_MODE unset + a token in ~/.ray/auth_token (any earlier local `ray.init()` makes one) puts
+        # the head into token mode, but `ray start --address` nodes do not send it: say it explicitly. This is
+        # a loopback cluster; a real one should use token auth (`ray get-auth-token --generate`, all nodes).
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", **self.env, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)
         res = subprocess.run([ray_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout)
         if res.returncode:
@@ -111,29 +114,42 @@ class LocalRayCluster:
         self.nodes += 1
         self.startup_s[f"node{self.nodes - 1}"] = round(time.perf_counter() - t0, 1)
 
-    def pids(self) -> list[int]:
-        """pids of the processes whose command line names this cluster's temp dir or GCS address."""
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    def _processes(self) -> dict[int, tuple[int, str]]:
+        """This cluster's processes {pid: (ppid, args)}: those whose command line names its temp dir or GCS
+        address, and all their descendants (Ray renames its task workers `ray::<task>`)."""
+        out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        table: dict[int, tuple[int, str]] = {}
+        for line in out.splitlines():
+            parts = line.strip().split(None, 2)
+            if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+                table[int(parts[0])] = (int(parts[1]), parts[2])
         keys = [k for k in (self.temp_dir, f"{LOOPBACK}:{self.port}" if self.port else "") if k]
         me = os.getpid()
-        found = []
-        for line in out.splitlines():
-            pid_s, _, args = line.strip().partition(" ")
-            if pid_s.isdigit() and int(pid_s) != me and "ps -eo" not in args and any(k in args for k in keys):
-                found.append(int(pid_s))
-        return found
+        mine = {
+            p
+            for p, (_, args) in table.items()
+            if p != me and "ps -eo" not in args and any(k in args for k in keys)
+        }
+        grew = True
+        while grew:
+            kids = {p for p, (pp, _) in table.items() if pp in mine and p not in mine and p != me}
+            grew = bool(kids)
+            mine |= kids
+        return {p: table[p] for p in mine}
+
+    def pids(self) -> list[int]:
+        """pids of this cluster's processes (raylets, GCS, agents, task workers)."""
+        return sorted(self._processes())
 
     def worker_pids(self) -> list[int]:
         """pids of this cluster's Ray worker processes (the ones that run tasks)."""
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        mine = set(self.pids())
-        return [
-            int(line.split()[0])
-            for line in out.splitlines()
-            if line.split() and int(line.split()[0]) in mine and "default_worker.py" in line
-        ]
+        return sorted(
+            p
+            for p, (_, args) in self._processes().items()
+            if args.startswith("ray::") and not args.endswith("Agent")  # not ray::DashboardAgent & co
+        )
 
-    def stop(self, timeout: float = 30.0) -> float:
+    def stop(self, timeout: float = 10.0) -> float:
         """Stop this cluster's processes by pid (SIGTERM, then SIGKILL) and remove its temp dir."""
         t0 = time.perf_counter()
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from typing import Any
 
@@ -17,16 +18,10 @@ from prefect import task
 
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
-from instaflow_core.generation.exactly_once import (
-    expected_triplet_ids,
-    job_claims,
-    shard_claim,
-    upgrade_table,
-    verify_pairs,
-)
-from instaflow_core.generation.shards import (  # noqa: F401 - parse_shard_slice: flows use it from here
+from instaflow_core.generation import exactly_once as eo
+from instaflow_core.generation.shards import (
     ShardSpec,
-    parse_shard_slice,
+    parse_shard_slice,  # noqa: F401 - flows use it from here
     plan_shards,
     run_shard,
     select_prompt_ids,
@@ -39,7 +34,7 @@ from instaflow_core.generation.triplets import (
     run_filter,
     triplet_schema,
 )
-from instaflow_core.models.loading import load_model_cached, model_latent_shape
+from instaflow_core.models.loading import is_cached, load_model_cached, model_latent_shape
 from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table
 from tasks.artifacts import Progress, lineage_markdown, publish_markdown, run_logger
@@ -132,7 +127,7 @@ def prepare_pairs_table(
             schema = triplet_schema(shape, store_noise=True)  # keep the table's x0 column; rows get nulls
     table = create_table(store, job.table, schema, metadata=lineage_metadata(job, model, prompts))
     with store.guard(f"upgrade {job.table!r}"):  # a table made before the key declaration (exactly-once.md)
-        upgrade_table(table)
+        eo.upgrade_table(table)
     return shape
 
 
@@ -172,14 +167,16 @@ def pairs_shard(
     )
     table = open_table(store, job.table)
     device = resolve_device(job.device)
+    worker = {"pid": os.getpid(), "model_cached": is_cached(model, storage_cfg, models_cfg)}
     components = load_model_cached(model, storage_cfg, models_cfg)
     shape = latent_shape(components)
     solve = make_solver(job, components, device)
 
     label = f"{job.table} shard {shard.index + 1}/{shard.count}"
-    bar = tqdm(
-        total=len(jobs), desc=label, unit="triplet", position=shard.index % 8, leave=False, mininterval=0.5
-    )
+    bar = tqdm(  # disable=None: no bar without a terminal (a Ray worker's output is a log the driver echoes)
+        total=len(jobs), desc=label, unit="triplet", position=shard.index % 8, leave=False, mininterval=0.5,
+        disable=None,
+    )  # fmt: skip
     progress = Progress(label)
     last = [0]
 
@@ -190,7 +187,7 @@ def pairs_shard(
 
     t0 = time.perf_counter()
     run_id = current_run_id()
-    claims = job_claims(store, job, model.source, prompts.key(), lease_ttl_s)
+    claims = eo.job_claims(store, job, model.source, prompts.key(), lease_ttl_s)
     try:
         res = run_shard(
             jobs=jobs,
@@ -205,7 +202,7 @@ def pairs_shard(
             write=lambda t, r: merge_rows(t, r, "triplet_id"),
             noise=lambda seeds: noise_from_seeds(seeds, shape),
             on_batch=on_batch,
-            claim=shard_claim(claims, shard, _task_run()),
+            claim=eo.shard_claim(claims, shard, _task_run()),
             rows_per_commit=rows_per_commit,
         )
     finally:
@@ -222,6 +219,7 @@ def pairs_shard(
         "seconds": round(res.seconds, 3),
         "rate": round(res.rate, 3),
         "status": res.status,
+        **worker,  # which process ran it, and whether it had the model loaded from an earlier shard
         "run_id": run_id,  # a cached result from an earlier run carries that run's id
     }
 
@@ -243,12 +241,12 @@ def finish_pairs(
 
     store = Store(storage_cfg)
     table = open_table(store, job.table)
-    ids = expected_triplet_ids(_planned_prompt_ids(job, prompts, store).to_pylist(), job, model.source)
+    ids = eo.expected_triplet_ids(_planned_prompt_ids(job, prompts, store).to_pylist(), job, model.source)
     if len(ids) != expected:
         raise DataError(f"{job.table!r}: the plan expects {expected} triplets, its prompts give {len(ids)}")
-    claims = job_claims(store, job, model.source, prompts.key(), ttl=120.0)
+    claims = eo.job_claims(store, job, model.source, prompts.key(), ttl=120.0)
     with store.guard(f"verify {job.table!r}"):
-        check = verify_pairs(table, claims, ids, model.source, job)
+        check = eo.verify_pairs(table, claims, ids, model.source, job)
     have = check["rows"]
     # One small fragment per committed batch: compact them so training reads large sequential ranges. No
     # cleanup of old versions: references to earlier versions (lineage of trained models) stay readable.
@@ -370,15 +368,17 @@ def report_pairs(
     written = sum(r["written"] for r in ran)
     solve_s = sum(r["seconds"] for r in ran)
     rate = written / seconds if seconds > 0 else 0.0
+    procs, loads = len({r.get("pid") for r in ran}), sum(not r.get("model_cached", True) for r in ran)
     run_logger().info(
         "%s: %d rows; this run made %d shards (%d cached), wrote %d triplets (%d were there): "
-        "%.2f triplets/s wall, %.2f per worker-second",
+        "%.2f triplets/s wall, %.2f per worker-second; %d worker processes, %d model loads",
         ref.key(), ref.rows, len(ran), len(results) - len(ran), written, sum(r["skipped"] for r in ran),
-        rate, written / solve_s if solve_s > 0 else 0.0,
+        rate, written / solve_s if solve_s > 0 else 0.0, procs, loads,
     )  # fmt: skip
     extra = (
         f"{len(results)} shards, {expected} expected triplets, {written} written by this run in {seconds:.1f}s "
-        f"({rate:.2f} triplets/s); solver `{job.solver.column()}`, latents {tuple(shape)}"
+        f"({rate:.2f} triplets/s); solver `{job.solver.column()}`, latents {tuple(shape)}; "
+        f"{procs} worker processes, {loads} model loads"
     )
     if preview:
         extra += "\n\n" + preview

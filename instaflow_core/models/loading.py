@@ -264,12 +264,21 @@ def load_model_cached(
     ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None
 ) -> Any:
     """`load_model`, once per process and reference: shard task runs on one worker share the networks."""
-    key = (ref.key(), (models_cfg or ModelsConfig()).dtype, storage_cfg.root)
+    key = _cache_key(ref, storage_cfg, models_cfg)
     with _cache_lock:
         if key not in _cache:
             _cache.clear()  # one model per process at a time: SD-size models are GBs
             _cache[key] = load_model(ref, storage_cfg, models_cfg)
         return _cache[key]
+
+
+def _cache_key(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None) -> tuple:
+    return (ref.key(), (models_cfg or ModelsConfig()).dtype, storage_cfg.root)
+
+
+def is_cached(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> bool:
+    """Whether this process holds the model already (a Ray worker reused between shards says so)."""
+    return _cache_key(ref, storage_cfg, models_cfg) in _cache
 
 
 def model_latent_shape(
