@@ -34,7 +34,7 @@ from instaflow_core.generation.triplets import (
     run_filter,
     triplet_schema,
 )
-from instaflow_core.models.loading import is_cached, load_model_cached, model_latent_shape
+from instaflow_core.models.loading import load_model_cached, model_latent_shape, times_loaded
 from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table
 from tasks.artifacts import Progress, lineage_markdown, publish_markdown, run_logger
@@ -167,15 +167,14 @@ def pairs_shard(
     )
     table = open_table(store, job.table)
     device = resolve_device(job.device)
-    worker = {"pid": os.getpid(), "model_cached": is_cached(model, storage_cfg, models_cfg)}
     components = load_model_cached(model, storage_cfg, models_cfg)
+    worker = {"pid": os.getpid(), "model_loads": times_loaded(model, storage_cfg, models_cfg)}
     shape = latent_shape(components)
     solve = make_solver(job, components, device)
 
     label = f"{job.table} shard {shard.index + 1}/{shard.count}"
     bar = tqdm(  # disable=None: no bar without a terminal (a Ray worker's output is a log the driver echoes)
-        total=len(jobs), desc=label, unit="triplet", position=shard.index % 8, leave=False, mininterval=0.5,
-        disable=None,
+        total=len(jobs), desc=label, unit="triplet", position=shard.index % 8, leave=False, disable=None,
     )  # fmt: skip
     progress = Progress(label)
     last = [0]
@@ -219,7 +218,7 @@ def pairs_shard(
         "seconds": round(res.seconds, 3),
         "rate": round(res.rate, 3),
         "status": res.status,
-        **worker,  # which process ran it, and whether it had the model loaded from an earlier shard
+        **worker,  # which process ran it, and how often that process has loaded the model
         "run_id": run_id,  # a cached result from an earlier run carries that run's id
     }
 
@@ -368,7 +367,8 @@ def report_pairs(
     written = sum(r["written"] for r in ran)
     solve_s = sum(r["seconds"] for r in ran)
     rate = written / seconds if seconds > 0 else 0.0
-    procs, loads = len({r.get("pid") for r in ran}), sum(not r.get("model_cached", True) for r in ran)
+    per_proc = {r.get("pid"): r.get("model_loads", 0) for r in sorted(ran, key=lambda r: r.get("model_loads", 0))}  # fmt: skip
+    procs, loads = len(per_proc), sum(per_proc.values())  # worker processes, and the model loads they made
     run_logger().info(
         "%s: %d rows; this run made %d shards (%d cached), wrote %d triplets (%d were there): "
         "%.2f triplets/s wall, %.2f per worker-second; %d worker processes, %d model loads",

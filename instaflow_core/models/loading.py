@@ -237,6 +237,9 @@ _cache: dict[tuple[str, str, str], Any] = {}
 
 
 _cache_lock = threading.Lock()
+_loads: dict[
+    tuple[str, str, str], int
+] = {}  # loads per model in this process (what Ray's worker reuse saves)
 
 
 def load_model(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> Any:
@@ -269,6 +272,7 @@ def load_model_cached(
         if key not in _cache:
             _cache.clear()  # one model per process at a time: SD-size models are GBs
             _cache[key] = load_model(ref, storage_cfg, models_cfg)
+            _loads[key] = _loads.get(key, 0) + 1
         return _cache[key]
 
 
@@ -276,9 +280,9 @@ def _cache_key(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConf
     return (ref.key(), (models_cfg or ModelsConfig()).dtype, storage_cfg.root)
 
 
-def is_cached(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> bool:
-    """Whether this process holds the model already (a Ray worker reused between shards says so)."""
-    return _cache_key(ref, storage_cfg, models_cfg) in _cache
+def times_loaded(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> int:
+    """How often this process has loaded the model through `load_model_cached` (1 on a reused Ray worker)."""
+    return _loads.get(_cache_key(ref, storage_cfg, models_cfg), 0)
 
 
 def model_latent_shape(
