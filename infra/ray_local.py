@@ -55,6 +55,7 @@ class LocalRayCluster:
     head_cpus: int | None = None  # None: cpus_per_node
     temp_dir: str = ""
     port: int = 0
+    client_port: int = 0  # the Ray client server (`ray://127.0.0.1:<client_port>`)
     startup_s: dict[str, float] = field(default_factory=dict)
     nodes: int = 0
 
@@ -89,12 +90,13 @@ class LocalRayCluster:
         # short: Ray puts unix sockets under it (107-byte limit)
         self.temp_dir = self.temp_dir or tempfile.mkdtemp(prefix="ifray-", dir="/tmp")
         self.port = self.port or free_port()
+        self.client_port = self.client_port or free_port(avoid={self.port})
         t0 = time.perf_counter()
         try:
             self._run(
                 [
                     "start", "--head", f"--port={self.port}", "--include-dashboard=false",
-                    f"--ray-client-server-port={free_port(avoid={self.port})}", f"--temp-dir={self.temp_dir}",
+                    f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir}",
                     *self._common(self.cpus_per_node if self.head_cpus is None else self.head_cpus),
                 ]
             )  # fmt: skip

@@ -154,9 +154,9 @@ def ray_task_runner(orchestration: OrchestrationConfig) -> Any:
             resources = connect_ray(orchestration)  # connected already: RayTaskRunner will not own/shut it
             self.options = task_options(orchestration, resources)
             self.api_url = _api_url_for_workers()
-            if orchestration.ray_address not in (None, "local") and (self.api_url or "").startswith(
-                "http://127.0.0.1"
-            ):
+            host = (orchestration.ray_address or "local").removeprefix("ray://")
+            remote = not host.startswith(("local", "127.", "localhost"))  # workers on other machines
+            if remote and (self.api_url or "").startswith(("http://127.", "http://localhost")):
                 logger.warning(
                     "Prefect API %s is on loopback: workers on other machines cannot report to it "
                     "(run a Prefect server and set PREFECT_API_URL)", self.api_url,

@@ -170,3 +170,27 @@ def test_a_worker_killed_mid_shard_is_retried_exactly_once(prefect_api, ray_clus
     )  # fmt: skip
     stored = torch.from_numpy(rows_to_latents(some.column("x1"), (4, 8, 8)).astype(np.float32))
     torch.testing.assert_close(stored, x1, atol=2e-2, rtol=2e-3)
+
+
+def test_ray_address_auto_and_ray_client(prefect_api, ray_cluster, s3_storage_cfg, monkeypatch):
+    """`orchestration.ray_address=auto` (RAY_ADDRESS, as on a cluster node) and `ray://host:port` (the Ray
+    client, as from a pod outside the cluster) reach the same cluster; a small generation runs through the
+    client."""
+    from flows.curate import curate_flow
+    from flows.generate import generate_flow
+    from instaflow_core.config import OrchestrationConfig
+    from tasks.runners import connect_ray
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)
+    assert connect_ray(OrchestrationConfig(task_runner="ray", ray_address="auto"))["CPU"] == 2
+    client = f"ray://127.0.0.1:{ray_cluster.client_port}"
+    monkeypatch.delenv("RAY_ADDRESS")
+    cfg = _cfg(
+        s3_storage_cfg, ray_cluster, f"orchestration.ray_address={client}",
+        "generation.max_prompts=4", "generation.shard_size=2", "generation.images_per_prompt=1",
+    )  # fmt: skip
+    assert connect_ray(cfg.orchestration)["CPU"] == 2
+    prompts = _run(cfg, curate_flow)
+    ref = _run(cfg, generate_flow, prompts)
+    ids = open_ref(Store(cfg.storage), ref).to_arrow().column("triplet_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 4
