@@ -13,6 +13,7 @@ from instaflow_core.config import InstaflowConfig
 from instaflow_core.refs import ModelRef, TableRef
 from tasks.artifacts import lineage_markdown, publish_markdown
 from tasks.evaluation import evaluate_model, input_identity, log_evaluation, reference_stats, write_results
+from tasks.runners import fans_out, make_task_runner
 
 
 @flow(name="instaflow-evaluate")
@@ -33,14 +34,16 @@ def evaluate_flow(
     """
     log = get_run_logger()
     inputs = input_identity(cfg.evaluation, cfg.storage)
-    ref = reference_stats(cfg.evaluation, cfg.models, cfg.storage, prompts, teacher, inputs)
-    rows = list(
-        evaluate_model(cfg.evaluation, cfg.models, cfg.storage, "teacher", teacher, prompts, ref, inputs)
-    )
-    for label, model in models.items():
-        if model is None:
-            continue
-        rows += evaluate_model(cfg.evaluation, cfg.models, cfg.storage, label, model, prompts, ref, inputs)
+    todo = {"teacher": teacher, **{k: v for k, v in models.items() if v is not None}}
+    if fans_out(cfg.orchestration):
+        rows, ref = _sample_on_cluster(cfg, todo, teacher, prompts, inputs)
+    else:  # one machine: one model at a time, so latencies are not measured against each other
+        ref = reference_stats(cfg.evaluation, cfg.models, cfg.storage, prompts, teacher, inputs)
+        rows = []
+        for label, model in todo.items():
+            rows += evaluate_model(
+                cfg.evaluation, cfg.models, cfg.storage, label, model, prompts, ref, inputs
+            )
     results = write_results(cfg.storage, rows, ref)
     run = log_evaluation(cfg.registration, cfg.storage, results, parent_run_id)
 
@@ -81,3 +84,31 @@ def evaluate_flow(
         "run_url": run["run_url"],
         "experiment_id": run["experiment_id"],
     }
+
+
+def _sample_on_cluster(
+    cfg: InstaflowConfig, todo: dict[str, ModelRef], teacher: ModelRef, prompts: TableRef | None, inputs: dict
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """On Ray: the reference statistics as one task, then every model's sampling as its own task, side by side
+    (each its own worker and GPU). Returns the metric rows and the reference info.
+
+    A model is the unit: its FID needs all its samples' features in one place, and a task pays ~1 s of
+    orchestration plus a model load, so finer pieces would cost more than they gain at evaluation sizes."""
+    common = {
+        "eval_cfg": cfg.evaluation,
+        "models_cfg": cfg.models,
+        "storage_cfg": cfg.storage,
+        "prompts": prompts,
+    }
+    with make_task_runner(cfg.orchestration) as runner:
+        ref_params = {**common, "teacher": teacher, "inputs": inputs}
+        ref = runner.submit(reference_stats, parameters=ref_params).result()
+        futures = [
+            runner.submit(
+                evaluate_model,
+                parameters={**common, "label": label, "model": model, "reference": ref, "inputs": inputs},
+            )
+            for label, model in todo.items()
+        ]
+        rows = [row for fut in futures for row in fut.result()]
+    return rows, ref

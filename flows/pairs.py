@@ -3,11 +3,13 @@
     prompts table version -> plan (sorted prompt ids, shards of N prompts) -> prepare the table (schema, lineage)
     -> one `generate-shard` task run per shard, mapped over the task runner -> indexes, metadata -> TableRef
 
-Same sharding, resumption and artifacts for both; run on a GPU cluster: see infra/GPU_CLUSTER.md.
+Same sharding, resumption and artifacts for both; exactly-once with any number of overlapping runs or workers
+(docs/exactly-once.md); on a Ray cluster each shard is one Ray task (infra/SCALE_OUT.md).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -64,12 +66,18 @@ def run_pairs(
 
     overall = Progress(f"{job.table}: shards done")
     bar = tqdm(total=len(shards), desc=f"{job.table} shards", unit="shard", position=0)
-    shard_args = {"job": job, "prompts": prompts, "model": model, "storage_cfg": storage_cfg}
+    shard_args = {
+        "job": job, "prompts": prompts, "model": model, "storage_cfg": storage_cfg,
+        "lease_ttl_s": orchestration_cfg.lease_ttl_s, "rows_per_commit": orchestration_cfg.rows_per_commit,
+    }  # fmt: skip
     results: list[dict[str, Any]] = []
+    # Start at a random shard: overlapping runs (or slices re-run by hand) then take different shards first and
+    # share the work, instead of the later one waiting on every lease the earlier one holds.
+    start = random.randrange(len(shards)) if shards else 0
     with make_task_runner(orchestration_cfg) as runner:
         futures = [
             runner.submit(pairs_shard, parameters={**shard_args, "shard": shard, "models_cfg": models_cfg})
-            for shard in shards
+            for shard in shards[start:] + shards[:start]
         ]
         for fut in as_completed(futures):
             results.append(fut.result())  # re-raises a failed shard's error (the others' commits stay)

@@ -63,10 +63,15 @@ class StorageConfig(Section):
 
 # ----------------------------------------------------------------------------------------- orchestration
 class OrchestrationConfig(Section):
-    # thread | process: one machine; dask: a Dask cluster (`pip install prefect-dask`; infra/GPU_CLUSTER.md)
-    task_runner: Literal["thread", "process", "dask"] = "thread"
-    max_workers: int = Field(2, ge=1)
-    dask_address: str | None = None  # tcp://scheduler:8786 for task_runner=dask; None = a local Dask cluster
+    # thread | process: one machine; ray: a Ray cluster, a Ray task per shard (tasks/runners.py, infra/SCALE_OUT.md)
+    task_runner: Literal["thread", "process", "ray"] = "thread"
+    max_workers: int = Field(2, ge=1)  # threads / processes; the CPUs of a local Ray instance
+    ray_address: str | None = None  # None: a local Ray instance; "auto"; "host:6379"; "ray://host:10001"
+    ray_task_cpus: float = Field(1.0, gt=0)  # CPUs per shard / evaluation task
+    ray_task_gpus: float | None = Field(None, ge=0)  # None: 1 per task when the cluster has GPUs, else 0
+    ray_max_retries: int = Field(3, ge=1)  # re-runs of a task whose worker process died
+    lease_ttl_s: float = Field(60.0, ge=2)  # a shard lease without heartbeat this long is free (S3)
+    rows_per_commit: int | None = Field(None, ge=1)  # None: a commit per batch; more: fewer commits
     # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
     result_storage: str | None = None
 

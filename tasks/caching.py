@@ -74,7 +74,7 @@ def _key_material(value: Any) -> Any:
 
 
 # Parameters that say where to log, not what to compute: a new MLflow parent run must not invalidate a stage.
-NOT_IN_KEY = frozenset({"parent_run_id", "mlflow_parent_run_id"})
+NOT_IN_KEY = frozenset({"parent_run_id", "mlflow_parent_run_id", "lease_ttl_s", "rows_per_commit"})
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:

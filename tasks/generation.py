@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import time
 from typing import Any
 
 from prefect import task
 
 from instaflow_core.config import ModelsConfig, StorageConfig
-from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.generation.shards import ShardSpec, plan_shards, run_shard, select_prompt_ids
+from instaflow_core.errors import DataError
+from instaflow_core.generation import exactly_once as eo
+from instaflow_core.generation.shards import (
+    ShardSpec,
+    parse_shard_slice,  # noqa: F401 - flows use it from here
+    plan_shards,
+    run_shard,
+    select_prompt_ids,
+)
 from instaflow_core.generation.solvers import make_solver, resolve_device
 from instaflow_core.generation.triplets import (
     PairsJob,
@@ -26,7 +34,7 @@ from instaflow_core.generation.triplets import (
     run_filter,
     triplet_schema,
 )
-from instaflow_core.models.loading import load_model_cached, model_latent_shape
+from instaflow_core.models.loading import load_model_cached, model_latent_shape, times_loaded
 from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table
 from tasks.artifacts import Progress, lineage_markdown, publish_markdown, run_logger
@@ -79,11 +87,7 @@ def job_hash(job: PairsJob) -> str:
 @task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-plan")
 def plan_pairs(job: PairsJob, prompts: TableRef, storage_cfg: StorageConfig) -> list[ShardSpec]:
     """The prompts table version -> sorted ids of the job's split (first max_prompts) -> shards of shard_size."""
-    store = Store(storage_cfg)
-    table = open_ref(store, prompts)
-    with store.guard(f"read prompt ids of {prompts.key()}"):
-        ids = table.to_lance().to_table(columns=["prompt_id"], filter=job.split_filter()).column("prompt_id")
-    ids = select_prompt_ids(ids, job.pairs.max_prompts)
+    ids = _planned_prompt_ids(job, prompts, Store(storage_cfg))
     if len(ids) == 0:
         raise DataError(
             f"prompts table {prompts.key()} has no prompts in split {job.split!r}: run curation first"
@@ -91,6 +95,14 @@ def plan_pairs(job: PairsJob, prompts: TableRef, storage_cfg: StorageConfig) -> 
     shards = plan_shards(ids, job.pairs.shard_size)
     logger.info("%d prompts x %d images -> %d shards", len(ids), job.pairs.images_per_prompt, len(shards))
     return shards
+
+
+def _planned_prompt_ids(job: PairsJob, prompts: TableRef, store: Store) -> Any:
+    """The sorted prompt ids of the job's split, first max_prompts: what the plan shards (and finish expects)."""
+    table = open_ref(store, prompts)
+    with store.guard(f"read prompt ids of {prompts.key()}"):
+        ids = table.to_lance().to_table(columns=["prompt_id"], filter=job.split_filter()).column("prompt_id")
+    return select_prompt_ids(ids, job.pairs.max_prompts)
 
 
 @task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-prepare-table")
@@ -113,7 +125,9 @@ def prepare_pairs_table(
         check_table_schema(existing.schema, shape, job.store_noise, job.table)
         if "x0" in existing.schema.names and not job.store_noise:
             schema = triplet_schema(shape, store_noise=True)  # keep the table's x0 column; rows get nulls
-    create_table(store, job.table, schema, metadata=lineage_metadata(job, model, prompts))
+    table = create_table(store, job.table, schema, metadata=lineage_metadata(job, model, prompts))
+    with store.guard(f"upgrade {job.table!r}"):  # a table made before the key declaration (exactly-once.md)
+        eo.upgrade_table(table)
     return shape
 
 
@@ -128,8 +142,11 @@ def pairs_shard(
     model: ModelRef,
     storage_cfg: StorageConfig,
     models_cfg: ModelsConfig | None = None,
+    lease_ttl_s: float = 60.0,
+    rows_per_commit: int | None = None,
 ) -> dict[str, Any]:
-    """One shard: its prompts -> triplets not yet in the table -> solved in batches, merged on triplet_id."""
+    """One shard, under its lease: its prompts -> triplets not yet in the table -> solved in batches, merged on
+    the declared key triplet_id (exactly-once with any number of writers: docs/exactly-once.md)."""
     from tqdm.auto import tqdm
 
     from instaflow_core.models.loading import latent_shape
@@ -152,13 +169,14 @@ def pairs_shard(
     table = open_table(store, job.table)
     device = resolve_device(job.device)
     components = load_model_cached(model, storage_cfg, models_cfg)
+    worker = {"pid": os.getpid(), "model_loads": times_loaded(model, storage_cfg, models_cfg)}
     shape = latent_shape(components)
     solve = make_solver(job, components, device)
 
     label = f"{job.table} shard {shard.index + 1}/{shard.count}"
-    bar = tqdm(
-        total=len(jobs), desc=label, unit="triplet", position=shard.index % 8, leave=False, mininterval=0.5
-    )
+    bar = tqdm(  # disable=None: no bar without a terminal (a Ray worker's output is a log the driver echoes)
+        total=len(jobs), desc=label, unit="triplet", position=shard.index % 8, leave=False, disable=None,
+    )  # fmt: skip
     progress = Progress(label)
     last = [0]
 
@@ -169,6 +187,7 @@ def pairs_shard(
 
     t0 = time.perf_counter()
     run_id = current_run_id()
+    claims = eo.job_claims(store, job, model.source, prompts.key(), lease_ttl_s)
     try:
         res = run_shard(
             jobs=jobs,
@@ -184,17 +203,15 @@ def pairs_shard(
             noise=lambda seeds: noise_from_seeds(seeds, shape),
             on_batch=on_batch,
             async_write=switch_on(job.async_write, device),
+            claim=eo.shard_claim(claims, shard, _task_run()),
+            rows_per_commit=rows_per_commit,
         )
     finally:
         bar.close()
     logger.info(
-        "%s: %d written, %d already there, %.2f triplets/s (%.1fs)",
-        label,
-        res.written,
-        res.skipped,
-        res.rate,
-        time.perf_counter() - t0,
-    )
+        "%s: %s, %d written, %d already there, %.2f triplets/s (%.1fs)",
+        label, res.status, res.written, res.skipped, res.rate, time.perf_counter() - t0,
+    )  # fmt: skip
     return {
         "shard": res.shard,
         "expected": res.expected,
@@ -202,6 +219,8 @@ def pairs_shard(
         "written": res.written,
         "seconds": round(res.seconds, 3),
         "rate": round(res.rate, 3),
+        "status": res.status,
+        **worker,  # which process ran it, and how often that process has loaded the model
         "run_id": run_id,  # a cached result from an earlier run carries that run's id
     }
 
@@ -215,25 +234,31 @@ def finish_pairs(
     storage_cfg: StorageConfig,
     expected: int,
 ) -> TableRef:
-    """Indexes, lineage metadata, and the reference to the table version that holds every expected row."""
+    """The final check (every expected triplet id exactly once, under the table's finish lease; surplus copies
+    from rule-breaking writers removed), compaction, indexes, lineage metadata, and the reference."""
     from instaflow_core.store import set_metadata
+    from instaflow_core.store.commits import retry_commit
+    from instaflow_core.store.query import ensure_indexes
 
     store = Store(storage_cfg)
     table = open_table(store, job.table)
-    flt = run_filter(model.source, job.solver)
-    with store.guard(f"count rows of {job.table!r}"):
-        have = int(table.count_rows(flt))
-    if have < expected:
-        raise DataError(
-            f"table {job.table!r} holds {have} of {expected} expected rows after all shards: rerun to finish"
-        )
+    ids = eo.expected_triplet_ids(_planned_prompt_ids(job, prompts, store).to_pylist(), job, model.source)
+    if len(ids) != expected:
+        raise DataError(f"{job.table!r}: the plan expects {expected} triplets, its prompts give {len(ids)}")
+    claims = eo.job_claims(store, job, model.source, prompts.key(), ttl=120.0)
+    with store.guard(f"verify {job.table!r}"):
+        check = eo.verify_pairs(table, claims, ids, model.source, job)
+    have = check["rows"]
     # One small fragment per committed batch: compact them so training reads large sequential ranges. No
     # cleanup of old versions: references to earlier versions (lineage of trained models) stay readable.
     with store.guard(f"compact {job.table!r}"):
-        table.to_lance().optimize.compact_files()
+        retry_commit(lambda: table.to_lance().optimize.compact_files(), f"compact {job.table!r}",
+                     on_retry=table.checkout_latest)  # fmt: skip
         table.checkout_latest()
-    _ensure_indexes(table)
-    set_metadata(table, {**lineage_metadata(job, model, prompts), "rows": str(have)})
+        # the query module owns the index list (none on the merge key)
+        retry_commit(lambda: ensure_indexes(table), f"index {job.table!r}", on_retry=table.checkout_latest)
+    verified = {k: check[k] for k in ("expected", "rows", "duplicates", "removed", "missing_count")}
+    set_metadata(table, {**lineage_metadata(job, model, prompts), "rows": str(have), "verified": verified})
     table = open_table(store, job.table)
     return TableRef(
         db_uri=store.uri("lance"),
@@ -244,30 +269,14 @@ def finish_pairs(
     )
 
 
-def _ensure_indexes(table: Any) -> None:
-    """Scalar indexes for the queries users run (the query module owns the list)."""
+def _task_run() -> str | None:
+    """The Prefect task run id (a Ray retry of a task whose worker died keeps it), None outside a task."""
     try:
-        from instaflow_core.store.query import ensure_indexes
-    except ImportError:  # the query module is optional for writing; fall back to the id index we rely on
-        from lancedb.index import BTree
+        from prefect.runtime import task_run
 
-        for col in ("triplet_id", "prompt_id"):
-            table.create_index(col, config=BTree(), replace=True)
-        return
-    ensure_indexes(table)
-
-
-def parse_shard_slice(shard_slice: str | None) -> tuple[int, int] | None:
-    """'i/N' -> (i, N): this run makes only the shards whose index % N == i (None: all shards)."""
-    if not shard_slice:
+        return str(task_run.get_id() or "") or None
+    except Exception:  # noqa: BLE001 - runtime lookups must never fail a shard
         return None
-    try:
-        i, n = (int(x) for x in shard_slice.split("/"))
-    except ValueError as err:
-        raise ConfigError(f"--shard-slice {shard_slice!r}: use i/N, e.g. 0/8") from err
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard-slice {shard_slice!r}: need 0 <= i < N")
-    return i, n
 
 
 @task(name="generate-preview")
@@ -360,15 +369,18 @@ def report_pairs(
     written = sum(r["written"] for r in ran)
     solve_s = sum(r["seconds"] for r in ran)
     rate = written / seconds if seconds > 0 else 0.0
+    per_proc = {r.get("pid"): r.get("model_loads", 0) for r in sorted(ran, key=lambda r: r.get("model_loads", 0))}  # fmt: skip
+    procs, loads = len(per_proc), sum(per_proc.values())  # worker processes, and the model loads they made
     run_logger().info(
         "%s: %d rows; this run made %d shards (%d cached), wrote %d triplets (%d were there): "
-        "%.2f triplets/s wall, %.2f per worker-second",
+        "%.2f triplets/s wall, %.2f per worker-second; %d worker processes, %d model loads",
         ref.key(), ref.rows, len(ran), len(results) - len(ran), written, sum(r["skipped"] for r in ran),
-        rate, written / solve_s if solve_s > 0 else 0.0,
+        rate, written / solve_s if solve_s > 0 else 0.0, procs, loads,
     )  # fmt: skip
     extra = (
         f"{len(results)} shards, {expected} expected triplets, {written} written by this run in {seconds:.1f}s "
-        f"({rate:.2f} triplets/s); solver `{job.solver.column()}`, latents {tuple(shape)}"
+        f"({rate:.2f} triplets/s); solver `{job.solver.column()}`, latents {tuple(shape)}; "
+        f"{procs} worker processes, {loads} model loads"
     )
     if preview:
         extra += "\n\n" + preview

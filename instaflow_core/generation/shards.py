@@ -1,10 +1,17 @@
-"""Shards: sorted prompt ids cut into contiguous ranges, and the worker that fills one shard exactly once."""
+"""Shards: sorted prompt ids cut into contiguous ranges, and the worker that fills one shard exactly once.
+
+Exactly-once across any number of writers (docs/exactly-once.md): the rows are merged on the table's declared
+key (store/commits.py), which alone makes every triplet land once; a shard lease (store/claims.py) only keeps
+two writers from solving the same shard twice.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,9 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from instaflow_core.errors import DataError
+from instaflow_core.errors import ConfigError, DataError
 from instaflow_core.generation.triplets import FP16_MAX, SolverSpec, TripletJob, build_rows, sql_str
 from instaflow_core.generation.writer import AsyncLatentWriter
+from instaflow_core.store.claims import Claims
+from instaflow_core.store.commits import has_declared_key
+from instaflow_core.store.leases import Holding, LeaseLost
+
+log = logging.getLogger("instaflow.generation.shards")
 
 
 class ShardSpec(BaseModel):
@@ -56,6 +68,19 @@ def plan_shards(prompt_ids: pa.Array | pa.ChunkedArray | Sequence[str], shard_si
     return shards
 
 
+def parse_shard_slice(shard_slice: str | None) -> tuple[int, int] | None:
+    """'i/N' -> (i, N): this run makes only the shards whose index % N == i (None: all shards)."""
+    if not shard_slice:
+        return None
+    try:
+        i, n = (int(x) for x in shard_slice.split("/"))
+    except ValueError as err:
+        raise ConfigError(f"--shard-slice {shard_slice!r}: use i/N, e.g. 0/8") from err
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard-slice {shard_slice!r}: need 0 <= i < N")
+    return i, n
+
+
 def select_prompt_ids(ids: pa.Array | pa.ChunkedArray, max_prompts: int | None) -> pa.Array:
     """Sorted unique ids, truncated to the first `max_prompts` (deterministic: same set on every rerun)."""
     ids = pc.unique(ids)
@@ -73,12 +98,22 @@ NoiseFn = Callable[[list[int]], Any]  # seeds -> X0 (B, C, h, w), only needed wh
 
 
 @dataclass
+class ShardClaim:
+    """Where a shard's lease and done marker live (`claims`), its name there, and what the lease records."""
+
+    claims: Claims
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ShardResult:
     shard: int
     expected: int  # triplets the shard should hold
-    skipped: int  # already in the table before this run
+    skipped: int  # already in the table before this run (or written meanwhile by another writer)
     written: int  # rows merged by this run
     seconds: float
+    status: str = "done"  # done | already-done | done-by-other (another writer held the lease and finished)
 
     @property
     def rate(self) -> float:
@@ -92,7 +127,12 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def existing_ids(table: Any, where: str) -> set[str]:
-    """triplet_ids already in a Lance/LanceDB table that match `where` (only the id column is read)."""
+    """triplet_ids in the table's LATEST version that match `where` (only the id column is read).
+
+    A LanceDB table object keeps the version it last saw: checking out the latest first is what makes rows
+    committed by other processes visible (S3 and local folders are read-after-write consistent).
+    """
+    table.checkout_latest()
     if table.count_rows() == 0:
         return set()
     got = table.search().where(where).select(["triplet_id"]).limit(None).to_arrow()
@@ -113,29 +153,121 @@ def run_shard(
     write: Callable[[Any, pa.Table], Any],
     noise: NoiseFn | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    claim: ShardClaim | None = None,
+    rows_per_commit: int | None = None,
     async_write: bool = False,
 ) -> ShardResult:
-    """Make the triplets of one shard that the table does not hold yet, one merged commit per batch.
+    """Make the triplets of one shard that the table does not hold yet, merged in commits of whole batches.
 
     `done_filter` selects this shard's rows in `table` (by prompt-id range, independent of shard numbering) so a
-    rerun skips ids already written; `write(table, rows)` must merge on triplet_id. `on_batch(done, total)`
-    reports progress in triplets. X0 is stored only when the table has an x0 column and `noise` is given.
-    `async_write`: `write` runs on a worker thread while the next batch is solved (generation/writer.py); the
-    shard is reported done once its last write has landed.
+    rerun skips ids already written; `write(table, rows)` must merge on the table's declared key (triplet_id).
+    `on_batch(done, total)` reports progress in triplets. X0 is stored only when the table has an x0 column and
+    `noise` is given. With a `claim`, the shard is solved under its lease: a shard another live writer holds is
+    waited for (and its rows skipped), the ids are re-read at the latest version once the lease is ours, and
+    the lease is checked before every commit. `rows_per_commit` (default: one commit per batch) buffers batches
+    into fewer, larger commits: what keeps a table's commit rate low with many writers.
+    `async_write`: `write` runs on a worker thread while the next batch is solved (generation/writer.py); each
+    fill waits for its last write to land before the shard is marked done.
     """
     t0 = time.perf_counter()
-    schema = table.schema
-    have = existing_ids(table, done_filter)
-    todo = [j for j in jobs if j.triplet_id not in have]
-    skipped = len(jobs) - len(todo)
-    store_x0 = "x0" in schema.names
-    if store_x0 and noise is None:
+    if not has_declared_key(table, "triplet_id"):
+        raise DataError(
+            f"table {table.name!r} has no declared key on triplet_id: prepare it first (prepare_pairs_table)"
+        )
+    if "x0" in table.schema.names and noise is None:
         raise ValueError("the table stores x0: pass noise=")
-    written = 0
-    if async_write:  # a drop-in for `write`: same calls, same order, on one worker thread
-        write = AsyncLatentWriter(write)
+    fill = functools.partial(
+        _fill, table=table, solve=solve, batch_size=batch_size, teacher=teacher, solver=solver, shard=shard,
+        run_id=run_id, write=write, noise=noise, on_batch=on_batch, rows_per_commit=rows_per_commit, total=len(jobs),
+        async_write=async_write,
+    )  # fmt: skip
+    tally = [0]  # rows written by this call, also when a lost lease interrupts a fill
+    have = existing_ids(table, done_filter)
     if on_batch:
-        on_batch(skipped, len(jobs))
+        on_batch(sum(j.triplet_id in have for j in jobs), len(jobs))
+    if claim is None or all(j.triplet_id in have for j in jobs):
+        todo = [j for j in jobs if j.triplet_id not in have]
+        fill(todo, done=len(jobs) - len(todo), check=None, tally=tally)
+        status = "done" if todo else "already-done"
+        return ShardResult(
+            shard, len(jobs), len(jobs) - len(todo), tally[0], time.perf_counter() - t0, status
+        )
+    while True:
+        written = tally[0]
+        lease = claim.claims.wait(claim.name, claim.info)
+        if lease is None:  # another writer finished it while we waited: the table must say so too
+            have = existing_ids(table, done_filter)
+            if all(j.triplet_id in have for j in jobs):
+                return ShardResult(shard, len(jobs), len(jobs) - written, written, time.perf_counter() - t0,
+                                   "done-by-other" if not written else "done")  # fmt: skip
+            log.warning("shard %d: done marker but rows missing (table replaced?): making them", shard)
+            claim.claims.clear_done(claim.name)
+            continue
+        try:
+            with Holding(lease):
+                have = existing_ids(table, done_filter)  # at the latest version, read once the lease is ours
+                todo = [j for j in jobs if j.triplet_id not in have]
+                fill(todo, done=len(jobs) - len(todo), check=lease.check, tally=tally)
+                claim.claims.mark_done(
+                    claim.name, {"holder": lease.holder, "written": tally[0], "shard": shard}
+                )
+        except LeaseLost as err:  # only costs work: the rows merged so far stay, the new holder skips them
+            log.warning("shard %d: %s after %d rows; waiting for the new holder", shard, err, tally[0])
+            continue
+        written = tally[0]
+        status = "done" if written or len(jobs) == 0 else "done-by-other"
+        return ShardResult(shard, len(jobs), len(jobs) - written, written, time.perf_counter() - t0, status)
+
+
+def _fill(
+    todo: Sequence[TripletJob],
+    *,
+    done: int,
+    total: int,
+    table: Any,
+    solve: Solver,
+    batch_size: int,
+    teacher: str,
+    solver: SolverSpec,
+    shard: int,
+    run_id: str,
+    write: Callable[[Any, pa.Table], Any],
+    noise: NoiseFn | None,
+    on_batch: Callable[[int, int], None] | None,
+    check: Callable[[], None] | None,
+    rows_per_commit: int | None,
+    tally: list[int],
+    async_write: bool = False,
+) -> None:
+    """Solve `todo` in batches and write them (after `check()`, when given), counting rows in `tally[0]`."""
+    if async_write and todo:  # a drop-in for `write`: same calls, same order, on one worker thread
+        writer = AsyncLatentWriter(write)
+        try:
+            _fill(todo, done=done, total=total, table=table, solve=solve, batch_size=batch_size, teacher=teacher,
+                  solver=solver, shard=shard, run_id=run_id, write=writer, noise=noise, on_batch=on_batch,
+                  check=check, rows_per_commit=rows_per_commit, tally=tally)  # fmt: skip
+        finally:
+            writer.close()  # waits for the last write; a failed one raises here
+        return
+    schema = table.schema
+    store_x0 = "x0" in schema.names
+    pending: list[pa.Table] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal written
+        if not pending:
+            return
+        rows = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+        if check is not None:
+            check()  # best-effort fencing: stop before committing once the lease may be someone else's
+        write(table, rows)
+        written += rows.num_rows
+        tally[0] += rows.num_rows
+        pending.clear()
+        if on_batch:
+            on_batch(done + written, total)
+
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         prompts = [j.prompt for j in batch]
@@ -147,13 +279,11 @@ def run_shard(
                 "(check the teacher's dtype / mixed precision)"
             )
         x0 = _to_numpy(noise(seeds)) if store_x0 and noise is not None else None
-        rows = build_rows(
-            batch, x1, schema=schema, teacher=teacher, solver=solver, shard=shard, run_id=run_id, x0=x0
+        pending.append(
+            build_rows(
+                batch, x1, schema=schema, teacher=teacher, solver=solver, shard=shard, run_id=run_id, x0=x0
+            )
         )
-        write(table, rows)
-        written += len(batch)
-        if on_batch:
-            on_batch(skipped + written, len(jobs))
-    if async_write:
-        write.close()  # waits for the last write; a failed one raises here
-    return ShardResult(shard, len(jobs), skipped, written, time.perf_counter() - t0)
+        if sum(t.num_rows for t in pending) >= (rows_per_commit or 1):
+            flush()
+    flush()

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 
 from instaflow_core.config import GenerationConfig, PairsConfig
 from instaflow_core.errors import DataError
+from instaflow_core.store.commits import key_field
 from instaflow_core.store.tables import from_tensor_column, tensor_field
 
 SEED_MASK = (1 << 63) - 1  # seeds are stored as int64 and fed to torch.Generator.manual_seed
@@ -192,11 +193,12 @@ def triplet_schema(latent_shape: Sequence[int], *, store_noise: bool = False) ->
     """The triplets table schema; X1 (and X0 when stored) as flat fixed-size float16 lists of C*h*w values.
 
     The per-row shape is kept in the tensor fields' metadata (store.tensor_field) and, per row, in
-    `latent_shape`, so readers without our code can reshape.
+    `latent_shape`, so readers without our code can reshape. `triplet_id` is the declared (unenforced) primary
+    key: what makes concurrent merges exactly-once (store/commits.py, docs/exactly-once.md).
     """
     shape = tuple(int(s) for s in latent_shape)
     fields = [
-        pa.field("triplet_id", pa.string(), nullable=False),
+        key_field("triplet_id"),
         pa.field("prompt_id", pa.string(), nullable=False),
         pa.field("prompt", pa.string()),
         pa.field("seed", pa.int64(), nullable=False),

@@ -237,6 +237,9 @@ _cache: dict[tuple[str, str, str], Any] = {}
 
 
 _cache_lock = threading.Lock()
+_loads: dict[
+    tuple[str, str, str], int
+] = {}  # loads per model in this process (what Ray's worker reuse saves)
 
 
 def load_model(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> Any:
@@ -264,12 +267,22 @@ def load_model_cached(
     ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None
 ) -> Any:
     """`load_model`, once per process and reference: shard task runs on one worker share the networks."""
-    key = (ref.key(), (models_cfg or ModelsConfig()).dtype, storage_cfg.root)
+    key = _cache_key(ref, storage_cfg, models_cfg)
     with _cache_lock:
         if key not in _cache:
             _cache.clear()  # one model per process at a time: SD-size models are GBs
             _cache[key] = load_model(ref, storage_cfg, models_cfg)
+            _loads[key] = _loads.get(key, 0) + 1
         return _cache[key]
+
+
+def _cache_key(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None) -> tuple:
+    return (ref.key(), (models_cfg or ModelsConfig()).dtype, storage_cfg.root)
+
+
+def times_loaded(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> int:
+    """How often this process has loaded the model through `load_model_cached` (1 on a reused Ray worker)."""
+    return _loads.get(_cache_key(ref, storage_cfg, models_cfg), 0)
 
 
 def model_latent_shape(

@@ -4,7 +4,7 @@ Pure data access over a LanceTable (plus `embed_prompts`, which turns prompts in
 needs). Every user mistake (a bad SQL
 filter, a missing table, column or version) is a `DataError` with one line.
 
-Indexes: `ensure_indexes(table)` keeps BTree scalar indexes on the id / run / teacher columns (the writer calls
+Indexes: `ensure_indexes(table)` keeps BTree scalar indexes on the prompt / run / teacher columns (the writer calls
 it after each run; new rows are folded into existing indexes without rewriting them). The full-text index on
 the prompt column is created on first use by `search_text`. A prompt embedding column, when a table has one,
 is a fixed-size float list named `prompt_embedding` (or any `*embedding*` / `vector` column); vector search
@@ -25,7 +25,9 @@ from instaflow_core.errors import DataError, InstaflowError
 from instaflow_core.store.tables import list_versions, open_table
 from instaflow_core.store.uri import Store
 
-SCALAR_INDEX_COLUMNS = ("triplet_id", "prompt_id", "run_id", "teacher")
+# No index on triplet_id, the merge key: a merge that takes the indexed join records no inserted keys, so a
+# client with use_index left on would bypass Lance's duplicate detection (docs/exactly-once.md).
+SCALAR_INDEX_COLUMNS = ("prompt_id", "run_id", "teacher")
 TEXT_COLUMNS = ("prompt", "text")  # the prompt text in triplets / prompts tables
 EMBEDDING_COLUMN = "prompt_embedding"
 # What to run when a table is missing.
@@ -125,7 +127,7 @@ def _indexed_columns(table: Any) -> dict[str, str]:
 
 
 def ensure_indexes(table: Any, columns: Sequence[str] = SCALAR_INDEX_COLUMNS) -> list[str]:
-    """BTree scalar indexes on the id/run/teacher columns the table has; folds new rows into existing ones.
+    """BTree scalar indexes on the prompt/run/teacher columns the table has; folds new rows into existing ones.
 
     Returns the columns whose index was created or updated (an empty list when all were current).
     """

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from instaflow_core.errors import DataError, InstaflowError
 from instaflow_core.refs import TableRef
+from instaflow_core.store.commits import keyed_merge
 from instaflow_core.store.uri import Store, translate_error
 
 SHAPE_KEY = b"instaflow.shape"
@@ -213,12 +214,16 @@ def open_table(store: Store, name: str, version: int | None = None) -> Any:
 
 
 def merge_rows(table: Any, data: Any, on: str) -> int:
-    """Idempotent upsert on key column `on` (duplicate keys in `data`: the last wins); returns the new version."""
+    """Idempotent upsert on key column `on` (duplicate keys in `data`: the last wins); returns the new version.
+
+    Exactly-once with concurrent writers when `on` is the table's declared key (store/commits.py): the merge
+    takes the unindexed join and commit conflicts are retried, never shown raw.
+    """
     rows = _dedupe_last(to_arrow(data, table.schema), on)
     if rows.num_rows == 0:
         return int(table.version)
     with _GenericGuard(f"merge into table {table.name!r}"):
-        res = table.merge_insert(on).when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        res = keyed_merge(table, rows, on)
     return int(getattr(res, "version", None) or table.version)
 
 

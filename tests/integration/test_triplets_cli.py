@@ -101,7 +101,7 @@ def runner():
 def test_indexes_query_search_stats(local_storage_cfg):
     t = _make_table(local_storage_cfg)["table"]
     names = {ix.name for ix in t.list_indices()}
-    assert {"triplet_id_idx", "prompt_id_idx", "run_id_idx", "teacher_idx"} <= names
+    assert {"prompt_id_idx", "run_id_idx", "teacher_idx"} <= names and "triplet_id_idx" not in names
     assert ensure_indexes(t) == []  # current: nothing to do
 
     rows = query_rows(t, "teacher = 'tiny-b'", limit=100)
