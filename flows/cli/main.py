@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from flows.cli import config, lineage, models, run, schedule, stack, triplets
+from flows.cli import check, config, lineage, models, run, schedule, stack, triplets
 from instaflow_core.errors import InstaflowError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
 for command in (run.rebuild, run.curate, run.generate, run.reflow, run.distill, run.evaluate, run.register):
     app.command()(command)
 app.command()(lineage.lineage)
+app.command()(check.check)  # the preflight alone
 # Command groups.
 app.add_typer(config.app, name="config")
 app.add_typer(triplets.app, name="triplets")

@@ -17,7 +17,7 @@ from rich.table import Table
 from flows.cli.options import PresetOpt, SetOpt, load_config
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import InstaflowError
-from instaflow_core.refs import ModelKind
+from instaflow_core.refs import ModelKind, Stage
 
 console = Console()
 
@@ -50,7 +50,11 @@ def _stack_settings(sets: list[str] | None) -> list[str]:
 
 
 def _prepare(
-    preset: str, sets: list[str] | None, prefect_api: str | None, use_stack: bool = False
+    preset: str,
+    sets: list[str] | None,
+    prefect_api: str | None,
+    use_stack: bool = False,
+    stages: list[Stage] | None = None,
 ) -> InstaflowConfig:
     if use_stack:
         sets = _stack_settings(sets)
@@ -63,7 +67,10 @@ def _prepare(
     if prefect_api:
         os.environ["PREFECT_API_URL"] = prefect_api
     from instaflow_core.store import Store
+    from tasks.preflight import require_preflight
 
+    # everything the stages will need (teacher, weights, data, S3, MLflow, names): all problems, before any write
+    require_preflight(cfg, stages)
     Store(cfg.storage).check()  # unreachable S3 / wrong keys: one clear line before any work starts
     return cfg
 
@@ -192,7 +199,7 @@ def curate(
     """Stage 1: ingest, normalise, dedupe, filter and split captions into the `prompts` table."""
     from flows.curate import curate_flow
 
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.CURATE])
     ref = _run(curate_flow, cfg)
     _remember(cfg, prompts=ref)
     console.print(f"prompts: {ref.key()} ({ref.rows} rows)")
@@ -213,7 +220,7 @@ def generate(
     from tasks.generation import parse_shard_slice
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(generate_flow, cfg, prompts, shard_slice=shard_slice)
     _remember(cfg, triplets=ref)
@@ -227,7 +234,7 @@ def reflow(
     from flows.reflow import reflow_flow
     from tasks.teacher import teacher_model
 
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REFLOW])
     triplets = _need(cfg, "triplets", "generate")
     from tasks.caching import prefect_settings
 
@@ -244,7 +251,7 @@ def distill(
     """Stage 4: distill the 2-RF into a one-step InstaFlow model."""
     from flows.distill import distill_flow
 
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     rf = _need(cfg, ModelKind.RF2, "reflow")
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(distill_flow, cfg, rf, prompts)
@@ -259,7 +266,7 @@ def evaluate(
     from flows.evaluate import evaluate_flow
     from tasks.lineage import remember_evaluation
 
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.EVALUATE])
     models = {
         kind: _need(cfg, kind, stage)
         for kind, stage in ((ModelKind.RF2, "reflow"), (ModelKind.INSTAFLOW, "distill"))
@@ -278,7 +285,7 @@ def register(
     from flows.register import register_flow
     from tasks.lineage import latest_evaluation
 
-    cfg = _prepare(preset, set_, prefect_api)
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REGISTER])
     evaluation = latest_evaluation(cfg.storage)
     if evaluation is None:
         raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")

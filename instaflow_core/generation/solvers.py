@@ -39,6 +39,7 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
                 device=device,
                 mixed_precision=spec.mixed_precision,
                 compile=job.compile,
+                resolution=job.pairs.resolution,
             )
 
         return solve
@@ -50,7 +51,7 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
 
     components.to(device)
     velocity = UNetVelocity.from_components(components).eval()
-    shape = latent_shape(components)
+    shape = latent_shape(components, job.pairs.resolution)
 
     def solve_pairs(prompts: list[str], seeds: list[int]) -> Any:
         x0 = noise_from_seeds(seeds, shape).to(device)  # (B, 4, h, w), CPU generators: device-independent

@@ -75,19 +75,22 @@ def solve_teacher(
     device: str | torch.device = "cpu",
     mixed_precision: str = "no",
     compile: bool = False,
+    resolution: int | None = None,
 ) -> Tensor:
     """X1 (B, 4, h, w) float32 on CPU: the teacher's ODE solution from X0 = noise_from_seeds(seeds).
 
     Classifier-free guidance when guidance > 1 (uncond = `negative_prompt`), as StableDiffusionPipeline does.
-    The networks are moved to `device` in place.
+    The networks are moved to `device` in place. `resolution` (px) sets h = w = resolution / VAE factor
+    (None: the UNet's native sample_size).
     """
     if len(prompts) != len(seeds):
         raise DataError(f"solve_teacher: {len(prompts)} prompts but {len(seeds)} seeds")
     if steps < 1:
         raise ConfigError(f"num_inference_steps must be >= 1, got {steps}")
     b = len(prompts)
+    shape = latent_shape(components, resolution)
     if b == 0:
-        return torch.empty((0, *latent_shape(components)))
+        return torch.empty((0, *shape))
     device = torch.device(device)
     components.to(device)
     sched = make_scheduler(scheduler, components.scheduler.config)
@@ -103,7 +106,7 @@ def solve_teacher(
         cond = torch.cat([uncond.expand(b, -1, -1), cond])  # (2B, 77, D): uncond first, as diffusers
     cond = cond.to(components.unet.dtype)
 
-    x = noise_from_seeds(seeds, latent_shape(components)).to(device) * sched.init_noise_sigma  # (B, 4, h, w)
+    x = noise_from_seeds(seeds, shape).to(device) * sched.init_noise_sigma  # (B, 4, h, w)
     for t in sched.timesteps:
         x_in = torch.cat([x, x]) if do_cfg else x  # (2B or B, 4, h, w)
         x_in = sched.scale_model_input(x_in, t)
