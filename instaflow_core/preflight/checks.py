@@ -334,14 +334,15 @@ def storage_problems(storage: StorageConfig) -> list[str]:
 
 
 def model_name_problem(name: str, what: str) -> str | None:
-    """MLflow registered-model names: not empty, no '/' or ':' (they split `models:/<name>/<version>` URIs)."""
+    """MLflow's rule for registered-model names (mlflow.utils.validation._validate_model_name): not blank, no
+    '/' or ':' (they split `models:/<name>/<version>` URIs), not '.', '..' or '..x' (names become paths)."""
     if not name or not name.strip():
         return f"{what} is empty"
     bad = sorted({c for c in name if c in "/:"})
     if bad:
         return f"{what}={name!r}: MLflow model names cannot contain {' or '.join(repr(c) for c in bad)}"
-    if name != name.strip():
-        return f"{what}={name!r}: leading or trailing spaces"
+    if name == "." or name.startswith(".."):
+        return f"{what}={name!r}: MLflow model names cannot be '.' or start with '..'"
     return None
 
 

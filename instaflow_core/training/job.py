@@ -99,11 +99,13 @@ def check_latents(job: TrainJob) -> tuple[tuple[int, int, int], Geometry]:
     geometry = model_geometry(job.base.uri, job.storage, job.models, kind=str(job.base.kind))
     shape, resolution = table_latents(job.data, job.storage)
     if resolution is not None:
-        want = geometry.latent_shape(resolution)
-        if tuple(shape) != want:
+        problem = geometry.problem(resolution, "that size")
+        want = None if problem else geometry.latent_shape(resolution)
+        if problem or tuple(shape) != want:
+            why = f"cannot run at that size ({problem})" if problem else f"makes {want} at that resolution"
             raise DataError(
-                f"triplets table {job.data.key()} holds latents of shape {tuple(shape)} made at {resolution} px, but "
-                f"the model {job.base.uri} makes {want} at that resolution: generate triplets with this teacher"
+                f"triplets table {job.data.key()} holds latents of shape {tuple(shape)} made at {resolution} px, "
+                f"but the model {job.base.uri} {why}: generate triplets with this teacher"
             )
     problem = geometry.latent_problem(tuple(shape))
     if problem:
