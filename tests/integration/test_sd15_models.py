@@ -50,7 +50,9 @@ def test_folder_hub_id_and_single_file_load_the_same_sd15_networks(sd15_folder: 
     assert folder.unet.config.block_out_channels == [32, 64, 64, 64]
     assert folder.unet.config.cross_attention_dim == 768 and folder.vae_scaling_factor == 0.18215
     hub = load_components(sd15_hub)
-    single = load_components(sd15_folder / sd15.SINGLE_FILE)  # config inferred: the SD 1.5 repo, from the cache
+    single = load_components(
+        sd15_folder / sd15.SINGLE_FILE
+    )  # config inferred: the SD 1.5 repo, from the cache
     for part in ("unet", "vae", "text_encoder"):
         assert _same_weights(getattr(folder, part), getattr(hub, part)), part
         assert _same_weights(getattr(folder, part), getattr(single, part)), part
@@ -72,7 +74,9 @@ def test_single_file_loads_from_a_cache_the_component_patterns_filled(
     feature extractor, its tree listing recorded) must serve a single file's configs: the config lookup asks
     for the five components only, and the loader does not want a feature extractor."""
     hf_home = tmp_path / "hf"
-    sd15.install_in_hub_cache(sd15_folder, hf_home, allow_patterns=hub_patterns(), ignore_patterns=VARIANT_IGNORE)
+    sd15.install_in_hub_cache(
+        sd15_folder, hf_home, allow_patterns=hub_patterns(), ignore_patterns=VARIANT_IGNORE
+    )
     reference = load_components(sd15_folder)
     with sd15.offline_hub(hf_home):
         assert checks.single_file_problems(sd15_single_file, ModelsConfig())[0] == []
@@ -165,7 +169,9 @@ def test_single_file_teacher_becomes_a_folder_in_the_store(
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_preflight_teacher_checks_on_the_sd15_layout(sd15_folder: Path, sd15_hub: str, tmp_path: Path) -> None:
+def test_preflight_teacher_checks_on_the_sd15_layout(
+    sd15_folder: Path, sd15_hub: str, tmp_path: Path
+) -> None:
     storage = StorageConfig(root=str(tmp_path / "store"))
     for teacher in (sd15_hub, str(sd15_folder), str(sd15_folder / sd15.SINGLE_FILE)):
         problems, geometry = checks.teacher_problems(ModelsConfig(teacher=teacher), storage)
