@@ -125,11 +125,12 @@ def rebuild(
     json_out: str | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
 ) -> None:
     """Run the whole pipeline end to end: curate -> generate -> reflow -> distill -> evaluate -> register."""
-    from flows.rebuild import rebuild_flow
     from instaflow_core.refs import parse_stages
 
     parse_stages(refresh, "--refresh")  # a typo fails before any work
     cfg = _prepare(preset, set_, prefect_api, use_stack)
+    from flows.rebuild import rebuild_flow  # after the preflight: importing the stack takes a while
+
     console.print(f"[bold]instaflow rebuild[/] preset={cfg.preset} store={cfg.storage.root}")
     t0 = time.perf_counter()
     summary = _run(rebuild_flow, cfg, refresh=refresh or [])
@@ -197,9 +198,9 @@ def curate(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 1: ingest, normalise, dedupe, filter and split captions into the `prompts` table."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.CURATE])
     from flows.curate import curate_flow
 
-    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.CURATE])
     ref = _run(curate_flow, cfg)
     _remember(cfg, prompts=ref)
     console.print(f"prompts: {ref.key()} ({ref.rows} rows)")
@@ -216,11 +217,11 @@ def generate(
     ),
 ) -> None:
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     from flows.generate import generate_flow
     from tasks.generation import parse_shard_slice
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
-    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(generate_flow, cfg, prompts, shard_slice=shard_slice)
     _remember(cfg, triplets=ref)
@@ -231,10 +232,10 @@ def reflow(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 3: train the 2-Rectified Flow on the triplets (resumes from its last checkpoint)."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REFLOW])
     from flows.reflow import reflow_flow
     from tasks.teacher import teacher_model
 
-    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REFLOW])
     triplets = _need(cfg, "triplets", "generate")
     from tasks.caching import prefect_settings
 
@@ -249,9 +250,9 @@ def distill(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 4: distill the 2-RF into a one-step InstaFlow model."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     from flows.distill import distill_flow
 
-    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     rf = _need(cfg, ModelKind.RF2, "reflow")
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(distill_flow, cfg, rf, prompts)
@@ -263,10 +264,10 @@ def evaluate(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 5: evaluate the teacher, the 2-RF and InstaFlow (FID, CLIP score, straightness, latency)."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.EVALUATE])
     from flows.evaluate import evaluate_flow
     from tasks.lineage import remember_evaluation
 
-    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.EVALUATE])
     models = {
         kind: _need(cfg, kind, stage)
         for kind, stage in ((ModelKind.RF2, "reflow"), (ModelKind.INSTAFLOW, "distill"))
@@ -282,10 +283,10 @@ def register(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 6: register InstaFlow (and the 2-RF) in MLflow; promote to champion if the gate passes."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REGISTER])
     from flows.register import register_flow
     from tasks.lineage import latest_evaluation
 
-    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REGISTER])
     evaluation = latest_evaluation(cfg.storage)
     if evaluation is None:
         raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")

@@ -325,12 +325,29 @@ def storage_problems(storage: StorageConfig) -> list[str]:
             problem = creatable_problem(Path(store.prefix), "storage.root")
             return [problem] if problem else []
         store.check()
+        was_empty = not store.ls(store.root)
         probe = store.uri(f".instaflow-preflight-{uuid.uuid4().hex[:12]}")
         store.write_bytes(probe, b"instaflow preflight: safe to delete\n")
         store.delete(probe, recursive=False)
+        if was_empty:
+            _drop_folder_markers(store)
     except InstaflowError as err:
         return [f"storage: {_first_line(err)}"]
     return []
+
+
+def _drop_folder_markers(store: object) -> None:
+    """Servers with a real directory tree (SeaweedFS's filer) keep `prefix/` after the probe object is
+    deleted: remove those empty levels again (a no-op on AWS S3), deepest first, while nothing is under them."""
+    parts = [p for p in (store.prefix or "").split("/") if p]  # type: ignore[attr-defined]
+    for depth in range(len(parts), 0, -1):
+        key = "/".join(parts[:depth])
+        if store.ls(f"s3://{store.bucket}/{key}"):  # type: ignore[attr-defined]
+            return
+        try:
+            store.fs.call_s3("delete_object", Bucket=store.bucket, Key=key + "/")  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - best effort: an empty prefix is harmless
+            return
 
 
 def model_name_problem(name: str, what: str) -> str | None:
