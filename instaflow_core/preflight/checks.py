@@ -325,7 +325,7 @@ def storage_problems(storage: StorageConfig) -> list[str]:
             problem = creatable_problem(Path(store.prefix), "storage.root")
             return [problem] if problem else []
         store.check()
-        was_empty = not store.ls(store.root)
+        was_empty = not [x for x in store.ls(store.root) if x.rstrip("/") != store.root]
         probe = store.uri(f".instaflow-preflight-{uuid.uuid4().hex[:12]}")
         store.write_bytes(probe, b"instaflow preflight: safe to delete\n")
         store.delete(probe, recursive=False)
@@ -342,7 +342,8 @@ def _drop_folder_markers(store: object) -> None:
     parts = [p for p in (store.prefix or "").split("/") if p]  # type: ignore[attr-defined]
     for depth in range(len(parts), 0, -1):
         key = "/".join(parts[:depth])
-        if store.ls(f"s3://{store.bucket}/{key}"):  # type: ignore[attr-defined]
+        uri = f"s3://{store.bucket}/{key}"  # type: ignore[attr-defined]
+        if [x for x in store.ls(uri) if x.rstrip("/") != uri]:  # type: ignore[attr-defined]
             return
         try:
             store.fs.call_s3("delete_object", Bucket=store.bucket, Key=key + "/")  # type: ignore[attr-defined]
