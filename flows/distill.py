@@ -38,7 +38,9 @@ def distill_flow(
         artifact_key="instaflow-distill-pairs",
         stage="distill pairs",
     )
-    ref = train_distill(cfg.distillation, cfg.storage, pairs, rf, cfg.registration, mlflow_parent_run_id)
+    ref = train_distill(
+        cfg.distillation, cfg.storage, pairs, rf, cfg.registration, mlflow_parent_run_id, models=cfg.models
+    )
     report = stage_report(
         cfg,
         "distill",

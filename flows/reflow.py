@@ -25,7 +25,9 @@ def reflow_flow(
 
     The MLflow run nests under `mlflow_parent_run_id` (or $INSTAFLOW_MLFLOW_PARENT_RUN) when given.
     """
-    ref = train_reflow(cfg.reflow, cfg.storage, triplets, teacher, cfg.registration, mlflow_parent_run_id)
+    ref = train_reflow(
+        cfg.reflow, cfg.storage, triplets, teacher, cfg.registration, mlflow_parent_run_id, models=cfg.models
+    )
     report = stage_report(
         cfg,
         "reflow",

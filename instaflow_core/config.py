@@ -102,6 +102,8 @@ class ModelsConfig(Section):
     allow_pickle: bool = False  # .ckpt/.bin checkpoints run arbitrary code when loaded: opt in explicitly
     local_files_only: bool = True  # never reach for a hub unless the user says so
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # saved 2-RF / InstaFlow folders hold the full-precision safetensors only; true adds *.fp16.safetensors
+    save_variants: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 
@@ -138,6 +140,8 @@ class PairsConfig(Section):
     shard_size: int = Field(256, ge=1)  # prompts per shard (one Prefect task run per shard)
     batch_size: int = Field(8, ge=1)  # prompts per model forward
     max_prompts: int | None = Field(None, ge=1)
+    # image side in px (latents = resolution / VAE factor); None = the model's native size (512 for SD 1.5)
+    resolution: int | None = Field(None, ge=8)
 
 
 class GenerationConfig(PairsConfig):
@@ -223,6 +227,7 @@ class EvaluationConfig(Section):
     coco_images: str | None = None  # the matching image folder, for the reference statistics
     num_samples: int = Field(5000, ge=2)
     image_size: int = Field(256, ge=8)  # real and generated images are resized to this before features
+    resolution: int | None = Field(None, ge=8)  # px the models generate at; None = each model's native size
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     fid_features: str = "inception"  # inception | clip | dinov2 | tiny, or a local path to weights

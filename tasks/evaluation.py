@@ -126,6 +126,10 @@ def reference_stats(
         # teacher-made references change with the teacher and its sampler settings
         material["teacher"] = teacher.key()
         material["sampler"] = teacher_spec(eval_cfg).__dict__
+        if (
+            eval_cfg.resolution is not None
+        ):  # left out when native: statistics computed before it existed stay
+            material["resolution"] = eval_cfg.resolution
     key = stable_hash(material)
     uri = store.uri("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
     info = {
@@ -144,7 +148,9 @@ def reference_stats(
     bs = eval_cfg.batch_size
     if eval_set.reference == TEACHER_REFERENCE:
         items = eval_set.reference_items
-        sampler = Sampler(load_model(teacher, storage_cfg, models_cfg), teacher_spec(eval_cfg))
+        sampler = Sampler(
+            load_model(teacher, storage_cfg, models_cfg), teacher_spec(eval_cfg), eval_cfg.resolution
+        )
         batches = (
             sampler([it.prompt for it in items[sl]], [it.seed for it in items[sl]])
             for sl in _batches(len(items), bs)
@@ -209,6 +215,7 @@ def evaluate_model(
             straightness_steps=eval_cfg.straightness_steps,
             text_emb=text_emb,
             on_progress=progress.update,
+            resolution=eval_cfg.resolution,
         )
         grid_uri = store.uri("eval", "runs", run_key, f"{spec.name}.png")
         store.write_bytes(grid_uri, png_bytes(result.grid))

@@ -9,6 +9,7 @@ shards that finished are cache hits, the others skip the triplet ids already com
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import time
@@ -34,7 +35,8 @@ from instaflow_core.generation.triplets import (
     run_filter,
     triplet_schema,
 )
-from instaflow_core.models.loading import load_model_cached, model_latent_shape, times_loaded
+from instaflow_core.models.loading import load_model_cached, times_loaded
+from instaflow_core.models.sources import model_geometry
 from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table
 from tasks.artifacts import Progress, lineage_markdown, publish_markdown, run_logger
@@ -114,7 +116,8 @@ def prepare_pairs_table(
     models_cfg: ModelsConfig | None = None,
 ) -> list[int]:
     """Create the output table (or check the existing one fits) and record the lineage; returns the latent shape."""
-    shape = list(model_latent_shape(model, storage_cfg, models_cfg))
+    geometry = model_geometry(model.uri, storage_cfg, models_cfg, kind=str(model.kind))
+    shape = list(geometry.latent_shape(job.pairs.resolution, f"{job.table} resolution"))
     store = Store(storage_cfg)
     schema = triplet_schema(shape, store_noise=job.store_noise)
     try:
@@ -125,7 +128,11 @@ def prepare_pairs_table(
         check_table_schema(existing.schema, shape, job.store_noise, job.table)
         if "x0" in existing.schema.names and not job.store_noise:
             schema = triplet_schema(shape, store_noise=True)  # keep the table's x0 column; rows get nulls
-    table = create_table(store, job.table, schema, metadata=lineage_metadata(job, model, prompts))
+    at = {
+        "resolution": str(geometry.resolution_of(shape)),
+        "latent_shape": json.dumps(shape),
+    }  # what it holds
+    table = create_table(store, job.table, schema, metadata={**lineage_metadata(job, model, prompts), **at})
     with store.guard(f"upgrade {job.table!r}"):  # a table made before the key declaration (exactly-once.md)
         eo.upgrade_table(table)
     return shape
@@ -170,7 +177,7 @@ def pairs_shard(
     device = resolve_device(job.device)
     components = load_model_cached(model, storage_cfg, models_cfg)
     worker = {"pid": os.getpid(), "model_loads": times_loaded(model, storage_cfg, models_cfg)}
-    shape = latent_shape(components)
+    shape = latent_shape(components, job.pairs.resolution)
     solve = make_solver(job, components, device)
 
     label = f"{job.table} shard {shard.index + 1}/{shard.count}"

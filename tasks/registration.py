@@ -4,6 +4,8 @@ and the promotion gate as a task (auto-promotion after registration). The MLflow
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,23 @@ def _pip_requirements() -> list[str]:
 
 def _model_folder(store: Store, uri: str) -> Path:
     if uri.startswith("s3://"):
-        return store.local_copy(uri)
+        return _registered_view(store.local_copy(uri), uri.rstrip("/").rsplit("/", 1)[-1])
     folder = store.local_path(uri)
     if not folder.is_dir():
         raise DataError(f"model folder {uri} not found")
     return folder
+
+
+def _registered_view(cached: Path, name: str) -> Path:
+    """The downloaded folder as it is in the store (hard links, named as there), without the cache's own
+    `.complete` marker, which would otherwise be logged into the registered model."""
+    view = cached.with_name(cached.name + "-registered") / name
+    if not view.is_dir():
+        tmp = view.with_name(f".{name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(cached, tmp, ignore=shutil.ignore_patterns(".complete"), copy_function=os.link)
+        os.replace(tmp, view)
+    return view
 
 
 @task(name="register-model", cache_key_fn=stage_cache_key, persist_result=True)

@@ -37,6 +37,7 @@ from prefect import task
 from instaflow_core.config import (
     DistillationConfig,
     InstaflowConfig,
+    ModelsConfig,
     RegistrationConfig,
     StorageConfig,
     TrainConfig,
@@ -71,7 +72,12 @@ def stage_key(stage: str, data: TableRef, base: ModelRef, section: TrainConfig) 
 
 
 def make_job(
-    stage: str, section: TrainConfig, storage: StorageConfig, data: TableRef, base: ModelRef
+    stage: str,
+    section: TrainConfig,
+    storage: StorageConfig,
+    data: TableRef,
+    base: ModelRef,
+    models: ModelsConfig | None = None,
 ) -> TrainJob:
     """The stage's job: where its checkpoints, model folder and sample grid go in the store."""
     key = stage_key(stage, data, base, section)
@@ -87,6 +93,7 @@ def make_job(
         ckpt_dir=store.uri("checkpoints", f"{stage}-{key}"),
         out_uri=store.uri("models", f"{kind}-{key}"),
         samples_uri=store.uri("samples", f"{kind}-{key}.png"),
+        models=models or ModelsConfig(),
     )
 
 
@@ -205,9 +212,12 @@ def train_reflow(
     teacher: ModelRef,
     registry: RegistrationConfig,
     mlflow_parent_run_id: str | None = None,
+    models: ModelsConfig | None = None,
 ) -> ModelRef:
-    """2-Rectified Flow: the teacher's UNet trained on its own triplets with the reflow loss -> the 2-RF folder."""
-    job = make_job("reflow", reflow, storage, triplets, teacher)
+    """2-Rectified Flow: the teacher's UNet trained on its own triplets with the reflow loss -> the 2-RF folder.
+
+    `models` says how a hub-id teacher resolves (revision, local_files_only) and whether variants are saved."""
+    job = make_job("reflow", reflow, storage, triplets, teacher, models)
     ref, _ = run_stage(job, registry, mlflow_parent_run_id)
     return ref
 
@@ -220,9 +230,10 @@ def train_distill(
     rf: ModelRef,
     registry: RegistrationConfig,
     mlflow_parent_run_id: str | None = None,
+    models: ModelsConfig | None = None,
 ) -> ModelRef:
     """One-step distillation: the 2-RF's UNet trained at t = 0 to land on the 2-RF's own Euler solutions."""
-    job = make_job("distill", distill, storage, pairs, rf)
+    job = make_job("distill", distill, storage, pairs, rf, models)
     ref, _ = run_stage(job, registry, mlflow_parent_run_id)
     return ref
 

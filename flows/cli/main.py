@@ -12,7 +12,20 @@ import sys
 
 import typer
 
-from flows.cli import config, demo, export, lineage, models, run, sample, schedule, serve, stack, triplets
+from flows.cli import (
+    check,
+    config,
+    demo,
+    export,
+    lineage,
+    models,
+    run,
+    sample,
+    schedule,
+    serve,
+    stack,
+    triplets,
+)
 from instaflow_core.errors import InstaflowError
 
 app = typer.Typer(
@@ -27,6 +40,7 @@ app = typer.Typer(
 for command in (run.rebuild, run.curate, run.generate, run.reflow, run.distill, run.evaluate, run.register):
     app.command()(command)
 app.command()(lineage.lineage)
+app.command()(check.check)  # the preflight alone
 # Using a model: images, animations, the demo page, the scoring server.
 for command in (sample.sample, sample.interpolate, demo.demo, serve.serve):
     app.command()(command)

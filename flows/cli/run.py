@@ -17,7 +17,7 @@ from rich.table import Table
 from flows.cli.options import PresetOpt, SetOpt, load_config
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import InstaflowError
-from instaflow_core.refs import ModelKind
+from instaflow_core.refs import ModelKind, Stage
 
 console = Console()
 
@@ -50,7 +50,11 @@ def _stack_settings(sets: list[str] | None) -> list[str]:
 
 
 def _prepare(
-    preset: str, sets: list[str] | None, prefect_api: str | None, use_stack: bool = False
+    preset: str,
+    sets: list[str] | None,
+    prefect_api: str | None,
+    use_stack: bool = False,
+    stages: list[Stage] | None = None,
 ) -> InstaflowConfig:
     if use_stack:
         sets = _stack_settings(sets)
@@ -63,7 +67,10 @@ def _prepare(
     if prefect_api:
         os.environ["PREFECT_API_URL"] = prefect_api
     from instaflow_core.store import Store
+    from tasks.preflight import require_preflight
 
+    # everything the stages will need (teacher, weights, data, S3, MLflow, names): all problems, before any write
+    require_preflight(cfg, stages)
     Store(cfg.storage).check()  # unreachable S3 / wrong keys: one clear line before any work starts
     return cfg
 
@@ -118,11 +125,12 @@ def rebuild(
     json_out: str | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
 ) -> None:
     """Run the whole pipeline end to end: curate -> generate -> reflow -> distill -> evaluate -> register."""
-    from flows.rebuild import rebuild_flow
     from instaflow_core.refs import parse_stages
 
     parse_stages(refresh, "--refresh")  # a typo fails before any work
     cfg = _prepare(preset, set_, prefect_api, use_stack)
+    from flows.rebuild import rebuild_flow  # after the preflight: importing the stack takes a while
+
     console.print(f"[bold]instaflow rebuild[/] preset={cfg.preset} store={cfg.storage.root}")
     t0 = time.perf_counter()
     summary = _run(rebuild_flow, cfg, refresh=refresh or [])
@@ -190,9 +198,9 @@ def curate(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 1: ingest, normalise, dedupe, filter and split captions into the `prompts` table."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.CURATE])
     from flows.curate import curate_flow
 
-    cfg = _prepare(preset, set_, prefect_api)
     ref = _run(curate_flow, cfg)
     _remember(cfg, prompts=ref)
     console.print(f"prompts: {ref.key()} ({ref.rows} rows)")
@@ -209,11 +217,11 @@ def generate(
     ),
 ) -> None:
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     from flows.generate import generate_flow
     from tasks.generation import parse_shard_slice
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
-    cfg = _prepare(preset, set_, prefect_api)
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(generate_flow, cfg, prompts, shard_slice=shard_slice)
     _remember(cfg, triplets=ref)
@@ -224,10 +232,10 @@ def reflow(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 3: train the 2-Rectified Flow on the triplets (resumes from its last checkpoint)."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REFLOW])
     from flows.reflow import reflow_flow
     from tasks.teacher import teacher_model
 
-    cfg = _prepare(preset, set_, prefect_api)
     triplets = _need(cfg, "triplets", "generate")
     from tasks.caching import prefect_settings
 
@@ -242,9 +250,9 @@ def distill(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 4: distill the 2-RF into a one-step InstaFlow model."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     from flows.distill import distill_flow
 
-    cfg = _prepare(preset, set_, prefect_api)
     rf = _need(cfg, ModelKind.RF2, "reflow")
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(distill_flow, cfg, rf, prompts)
@@ -256,10 +264,10 @@ def evaluate(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 5: evaluate the teacher, the 2-RF and InstaFlow (FID, CLIP score, straightness, latency)."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.EVALUATE])
     from flows.evaluate import evaluate_flow
     from tasks.lineage import remember_evaluation
 
-    cfg = _prepare(preset, set_, prefect_api)
     models = {
         kind: _need(cfg, kind, stage)
         for kind, stage in ((ModelKind.RF2, "reflow"), (ModelKind.INSTAFLOW, "distill"))
@@ -275,10 +283,10 @@ def register(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 6: register InstaFlow (and the 2-RF) in MLflow; promote to champion if the gate passes."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REGISTER])
     from flows.register import register_flow
     from tasks.lineage import latest_evaluation
 
-    cfg = _prepare(preset, set_, prefect_api)
     evaluation = latest_evaluation(cfg.storage)
     if evaluation is None:
         raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")

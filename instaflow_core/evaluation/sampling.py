@@ -45,9 +45,13 @@ class Sampler:
     X0 = noise_from_seeds(seeds) in both cases.
     """
 
-    def __init__(self, components: Any, spec: SamplerSpec) -> None:
+    def __init__(self, components: Any, spec: SamplerSpec, resolution: int | None = None) -> None:
+        from instaflow_core.models.loading import latent_shape
+
         self.components = components.to(_device())
         self.spec = spec
+        self.resolution = resolution  # px; None = the model's native size
+        self.shape = latent_shape(components, resolution)  # (4, h, w); ConfigError when it does not fit
         self.pipe = None
         if spec.solver == "euler":
             from instaflow_core.inference.pipeline import InstaFlowPipeline
@@ -59,25 +63,27 @@ class Sampler:
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         from instaflow_core.generation.teacher import solve_teacher
         from instaflow_core.inference.images import decode_latents
-        from instaflow_core.models.loading import latent_shape
         from instaflow_core.rectified_flow import noise_from_seeds
 
         spec = self.spec
         if self.pipe is None:
             x1 = solve_teacher(
                 self.components, list(prompts), list(seeds), steps=spec.steps, guidance=spec.guidance,
-                scheduler=spec.solver, device=_device(),
+                scheduler=spec.solver, device=_device(), resolution=self.resolution,
             )  # fmt: skip
             return decode_latents(self.components.vae, x1, batch_size=max(1, len(prompts)))
         from instaflow_core.inference.images import to_uint8
 
-        x0 = noise_from_seeds(list(seeds), latent_shape(self.components))  # (B, 4, h, w) from CPU generators
+        x0 = noise_from_seeds(list(seeds), self.shape)  # (B, 4, h, w) from CPU generators
+        side = self.shape[-1] * self.pipe.vae_scale_factor
         out = self.pipe(
             list(prompts),
             num_inference_steps=spec.steps,
             guidance_scale=spec.guidance,
             latents=x0,
             output_type="np",
+            height=side,
+            width=side,
         )
         return to_uint8(out.images)
 
@@ -106,7 +112,12 @@ def image_latency(components: Any, spec: SamplerSpec, prompt: str, seed: int, re
 
 @torch.no_grad()
 def flow_straightness(
-    components: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float = 1.0
+    components: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    guidance: float = 1.0,
+    resolution: int | None = None,
 ) -> float:
     """rectified_flow.straightness of a velocity UNet along its own Euler path (0 = straight).
 
@@ -119,7 +130,7 @@ def flow_straightness(
     dev = _device()
     components.to(dev)
     velocity = UNetVelocity(components.unet, components.text_encoder, components.tokenizer)
-    x0 = noise_from_seeds(list(seeds), latent_shape(components)).to(dev)
+    x0 = noise_from_seeds(list(seeds), latent_shape(components, resolution)).to(dev)
     cond = velocity.encode(list(prompts))
     uncond = velocity.encode([""]) if guidance > 1.0 else None
     return straightness(velocity, x0, cond, steps, guidance=guidance, uncond=uncond)
@@ -171,6 +182,7 @@ def evaluate_sampler(
     straightness_steps: int,
     text_emb: np.ndarray | None = None,
     on_progress: Callable[[float], None] | None = None,
+    resolution: int | None = None,
 ) -> SamplerResult:
     """Generate the evaluation set batch by batch (only features and the grid's images are kept), then FID
     against `reference`, CLIP score against the prompts, latency at batch 1, straightness for flows."""
@@ -178,7 +190,7 @@ def evaluate_sampler(
 
     if len(prompts) != len(seeds) or len(prompts) < 2:
         raise DataError(f"evaluation needs >= 2 prompts with one seed each ({len(prompts)} / {len(seeds)})")
-    sampler = Sampler(components, spec)
+    sampler = Sampler(components, spec, resolution)
     if text_emb is None:
         text_emb = clip_net.text_features(list(prompts))  # (N, D)
     fid_feats, img_emb, grid = [], [], []
@@ -197,7 +209,9 @@ def evaluate_sampler(
     straight = None
     if spec.solver == "euler":
         k = min(n, batch_size)
-        straight = flow_straightness(components, prompts[:k], seeds[:k], straightness_steps, spec.guidance)
+        straight = flow_straightness(
+            components, prompts[:k], seeds[:k], straightness_steps, spec.guidance, resolution
+        )
     return SamplerResult(
         fid=fid_from_stats(stats, reference),
         clip_score=clip_score(np.concatenate(img_emb), text_emb),

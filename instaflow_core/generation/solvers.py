@@ -42,6 +42,7 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
                 compile=switch_on(job.compile, device),
                 channels_last=switch_on(job.channels_last, device),
                 cfg_batched=job.cfg_batched,
+                resolution=job.pairs.resolution,
             )
 
         return solve
@@ -58,7 +59,7 @@ def make_solver(job: PairsJob, components: Any, device: str) -> Callable[[list[s
         compile=switch_on(job.compile, device) or None,
     )
     velocity = UNetVelocity.from_components(components).eval()
-    shape = latent_shape(components)
+    shape = latent_shape(components, job.pairs.resolution)
 
     def solve_pairs(prompts: list[str], seeds: list[int]) -> Any:
         x0 = noise_from_seeds(seeds, shape).to(device)  # (B, 4, h, w), CPU generators: device-independent

@@ -72,21 +72,24 @@ def solve_teacher(
     channels_last: bool = False,
     cfg_batched: bool = True,
     out_device: str | torch.device | None = "cpu",
+    resolution: int | None = None,
 ) -> Tensor:
     """X1 (B, 4, h, w) float32 on `out_device` (None: left on `device`): the teacher's ODE solution from
     X0 = noise_from_seeds(seeds).
 
     Classifier-free guidance when guidance > 1 (uncond = `negative_prompt`), as StableDiffusionPipeline does.
     The networks are moved to `device` in place; `compile` / `channels_last` are switched on the UNet in place
-    (only ever on: another stage may share the module).
+    (only ever on: another stage may share the module). `resolution` (px) sets
+    h = w = resolution / VAE factor (None: the UNet's native sample_size).
     """
     if len(prompts) != len(seeds):
         raise DataError(f"solve_teacher: {len(prompts)} prompts but {len(seeds)} seeds")
     if steps < 1:
         raise ConfigError(f"num_inference_steps must be >= 1, got {steps}")
     b = len(prompts)
+    shape = latent_shape(components, resolution)
     if b == 0:
-        return torch.empty((0, *latent_shape(components)))
+        return torch.empty((0, *shape))
     device = torch.device(device)
     components.to(device)
     unet = components.unet
@@ -106,7 +109,7 @@ def solve_teacher(
         uncond = uncond.to(unet.dtype)
     cond = cond.to(unet.dtype)
 
-    x0 = noise_from_seeds(seeds, latent_shape(components))  # (B, 4, h, w) on the CPU, one generator per seed
+    x0 = noise_from_seeds(seeds, shape)  # (B, 4, h, w) on the CPU, one generator per seed
     if device.type == "cuda":  # pinned: an asynchronous upload, not a synchronous copy from pageable memory
         x0 = x0.pin_memory()
     x = x0.to(device, non_blocking=True) * sched.init_noise_sigma

@@ -62,10 +62,14 @@ class SolverSpec(BaseModel):
     guidance: float
     negative_prompt: str = ""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    resolution: int | None = None  # px; None = the model's native size
 
     def settings(self) -> dict[str, Any]:
-        """The output-determining settings (guidance has its own column but is part of the id too)."""
-        return {
+        """The output-determining settings (guidance has its own column but is part of the id too).
+
+        An explicit resolution is part of them; the native one (None) is left out, so the ids of tables made
+        before the setting existed stay valid."""
+        out = {
             "kind": self.kind,
             "scheduler": self.scheduler,
             "steps": self.steps,
@@ -73,6 +77,9 @@ class SolverSpec(BaseModel):
             "negative_prompt": self.negative_prompt,
             "mixed_precision": self.mixed_precision,
         }
+        if self.resolution is not None:
+            out["resolution"] = int(self.resolution)
+        return out
 
     def column(self) -> str:
         """The `solver` column: canonical JSON of the settings, comparable as a string in filters."""
@@ -119,6 +126,7 @@ class PairsJob(BaseModel):
                 guidance=gen.guidance_scale,
                 negative_prompt=gen.negative_prompt,
                 mixed_precision=gen.mixed_precision,
+                resolution=gen.resolution,
             ),
             pairs=PairsConfig.model_validate(gen.model_dump(include=set(PairsConfig.model_fields))),
             store_noise=gen.store_noise,
@@ -137,7 +145,11 @@ class PairsJob(BaseModel):
         return cls(
             table=table,
             solver=SolverSpec(
-                kind="rf", scheduler="euler", steps=pairs.num_inference_steps, guidance=pairs.guidance_scale
+                kind="rf",
+                scheduler="euler",
+                steps=pairs.num_inference_steps,
+                guidance=pairs.guidance_scale,
+                resolution=pairs.resolution,
             ),
             pairs=pairs,
             split=split,

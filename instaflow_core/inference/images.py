@@ -25,16 +25,26 @@ def sample_images(
     steps: int,
     guidance: float = 1.0,
     device: str | torch.device = "cpu",
+    resolution: int | None = None,
 ) -> np.ndarray:
-    """N-step Euler generations through `InstaFlowPipeline`, uint8 (B, H, W, 3); X0 from `noise_from_seeds`."""
+    """N-step Euler generations through `InstaFlowPipeline`, uint8 (B, H, W, 3); X0 from `noise_from_seeds`
+    at `resolution` px (None: the UNet's native size)."""
     from instaflow_core.inference.pipeline import InstaFlowPipeline
     from instaflow_core.rectified_flow import noise_from_seeds
 
     pipe = InstaFlowPipeline.from_components(components).to(device)
     pipe.set_progress_bar_config(disable=True)
-    x0 = noise_from_seeds(list(seeds), latent_shape(components))  # (B, 4, h, w), CPU generators
+    shape = latent_shape(components, resolution)
+    x0 = noise_from_seeds(list(seeds), shape)  # (B, 4, h, w), CPU generators
+    side = shape[-1] * pipe.vae_scale_factor
     images = pipe(
-        list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=x0, output_type="np"
+        list(prompts),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=x0,
+        output_type="np",
+        height=side,
+        width=side,
     ).images  # (B, H, W, 3) float in [0, 1]
     return (np.asarray(images) * 255).round().astype(np.uint8)
 

@@ -25,12 +25,17 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
 from instaflow_core.models.components import COMPONENT_NAMES, SDComponents, to_dtype
+from instaflow_core.models.geometry import Geometry
+from instaflow_core.models.sources import (
+    CONFIG_FILES,
+    PICKLE_SUFFIXES,
+    hub_snapshot,
+    is_hub_id,
+    local_model_path,
+    model_geometry,
+)
 from instaflow_core.models.tiny import build_tiny
 from instaflow_core.refs import ModelRef
-from instaflow_core.store.uri import Store
-
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-
 
 # ------------------------------------------------------------------------------------------- the tiny model
 
@@ -73,7 +78,7 @@ def load_components(
         return _load_single_file(
             path, local_files_only=local_files_only, torch_dtype=torch_dtype, config=config
         )
-    if path.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
+    if not is_hub_id(src):
         raise DataError(
             f"model source {src!r} is neither a diffusers folder, a .safetensors file nor a hub id (owner/name)"
         )
@@ -145,6 +150,7 @@ def _load_single_file(
             local_files_only=local_files_only,
             torch_dtype=torch_dtype,
             safety_checker=None,
+            feature_extractor=None,  # a config folder without feature_extractor/ is fine: it is never used
             requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -169,9 +175,9 @@ def _cached_single_file_config(path: Path) -> str:
         raise DataError(f"{path.name}: unreadable checkpoint ({str(err).splitlines()[0]})") from err
     repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
     try:
-        return snapshot_download(
-            repo, local_files_only=True, allow_patterns=["*.json", "*/*.json", "*/*.txt"]
-        )
+        # The five components' configs only: a cache filled with the component patterns (hub_patterns) lacks
+        # safety_checker/ and feature_extractor/, and an offline snapshot asking for them would fail.
+        return snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES)
     except Exception as err:
         raise DataError(
             f"{path.name} needs the component configs of {repo!r}, which are not cached: download them "
@@ -183,28 +189,10 @@ def _load_hub(
     repo: str, *, allow_pickle: bool, local_files_only: bool, revision: str | None, torch_dtype: torch.dtype
 ) -> SDComponents:
     """A hub repo, taken from the local cache (or downloaded when local_files_only=False), then loaded as a folder."""
-    from huggingface_hub import snapshot_download
-
-    # Only the five component folders: SD repos also hold multi-GB root checkpoints and fp16/flax/onnx copies.
-    weights = ["*.safetensors"] + (["*.bin"] if allow_pickle else [])
-    patterns = ["model_index.json"] + [f"{c}/*.{ext}" for c in COMPONENT_NAMES for ext in ("json", "txt")]
-    patterns += [f"{c}/{w}" for c in ("unet", "vae", "text_encoder") for w in weights]
-    try:
-        folder = snapshot_download(
-            repo,
-            revision=revision,
-            local_files_only=local_files_only,
-            allow_patterns=patterns,
-            ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*"],
-        )
-    except Exception as err:
-        if local_files_only:
-            raise DataError(
-                f"model {repo!r} is not in the local Hugging Face cache: download it (huggingface-cli download "
-                f"{repo}) or set models.local_files_only=false"
-            ) from err
-        raise DataError(f"cannot download model {repo!r}: {str(err).splitlines()[0]}") from err
-    return _load_folder(Path(folder), allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    folder = hub_snapshot(
+        repo, revision=revision, local_files_only=local_files_only, allow_pickle=allow_pickle
+    )
+    return _load_folder(folder, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
 
 
 def teacher_components(models_cfg: ModelsConfig) -> SDComponents:
@@ -223,11 +211,10 @@ def teacher_components(models_cfg: ModelsConfig) -> SDComponents:
     )
 
 
-def latent_shape(components: SDComponents) -> tuple[int, int, int]:
-    """(C, h, w) of the UNet's latent: (4, 64, 64) for SD 1.5, (4, 8, 8) for the tiny preset."""
-    size = components.unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(components.unet.config.in_channels), int(h), int(w))
+def latent_shape(components: SDComponents, resolution: int | None = None) -> tuple[int, int, int]:
+    """(C, h, w) of the UNet's latents at `resolution` px: (4, 64, 64) for SD 1.5 at its native 512 (None),
+    (4, 32, 32) at 256; (4, 8, 8) for the tiny preset. ConfigError when the resolution does not fit the model."""
+    return Geometry.of(components).latent_shape(resolution)
 
 
 # ------------------------------------------------------------------------------------------ the adapter
@@ -243,17 +230,13 @@ _loads: dict[
 
 
 def load_model(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> Any:
-    """SDComponents for a ModelRef (s3:// folders are downloaded once via Store.local_copy).
+    """SDComponents for a ModelRef, wherever it is (sources.local_model_path: hub id, s3:// folder, local path).
 
     `models_cfg` supplies dtype / revision / allow_pickle / local_files_only for external teachers; models
     saved by the pipeline are safetensors diffusers folders and load with the defaults.
     """
-    from instaflow_core.models.loading import load_components
-
     cfg = models_cfg or ModelsConfig()
-    source = ref.uri
-    if source.startswith("s3://"):
-        source = str(Store(storage_cfg).local_copy(source))
+    source = local_model_path(ref.uri, storage_cfg, cfg, kind=str(ref.kind))
     return load_components(
         source,
         allow_pickle=cfg.allow_pickle,
@@ -286,34 +269,10 @@ def times_loaded(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsCo
 
 
 def model_latent_shape(
-    ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None
+    ref: ModelRef,
+    storage_cfg: StorageConfig,
+    models_cfg: ModelsConfig | None = None,
+    resolution: int | None = None,
 ) -> tuple:
-    """(C, h, w) of a model's latents from its unet/config.json, without loading the weights where possible."""
-    raw = None
-    uri = ref.uri
-    try:
-        if uri.startswith(("s3://", "file://")):
-            store = Store(storage_cfg)
-            cfg_uri = uri.rstrip("/") + "/unet/config.json"
-            if store.exists(cfg_uri):
-                raw = json.loads(store.read_bytes(cfg_uri))
-        elif "://" not in uri and uri.count("/") == 1:
-            from huggingface_hub import hf_hub_download
-
-            cfg = models_cfg or ModelsConfig()
-            path = hf_hub_download(
-                uri,
-                "unet/config.json",
-                revision=cfg.teacher_revision,
-                local_files_only=cfg.local_files_only,
-            )
-            raw = json.loads(Path(path).read_text())
-    except Exception:  # noqa: BLE001 - fall back to loading the model, which gives a clear error
-        raw = None
-    if raw is not None:
-        size = raw.get("sample_size", 64)
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(raw.get("in_channels", 4)), int(h), int(w))
-    from instaflow_core.models.loading import latent_shape
-
-    return latent_shape(load_model_cached(ref, storage_cfg, models_cfg))
+    """(C, h, w) of a model's latents at `resolution` px (None: native), from its configs (no weights loaded)."""
+    return model_geometry(ref.uri, storage_cfg, models_cfg, kind=str(ref.kind)).latent_shape(resolution)

@@ -87,6 +87,14 @@ def latent_shape_of(ds: Any) -> tuple[int, ...]:
     return tensor_shape(ds.schema.field("x1"))
 
 
+def table_latents(ref: TableRef, storage_cfg: StorageConfig) -> tuple[tuple[int, ...], int | None]:
+    """(latent shape, resolution in px or None) of a triplets table version: the per-row shape and the
+    `resolution` its writer recorded in the table metadata (tables written before it was recorded: None)."""
+    ds = _open_lance(ref, storage_cfg)
+    res = (ds.metadata or {}).get("resolution")
+    return latent_shape_of(ds), (int(res) if res else None)
+
+
 def _f32(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> torch.Tensor:
     """A float16 tensor column -> (B, *shape) float32 (torch's half->float is ~8x numpy's astype)."""
     with warnings.catch_warnings():
@@ -309,10 +317,11 @@ def make_loader(dataset: TripletDataset, num_workers: int = 0, **kwargs: Any) ->
 def validate_triplets(
     table_ref: TableRef,
     storage_cfg: StorageConfig,
-    expected_latent_shape: Sequence[int],
+    expected_latent_shape: Sequence[int] | None,
     where: str | None = AUTO,
 ) -> int:
-    """Check a triplets table version before training: rows exist and latents have the model's shape.
+    """Check a triplets table version before training: rows exist and latents have the model's shape
+    (`expected_latent_shape`; None: any, the caller checks it against the model itself).
 
     Returns the number of rows the training stage will read; raises DataError otherwise.
     """
@@ -326,6 +335,8 @@ def validate_triplets(
         raise DataError(
             f"triplets table {table_ref.key()} has no rows{f' matching {flt}' if flt else ''}: run generation first"
         )
+    if expected_latent_shape is None:
+        return int(n)
     have = latent_shape_of(ds)
     want = tuple(int(s) for s in expected_latent_shape)
     if tuple(have) != want:

@@ -16,18 +16,19 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from instaflow_core.config import DistillationConfig, StorageConfig, TrainConfig, stable_hash
+from instaflow_core.config import DistillationConfig, ModelsConfig, StorageConfig, TrainConfig, stable_hash
 from instaflow_core.errors import DataError
 from instaflow_core.inference.images import image_grid, png_bytes, sample_images
 from instaflow_core.models.components import SDComponents
+from instaflow_core.models.geometry import Geometry
+from instaflow_core.models.sources import local_model_path, model_geometry
 from instaflow_core.models.velocity import StudentVelocity
 from instaflow_core.refs import TRAINED_KIND, ModelKind, ModelRef, Stage, TableRef
 from instaflow_core.store import Store
@@ -70,6 +71,8 @@ class TrainJob(BaseModel):
     ckpt_dir: str
     out_uri: str
     samples_uri: str
+    # how an external base (a hub id teacher) resolves, and models.save_variants; not part of the stage's key
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
 
     def train_cfg(self) -> TrainConfig:
         return (DistillationConfig if self.stage == "distill" else TrainConfig).model_validate(self.section)
@@ -84,31 +87,38 @@ class TrainJob(BaseModel):
         return (1, 1.0) if self.stage == "distill" else (cfg.sample_steps, cfg.sample_guidance)
 
 
-def _local(store: Store, uri: str) -> Path:
-    """A local path for a store URI or plain path (s3:// folders are downloaded once, cached)."""
-    if uri.startswith(("s3://", "file://")):
-        return store.local_copy(uri)
-    return Path(uri).expanduser()
+def _local(job: TrainJob, uri: str, kind: str = "init") -> Path:
+    """A local folder for the job's base model or init_from (sources.local_model_path: hub ids, s3://, paths)."""
+    return local_model_path(uri, job.storage, job.models, kind=kind)
 
 
-def folder_latent_shape(folder: str | Path) -> tuple[int, int, int]:
-    """(C, h, w) of a diffusers folder's UNet latents, read from unet/config.json (no weights loaded)."""
-    cfg_file = Path(folder) / "unet" / "config.json"
-    if not cfg_file.is_file():
-        raise DataError(f"{folder}: no unet/config.json (not a diffusers SD folder)")
-    raw = json.loads(cfg_file.read_text())
-    size = raw.get("sample_size", 64)
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(raw.get("in_channels", 4)), int(h), int(w))
+def check_latents(job: TrainJob) -> tuple[tuple[int, int, int], Geometry]:
+    """The table's latent shape, checked against the base model at the resolution the table was made at."""
+    from instaflow_core.store.dataset import table_latents
+
+    geometry = model_geometry(job.base.uri, job.storage, job.models, kind=str(job.base.kind))
+    shape, resolution = table_latents(job.data, job.storage)
+    if resolution is not None:
+        problem = geometry.problem(resolution, "that size")
+        want = None if problem else geometry.latent_shape(resolution)
+        if problem or tuple(shape) != want:
+            why = f"cannot run at that size ({problem})" if problem else f"makes {want} at that resolution"
+            raise DataError(
+                f"triplets table {job.data.key()} holds latents of shape {tuple(shape)} made at {resolution} px, "
+                f"but the model {job.base.uri} {why}: generate triplets with this teacher"
+            )
+    problem = geometry.latent_problem(tuple(shape))
+    if problem:
+        raise DataError(f"triplets table {job.data.key()} does not fit the model {job.base.uri}: {problem}")
+    return tuple(int(s) for s in shape), geometry  # type: ignore[return-value]
 
 
 def check_job_inputs(job: TrainJob) -> tuple[int, int, int]:
     """Fail before any training when the table is empty or its latents do not fit the base model."""
     from instaflow_core.store.dataset import validate_triplets
 
-    store = Store(job.storage)
-    shape = folder_latent_shape(_local(store, job.base.uri))
-    rows = validate_triplets(job.data, job.storage, shape)
+    rows = validate_triplets(job.data, job.storage, None)
+    shape, _ = check_latents(job)
     cfg = job.train_cfg()
     for i, st in enumerate(cfg.stages):
         need = (st.micro_batch_size or st.batch_size // cfg.num_processes) * cfg.num_processes
@@ -188,8 +198,9 @@ def run_train_job(
         check_job_inputs(job)
     start = resume_step(job)
     acc = accelerator or make_accelerator(cfg)
-    base_dir = _local(store, job.base.uri)
-    init_dir = _local(store, cfg.init_from) if cfg.init_from else None
+    shape, geometry = check_latents(job)  # the table's latents: the grid below and the saved UNet use them
+    base_dir = _local(job, job.base.uri, kind=str(job.base.kind))
+    init_dir = _local(job, cfg.init_from) if cfg.init_from else None
     comps = load_student(base_dir, init_dir)  # float32 master weights; bf16 is autocast (cfg.mixed_precision)
     comps.text_encoder.to(acc.device)
     comps.vae.to(acc.device)
@@ -240,7 +251,10 @@ def run_train_job(
             "checkpoint": result.checkpoint,
         }
         with tempfile.TemporaryDirectory(prefix="instaflow-stage-") as tmp:
-            folder = save_stage_folder(base_dir, ema_unet, Path(tmp) / "model", meta)
+            folder = save_stage_folder(
+                base_dir, ema_unet, Path(tmp) / "model", meta,
+                variants=job.models.save_variants, sample_size=shape[-2],
+            )  # fmt: skip
             store.put_dir(folder, job.out_uri, clean=True)
         steps, guidance = job.sample_settings()
         prompts = list(cfg.sample_prompts)
@@ -252,7 +266,10 @@ def run_train_job(
             tokenizer=comps.tokenizer,
             scheduler=comps.scheduler,
         )
-        images = sample_images(final, prompts, seeds, steps, guidance, device=acc.device)
+        resolution = geometry.resolution_of(shape)
+        images = sample_images(
+            final, prompts, seeds, steps, guidance, device=acc.device, resolution=resolution
+        )
         store.write_bytes(job.samples_uri, png_bytes(image_grid(images, background=255)))
         summary.update(sample_steps=steps, sample_guidance=guidance, sample_prompts=prompts)
     acc.wait_for_everyone()

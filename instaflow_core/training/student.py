@@ -104,18 +104,34 @@ class PromptEmbeddings:
 
 
 def save_stage_folder(
-    base_folder: str | Path, unet: UNet2DConditionModel, out: str | Path, meta: dict[str, Any] | None = None
+    base_folder: str | Path,
+    unet: UNet2DConditionModel,
+    out: str | Path,
+    meta: dict[str, Any] | None = None,
+    *,
+    variants: bool = False,
+    sample_size: int | None = None,
 ) -> Path:
-    """Write `out` = the base diffusers folder with `unet` in place of its UNet (safetensors), plus a meta file.
+    """Write `out` = what a one-step pipeline needs: the base's VAE, text encoder, tokenizer and scheduler,
+    `unet` as the new UNet (safetensors), a model_index.json without safety checker / feature extractor, and a
+    meta file; see `models.folder_layout.copy_components` for what is (not) copied.
 
-    Everything but `unet/` is copied from the base (VAE, text encoder, tokenizer, scheduler, model_index.json),
-    so the folder loads wherever the base loaded, including `InstaFlowPipeline.from_pretrained`.
+    `variants` also writes fp16 copies of the three networks (`*.fp16.safetensors`, `models.save_variants`).
+    `sample_size`: the latent side the UNet was trained at, recorded in unet/config.json when it differs from
+    the base's (a 256 px pilot of SD 1.5 then samples at 256 px by default). The folder loads with
+    `InstaFlowPipeline.from_pretrained` and diffusers' own `DiffusionPipeline.from_pretrained`.
     """
+    from instaflow_core.models.folder_layout import copy_components, write_fp16_variant
+
     base, out = Path(base_folder), Path(out)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(base, out, ignore=shutil.ignore_patterns("unet", STAGE_META))
+    copy_components(base, out, ("vae", "text_encoder", "tokenizer", "scheduler"), variants=variants)
+    if sample_size is not None and unet.config.sample_size != sample_size:
+        unet.register_to_config(sample_size=int(sample_size))
     unet.save_pretrained(out / "unet", safe_serialization=True)
+    if variants:
+        write_fp16_variant(out / "unet")
     if meta:
         (out / STAGE_META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     return out

@@ -185,17 +185,41 @@ def test_reflow_nested_run_and_pseudo_huber(local_inputs):
 
 
 def test_reflow_rejects_wrong_latent_shape_before_training(local_inputs):
-    """A teacher whose latents are 4x4 cannot train on a table of 4x8x8 latents: DataError, nothing written."""
+    """The table's 4x8x8 latents were made at 16 px; a teacher whose VAE is x4 makes 4x4x4 latents at 16 px:
+    DataError naming both shapes before any training, nothing written."""
+    cfg, _prompts, triplets, _teacher = local_inputs
+    other = cfg.model_copy(deep=True)
+    other.models.tiny.vae_channels = [32, 64, 64]
+    with prefect_settings(other.storage, other.orchestration):
+        x4_teacher = teacher_model(other.models, other.storage)
+        with pytest.raises(DataError, match=r"\(4, 8, 8\) made at 16 px.*\(4, 4, 4\)"):
+            reflow_flow(other, triplets, x4_teacher)
+    job = make_job("reflow", other.reflow, other.storage, triplets, x4_teacher)
+    store = Store(other.storage)
+    assert not store.exists(f"{job.ckpt_dir}/latest") and not store.exists(job.out_uri)
+
+
+def test_reflow_takes_a_table_at_another_resolution(local_inputs):
+    """SD UNets run at any size their down-sampling divides: a teacher configured for 4x4 latents (8 px) trains
+    on a 16 px table (its 8x8 latents); a table whose latents the UNet cannot divide is refused."""
+    from instaflow_core.training.job import check_job_inputs
+
     cfg, _prompts, triplets, _teacher = local_inputs
     other = cfg.model_copy(deep=True)
     other.models.tiny.sample_size = 4
     with prefect_settings(other.storage, other.orchestration):
         small_teacher = teacher_model(other.models, other.storage)
-        with pytest.raises(DataError, match="latent|shape"):
-            reflow_flow(other, triplets, small_teacher)
-    job = make_job("reflow", other.reflow, other.storage, triplets, small_teacher)
-    store = Store(other.storage)
-    assert not store.exists(f"{job.ckpt_dir}/latest") and not store.exists(job.out_uri)
+    assert check_job_inputs(make_job("reflow", other.reflow, other.storage, triplets, small_teacher)) == (
+        4,
+        8,
+        8,
+    )
+    deep = cfg.model_copy(deep=True)
+    deep.models.tiny.unet_channels = [32, 32, 32, 32, 64]  # down-sampling by 16: 8x8 latents do not divide
+    with prefect_settings(deep.storage, deep.orchestration):
+        deep_teacher = teacher_model(deep.models, deep.storage)
+    with pytest.raises(DataError, match="cannot run at that size"):
+        check_job_inputs(make_job("reflow", deep.reflow, deep.storage, triplets, deep_teacher))
 
 
 def test_reflow_rejects_empty_table(local_inputs):

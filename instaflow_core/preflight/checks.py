@@ -1,0 +1,381 @@
+"""The preflight checks: each takes config sections and returns the problems it found, one line each.
+
+None of them loads model weights or writes anything (the S3 check's probe object is deleted at once), so a
+run that would fail after hours of upstream work fails in seconds instead, with every problem named.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+from pathlib import Path
+
+from instaflow_core.config import (
+    CurationConfig,
+    DistillationConfig,
+    EvaluationConfig,
+    InstaflowConfig,
+    ModelsConfig,
+    RegistrationConfig,
+    StorageConfig,
+)
+from instaflow_core.errors import ConfigError, InstaflowError
+from instaflow_core.models.geometry import Geometry, tiny_geometry
+from instaflow_core.models.sources import (
+    CONFIG_FILES,
+    PICKLE_SUFFIXES,
+    hub_snapshot,
+    is_hub_id,
+    missing_files,
+    model_geometry,
+)
+
+TINY = "tiny"  # the stand-in networks' name (training.lpips.TINY, evaluation's tiny CLIP / FID features)
+DINOV2 = "facebook/dinov2-large"  # evaluation.feature_nets.DEFAULT_DINOV2
+RESOLUTIONS = ("generation.resolution", "distillation.pairs.resolution", "evaluation.resolution")
+
+
+class PreflightError(ConfigError):
+    """Every problem the preflight found: one line each, under a header."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} found before any work started (nothing was written):"
+        super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _local(path: str) -> Path:
+    return Path(path[len("file://") :] if path.startswith("file://") else path).expanduser()
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list[str], Geometry | None]:
+    """The teacher resolves (folder, file, hub id in the cache, s3:// folder) and its configs read; no weights.
+
+    Returns the problems and the teacher's Geometry (None when it could not be read)."""
+    src = models.teacher
+    if src == TINY:
+        return [], tiny_geometry(models.tiny)
+    what = f"models.teacher={src!r}"
+    try:
+        if src.startswith("s3://"):
+            return [], model_geometry(src, storage, models)
+        local = src[len("file://") :] if src.startswith("file://") else src
+        if is_hub_id(local):
+            return _hub_teacher(local, models)
+        path = _local(src)
+        if not path.exists():
+            return [
+                f"{what}: no such folder or file (give a diffusers folder, a .safetensors file or owner/name)"
+            ], None
+        if path.is_file():
+            return single_file_problems(path, models)
+        missing = missing_files(path, models.allow_pickle)
+        if missing:
+            return [f"{what}: not a diffusers SD folder (missing {', '.join(missing)})"], None
+        return [], model_geometry(str(path))
+    except InstaflowError as err:
+        return [f"models.teacher: {_first_line(err)}"], None
+
+
+def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry | None]:
+    """Offline (the default): the cached snapshot must hold every file loading needs. Online: the configs must
+    download (weights are fetched when the teacher first loads)."""
+    folder = hub_snapshot(
+        repo,
+        revision=models.teacher_revision,
+        local_files_only=models.local_files_only,
+        allow_pickle=models.allow_pickle,
+        configs_only=not models.local_files_only,
+    )
+    missing = missing_files(folder, models.allow_pickle) if models.local_files_only else []
+    if missing:
+        return [
+            f"models.teacher={repo!r}: the cached snapshot lacks {', '.join(missing)}: download it "
+            f"(huggingface-cli download {repo}) or set models.local_files_only=false"
+        ], None
+    return [], model_geometry(str(folder))
+
+
+class _LazyCheckpoint(dict):
+    """Tensor shapes of a safetensors file on demand: what diffusers' model-type inference reads."""
+
+    def __init__(self, handle: object) -> None:
+        super().__init__({k: None for k in handle.keys()})  # type: ignore[attr-defined]
+        self._handle = handle
+
+    def __getitem__(self, key: str) -> object:
+        import torch
+
+        return torch.empty(self._handle.get_slice(key).get_shape(), device="meta")  # type: ignore[attr-defined]
+
+
+def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], Geometry | None]:
+    """A single checkpoint: readable, an SD UNet inside, and (offline) its config repo in the cache."""
+    what = f"models.teacher={str(path)!r}"
+    if path.suffix in PICKLE_SUFFIXES:
+        if not models.allow_pickle:
+            return [
+                f"{what}: pickle checkpoints can run arbitrary code when loaded; convert it to .safetensors or "
+                "set models.allow_pickle=true if you trust it"
+            ], None
+        return [], None
+    if path.suffix != ".safetensors":
+        return [f"{what}: not a .safetensors checkpoint"], None
+    try:
+        from diffusers.loaders.single_file_utils import fetch_diffusers_config
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            checkpoint = _LazyCheckpoint(handle)
+            if not any(k.startswith("model.diffusion_model.") for k in checkpoint):
+                return [
+                    f"{what}: no model.diffusion_model.* keys (not an original-format SD checkpoint)"
+                ], None
+            repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    except Exception as err:  # noqa: BLE001 - a damaged file raises many error types
+        return [f"{what}: unreadable checkpoint ({_first_line(err)})"], None
+    if not models.local_files_only:
+        return [], None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES)
+    except Exception:  # noqa: BLE001
+        return [
+            f"{what} needs the component configs of {repo!r}, which are not cached: download them "
+            f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
+        ], None
+    return [], model_geometry(folder)
+
+
+def resolution_problems(cfg: InstaflowConfig, geometry: Geometry | None) -> list[str]:
+    """Every resolution setting is a size the teacher's VAE and UNet down-sampling divide."""
+    if geometry is None:
+        return []
+    values = {
+        "generation.resolution": cfg.generation.resolution,
+        "distillation.pairs.resolution": cfg.distillation.pairs.resolution,
+        "evaluation.resolution": cfg.evaluation.resolution,
+    }
+    return [p for name, value in values.items() if (p := geometry.problem(value, name))]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def lpips_problems(distill: DistillationConfig) -> list[str]:
+    """A distillation stage with loss `lpips` needs LPIPS weights (and the lpips package for real ones)."""
+    stages = [i for i, st in enumerate(distill.stages) if st.loss == "lpips"]
+    if not stages:
+        return []
+    weights = distill.lpips_weights
+    if weights is None:
+        return [
+            f"distillation.stages.{stages[0]} uses loss lpips but distillation.lpips_weights is not set: give a "
+            "local LPIPS weights file (lpips/weights/v0.1/vgg.pth or a full LPIPS state dict), or "
+            "lpips_weights=tiny for the random stand-in"
+        ]
+    if weights == TINY:
+        return []
+    out = []
+    if not _local(weights).is_file():
+        out.append(f"distillation.lpips_weights={weights!r}: file not found")
+    if importlib.util.find_spec("lpips") is None:
+        out.append(
+            "distillation.lpips_weights needs the lpips package: pip install lpips (and a working torchvision)"
+        )
+    return out
+
+
+def pretrained_problems(source: str, what: str, local_files_only: bool) -> list[str]:
+    """A transformers model named by a local folder or a hub id: the folder exists, or the id is cached."""
+    if _local(source).is_dir():
+        return []
+    if not is_hub_id(source):
+        return [f"{what}={source!r}: no such folder (give a local transformers folder or a hub id)"]
+    if not local_files_only:
+        return []  # downloaded when first used
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source, local_files_only=True, allow_patterns=["*.json"])
+    except Exception:  # noqa: BLE001
+        return [
+            f"{what}={source!r} is not in the local Hugging Face cache: download it (huggingface-cli download "
+            f"{source}), give a local folder, or set models.local_files_only=false"
+        ]
+    return []
+
+
+def evaluation_problems(ev: EvaluationConfig, models: ModelsConfig, storage: StorageConfig) -> list[str]:
+    """COCO captions / images exist when named; the FID feature network and the CLIP model resolve."""
+    out = []
+    if ev.coco_captions and not _exists(ev.coco_captions, storage):
+        out.append(f"evaluation.coco_captions: {ev.coco_captions} not found")
+    if ev.coco_images:
+        if not ev.coco_captions:
+            out.append(
+                "evaluation.coco_images is set but evaluation.coco_captions is not: give captions_val2017.json too"
+            )
+        if not _exists(ev.coco_images, storage):
+            out.append(f"evaluation.coco_images: {ev.coco_images} not found")
+    lfo = models.local_files_only
+    fid = ev.fid_features
+    if fid == "inception":
+        if importlib.util.find_spec("torch_fidelity") is None:
+            out.append(
+                "evaluation.fid_features=inception needs torch-fidelity (pip install torch-fidelity, which needs a "
+                "working torchvision); or use fid_features=dinov2, clip or tiny (labelled as not FID)"
+            )
+        if ev.inception_weights is None and lfo:
+            out.append(
+                "evaluation.inception_weights is not set: give the local path of pt_inception-2015-12-05-6726825d.pth"
+                " (or set models.local_files_only=false to let torch-fidelity download it)"
+            )
+        elif ev.inception_weights and not _local(ev.inception_weights).is_file():
+            out.append(f"evaluation.inception_weights={ev.inception_weights!r}: file not found")
+    elif fid == "dinov2":
+        out += pretrained_problems(DINOV2, "evaluation.fid_features=dinov2 needs", lfo)
+    elif fid not in (TINY, "clip"):
+        out += pretrained_problems(fid, "evaluation.fid_features", lfo)
+    if ev.clip_model != TINY:
+        out += pretrained_problems(ev.clip_model, "evaluation.clip_model", lfo)
+    return out
+
+
+def _exists(path: str, storage: StorageConfig) -> bool:
+    if path.startswith("s3://"):
+        from instaflow_core.store.uri import Store
+
+        try:
+            return Store(storage).exists(path)
+        except InstaflowError:
+            return False
+    return _local(path).exists()
+
+
+# ------------------------------------------------------------------------------------------------ data
+def source_problems(curation: CurationConfig, storage: StorageConfig) -> list[str]:
+    """Every caption source matches readable files of a known format."""
+    from instaflow_core.curation.readers import detect_format, resolve_paths
+
+    if not curation.sources:
+        return ["curation.sources is empty: name at least one caption file (path, format, column)"]
+    out = []
+    for i, src in enumerate(curation.sources):
+        try:
+            fs = _source_fs(src.path, storage)
+            _, files = resolve_paths(src.path, fs)
+            if src.format == "auto":
+                detect_format(files[0])
+            local = [f for f in files if "://" not in f]
+            unreadable = [f for f in local if not os.access(f, os.R_OK)]
+            if unreadable:
+                out.append(f"curation.sources.{i}: {unreadable[0]} is not readable")
+        except InstaflowError as err:
+            out.append(f"curation.sources.{i}: {_first_line(err)}")
+        except Exception as err:  # noqa: BLE001 - object stores raise many error types
+            out.append(f"curation.sources.{i}: cannot read {src.path} ({_first_line(err)})")
+    return out
+
+
+def _source_fs(path: str, storage: StorageConfig) -> object | None:
+    """The filesystem curation reads an object-store source with: the store's own when it is on S3 too, else
+    the default client with short timeouts (a preflight must not hang on an unreachable endpoint)."""
+    if not path.startswith("s3://"):
+        return None
+    from instaflow_core.store.uri import Store
+
+    store = Store(storage)
+    if store.is_s3:
+        return store.fs
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        config_kwargs={"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 1}},
+        skip_instance_cache=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------- storage
+def creatable_problem(path: Path, what: str) -> str | None:
+    """Why the folder `path` could not be created (or written, when it exists); None when it could. Writes nothing."""
+    p = path.expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{what}: cannot create {path} ({p} is a file)"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{what}: cannot create {path} ({p} is not writable)"
+    return None
+
+
+def storage_problems(storage: StorageConfig) -> list[str]:
+    """A local root can be created; an S3 root answers with these keys and the bucket takes a write + delete."""
+    from instaflow_core.store.uri import Store
+
+    try:
+        store = Store(storage)
+        if store.is_local:
+            problem = creatable_problem(Path(store.prefix), "storage.root")
+            return [problem] if problem else []
+        store.check()
+        was_empty = not [x for x in store.ls(store.root) if x.rstrip("/") != store.root]
+        probe = store.uri(f".instaflow-preflight-{uuid.uuid4().hex[:12]}")
+        store.write_bytes(probe, b"instaflow preflight: safe to delete\n")
+        store.delete(probe, recursive=False)
+        if was_empty:
+            _drop_folder_markers(store)
+    except InstaflowError as err:
+        return [f"storage: {_first_line(err)}"]
+    return []
+
+
+def _drop_folder_markers(store: object) -> None:
+    """Servers with a real directory tree (SeaweedFS's filer) keep `prefix/` after the probe object is
+    deleted: remove those empty levels again (a no-op on AWS S3), deepest first, while nothing is under them."""
+    parts = [p for p in (store.prefix or "").split("/") if p]  # type: ignore[attr-defined]
+    for depth in range(len(parts), 0, -1):
+        key = "/".join(parts[:depth])
+        uri = f"s3://{store.bucket}/{key}"  # type: ignore[attr-defined]
+        if [x for x in store.ls(uri) if x.rstrip("/") != uri]:  # type: ignore[attr-defined]
+            return
+        try:
+            store.fs.call_s3("delete_object", Bucket=store.bucket, Key=key + "/")  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - best effort: an empty prefix is harmless
+            return
+
+
+def model_name_problem(name: str, what: str) -> str | None:
+    """MLflow's rule for registered-model names (mlflow.utils.validation._validate_model_name): not blank, no
+    '/' or ':' (they split `models:/<name>/<version>` URIs), not '.', '..' or '..x' (names become paths)."""
+    if not name or not name.strip():
+        return f"{what} is empty"
+    bad = sorted({c for c in name if c in "/:"})
+    if bad:
+        return f"{what}={name!r}: MLflow model names cannot contain {' or '.join(repr(c) for c in bad)}"
+    if name == "." or name.startswith(".."):
+        return f"{what}={name!r}: MLflow model names cannot be '.' or start with '..'"
+    return None
+
+
+def registry_problems(reg: RegistrationConfig) -> list[str]:
+    """The registered model names (and the experiment name) MLflow will accept."""
+    out = [
+        p
+        for what, name in (
+            ("registration.model_name", reg.model_name),
+            ("registration.rf_model_name", reg.rf_model_name),
+        )
+        if name is not None and (p := model_name_problem(name, what))
+    ]
+    if reg.rf_model_name is not None and reg.rf_model_name == reg.model_name:
+        out.append(f"registration.rf_model_name={reg.rf_model_name!r} is the same as registration.model_name")
+    if not reg.experiment.strip():
+        out.append("registration.experiment is empty")
+    return out
