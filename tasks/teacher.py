@@ -16,7 +16,8 @@ from pathlib import Path
 from prefect import task
 
 from instaflow_core.config import ModelsConfig, StorageConfig, stable_hash
-from instaflow_core.errors import DataError
+from instaflow_core.errors import ConfigError, DataError
+from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import ModelRef
 from instaflow_core.store import Store
 from tasks.artifacts import lineage_markdown, publish_markdown
@@ -68,6 +69,11 @@ def teacher_model(models_cfg: ModelsConfig, storage_cfg: StorageConfig) -> Model
     """The teacher as a ModelRef: `tiny` is built and saved as a diffusers folder under <root>/models/; a local
     folder or file, an s3:// folder or a hub id is referenced where it is (no copy of a 4 GB model)."""
     config_hash = stable_hash(models_cfg.model_dump(mode="json"))
+    if models_cfg.teacher == PRETRAINED_TEACHER:
+        raise ConfigError(
+            "models.teacher=pretrain: the teacher is trained by the pretrain stage, not resolved "
+            "(run `instaflow pretrain` or `instaflow rebuild`)"
+        )
     if models_cfg.teacher != "tiny":
         uri = _external_uri(models_cfg.teacher)
         rev = f"@{models_cfg.teacher_revision}" if models_cfg.teacher_revision else ""

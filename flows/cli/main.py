@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from flows.cli import config, lineage, models, run, schedule, stack, triplets
+from flows.cli import config, lineage, models, pretrain, run, schedule, stack, triplets
 from instaflow_core.errors import InstaflowError
 
 app = typer.Typer(
@@ -24,7 +24,16 @@ app = typer.Typer(
 )
 
 # The pipeline: the whole rebuild, and each stage on the latest upstream outputs.
-for command in (run.rebuild, run.curate, run.generate, run.reflow, run.distill, run.evaluate, run.register):
+for command in (
+    run.rebuild,
+    run.curate,
+    pretrain.pretrain,
+    run.generate,
+    run.reflow,
+    run.distill,
+    run.evaluate,
+    run.register,
+):
     app.command()(command)
 app.command()(lineage.lineage)
 # Command groups.

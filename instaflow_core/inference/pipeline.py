@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
+import instaflow_core.models.digits  # noqa: F401  (diffusers finds the digits classes a folder names in sys.modules)
 from instaflow_core.errors import DataError
 from instaflow_core.models.components import SDComponents
 from instaflow_core.models.lora import load_lora, merge_weight_delta, weight_delta

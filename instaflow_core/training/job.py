@@ -32,7 +32,13 @@ from instaflow_core.models.velocity import StudentVelocity
 from instaflow_core.refs import TRAINED_KIND, ModelKind, ModelRef, Stage, TableRef
 from instaflow_core.store import Store
 from instaflow_core.training.losses import distill_batch_loss, reflow_batch_loss
-from instaflow_core.training.student import PromptEmbeddings, load_student, save_stage_folder
+from instaflow_core.training.student import (
+    SCRATCH,
+    PromptEmbeddings,
+    fresh_weights,
+    load_student,
+    save_stage_folder,
+)
 
 EVENT_PREFIX = (
     "INSTAFLOW_EVENT "  # stdout lines of instaflow_core.training.entry that the launching task relays
@@ -61,11 +67,11 @@ class TrainJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["reflow", "distill"]
+    stage: Literal["pretrain", "reflow", "distill"]
     key: str  # hash of the inputs and the section: names the checkpoint and model folders
     section: dict[str, Any]
     storage: StorageConfig
-    data: TableRef  # triplets (reflow) or distill_pairs (distill)
+    data: TableRef  # triplets (reflow), distill_pairs (distill) or prompts (pretrain: its image table's captions)
     base: ModelRef  # the model the student starts from and whose folder the result copies
     ckpt_dir: str
     out_uri: str
@@ -108,8 +114,14 @@ def check_job_inputs(job: TrainJob) -> tuple[int, int, int]:
 
     store = Store(job.storage)
     shape = folder_latent_shape(_local(store, job.base.uri))
-    rows = validate_triplets(job.data, job.storage, shape)
     cfg = job.train_cfg()
+    if job.stage == "pretrain":
+        from instaflow_core.training.pretrain import check_pretrain_inputs
+
+        need = max((st.micro_batch_size or st.batch_size // cfg.num_processes) for st in cfg.stages)
+        check_pretrain_inputs(job.data, job.storage, need)
+        return shape
+    rows = validate_triplets(job.data, job.storage, shape)
     for i, st in enumerate(cfg.stages):
         need = (st.micro_batch_size or st.batch_size // cfg.num_processes) * cfg.num_processes
         if rows < need:
@@ -189,14 +201,19 @@ def run_train_job(
     start = resume_step(job)
     acc = accelerator or make_accelerator(cfg)
     base_dir = _local(store, job.base.uri)
-    init_dir = _local(store, cfg.init_from) if cfg.init_from else None
+    scratch = cfg.init_from == SCRATCH
+    init_dir = _local(store, cfg.init_from) if cfg.init_from and not scratch else None
     comps = load_student(base_dir, init_dir)  # float32 master weights; bf16 is autocast (cfg.mixed_precision)
+    if (
+        scratch
+    ):  # the base model's architecture with fresh weights (seeded): e.g. a 2-RF not started from its teacher
+        comps.unet = fresh_weights(comps.unet, cfg.seed)
     comps.text_encoder.to(acc.device)
     comps.vae.to(acc.device)
     student = StudentVelocity.from_components(comps)
     embed = PromptEmbeddings(comps.text_encoder, comps.tokenizer)
-    if job.stage == "reflow":
-        loss_fn = reflow_batch_loss(embed, cfg.t_schedule, cfg.huber_c, cfg.seed)
+    if job.stage in ("reflow", "pretrain"):
+        loss_fn = reflow_batch_loss(embed, cfg.t_schedule, cfg.huber_c, cfg.seed, cfg.caption_dropout)
     else:
         wants_lpips = any(st.loss == "lpips" for st in cfg.stages)
         lpips_net = build_lpips(cfg.lpips_weights).to(acc.device) if wants_lpips else None
@@ -205,10 +222,17 @@ def run_train_job(
             cfg.huber_c,
             decode=vae_decoder(comps.vae) if wants_lpips else None,
             lpips=lpips_distance(lpips_net) if lpips_net is not None else None,
+            caption_dropout=cfg.caption_dropout,
         )
+    if job.stage == "pretrain":  # (caption, image) pairs with independent noise, not triplets
+        from instaflow_core.training.pretrain import image_batches
+
+        batches = image_batches(job.data, job.storage, comps.vae, folder_latent_shape(base_dir), cfg.seed)
+    else:
+        batches = triplet_batches(job.data, job.storage)
     result = train(
         student,
-        triplet_batches(job.data, job.storage),
+        batches,
         loss_fn,
         cfg,
         job.ckpt_dir,
