@@ -23,12 +23,7 @@ from pydantic import (
 )
 
 from instaflow_core.errors import ConfigError
-from instaflow_core.experiments.digits_config import (
-    DigitsEvalConfig,
-    DigitsModelConfig,
-    ImageSetConfig,
-    check_pretraining,
-)
+from instaflow_core.experiments import digits_config as dig  # the digits sections (pure pydantic: no cycle)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found by wheel installs too
 # Sections that were renamed (one word per stage): a preset or override using the old name gets told the new one.
@@ -105,13 +100,13 @@ class ModelsConfig(Section):
     local_files_only: bool = True  # never reach for a hub unless the user says so
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    digits: DigitsModelConfig = Field(default_factory=DigitsModelConfig)
+    digits: dig.DigitsModelConfig = Field(default_factory=dig.DigitsModelConfig)
 
 
 # -------------------------------------------------------------------------------------------- curation
 class CaptionSource(Section):
     path: str  # local path or store URI
-    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco", "digits"] = "auto"  # digits: sklearn's
+    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco", "digits"] = "auto"  # digits: sklearn
     column: str = "TEXT"  # caption column for parquet/jsonl/csv
 
 
@@ -127,7 +122,7 @@ class CurationConfig(Section):
     holdout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     on_bad_row: Literal["skip", "error"] = "skip"
     max_prompts: int | None = Field(None, ge=1)
-    images: ImageSetConfig = Field(default_factory=ImageSetConfig)  # image sources (format digits) only
+    images: dig.ImageSetConfig = Field(default_factory=dig.ImageSetConfig)  # image sources (format digits)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -174,9 +169,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(1000, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
-    t_schedule: Literal["uniform", "logit_normal", "cosmap", "u_shaped"] = (
-        "uniform"  # rectified_flow.sample_t
-    )
+    t_schedule: Literal["uniform", "logit_normal", "cosmap", "u_shaped"] = "uniform"  # rectified_flow
     huber_c: float = Field(0.001, gt=0)  # pseudo-Huber constant, scaled by sqrt(dim) in the loss
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # share of captions trained as "" (guidance)
     checkpoint_every: int = Field(1000, ge=1)
@@ -194,9 +187,7 @@ class TrainConfig(Section):
     # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.
     num_processes: int = Field(1, ge=1)
     launcher_args: list[str] = Field(default_factory=list)
-    init_from: str | None = (
-        None  # a diffusers folder/URI or checkpoint; None = the previous stage's model; scratch
-    )
+    init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's; scratch
     sample_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
     sample_steps: int = Field(25, ge=1)
     sample_guidance: float = Field(1.5, ge=0.0)
@@ -239,7 +230,7 @@ class EvaluationConfig(Section):
     rf_guidance: float = Field(1.5, ge=0.0)
     straightness_steps: int = Field(25, ge=2)
     latency_repeats: int = Field(5, ge=1)
-    digits: DigitsEvalConfig = Field(default_factory=DigitsEvalConfig)
+    digits: dig.DigitsEvalConfig = Field(default_factory=dig.DigitsEvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -277,7 +268,7 @@ class InstaflowConfig(Section):
     def _check(self) -> InstaflowConfig:
         if self.generation.split == "holdout" and self.curation.holdout_fraction == 0:
             raise ValueError("generation.split=holdout needs curation.holdout_fraction > 0")
-        check_pretraining(self)
+        dig.check_pretraining(self)
         return self
 
     def section_hash(self, section: str) -> str:
