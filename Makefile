@@ -1,5 +1,7 @@
 # Every target bootstraps .venv itself, so a fresh clone needs nothing else.
-#   make demo   the end-to-end rebuild on the tiny preset (CPU, no cloud, a few minutes)
+#   make demo   the end-to-end rebuild on the digits preset: the pipeline trains its own teacher on real
+#               handwritten digits and draws them in one step (CPU, no cloud, minutes); `--preset tiny` is the
+#               fast plumbing check the tests use
 #   make test   the test suite (starts its own SeaweedFS S3 server and Prefect API)
 #   make stack-up / stack-down / stack-status   the local stack (S3 + Prefect UI + MLflow UI)
 # GPU machines: `make TORCH_CONSTRAINT=constraints/lock.txt demo` keeps the tested pins but lets pip pick your
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINT) constraints/lock.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/instaflow rebuild --preset tiny
+	$(BIN)/instaflow rebuild --preset digits
 
 test: $(STAMP)
 	$(BIN)/pytest -q -ra --timeout=900

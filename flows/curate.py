@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.refs import TableRef
 from tasks.artifacts import lineage_markdown, publish_markdown
-from tasks.curation import curate_prompts, curation_summary, source_files
+from tasks.curation import curate_images, curate_prompts, curation_summary, source_files
 
 
 @flow(name="instaflow-curate")
@@ -18,7 +18,8 @@ def curate_flow(cfg: InstaflowConfig) -> TableRef:
     the curation section, the teacher and the source files' identities, so it reruns only when one changes.
     """
     files = source_files(cfg.curation, cfg.storage)
-    ref = curate_prompts(cfg.curation, cfg.models, cfg.storage, files)
+    images = curate_images(cfg.curation, cfg.storage, files)  # image sources only (format digits), else None
+    ref = curate_prompts(cfg.curation, cfg.models, cfg.storage, files, images)
     summary = curation_summary(cfg.storage, ref)
     report = summary["report"]
     dropped = {
@@ -35,6 +36,8 @@ def curate_flow(cfg: InstaflowConfig) -> TableRef:
     )
     inputs = {f"source {i}": f["path"] for i, f in enumerate(files)}
     inputs["curation config"] = ref.config_hash
+    if images is not None:
+        extra += f"\n\nimage table `{images.key()}` ({images.rows} (image, caption) rows)"
     publish_markdown(
         "instaflow-curate",
         lineage_markdown("curate", inputs, {"prompts": ref}, extra),

@@ -10,9 +10,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
+from instaflow_core.evaluation.paper_table import paper_checks, paper_table
 from instaflow_core.refs import ModelRef, TableRef
-from tasks.artifacts import lineage_markdown, publish_markdown
+from tasks.artifacts import lineage_markdown, publish_markdown, publish_table
 from tasks.evaluation import evaluate_model, input_identity, log_evaluation, reference_stats, write_results
+from tasks.evaluation_grid import comparison_grid
 from tasks.runners import fans_out, make_task_runner
 
 
@@ -46,6 +48,12 @@ def evaluate_flow(
             )
     results = write_results(cfg.storage, rows, ref)
     run = log_evaluation(cfg.registration, cfg.storage, results, parent_run_id)
+    # the paper's table in miniature (1-RF / 2-RF at each step count, InstaFlow, the control, the floor)
+    paper, checks = paper_table(rows, ref), paper_checks(rows)
+    publish_table(
+        "instaflow-evaluate-paper", paper, description=f"The paper's table on {results['eval_set']['name']}"
+    )
+    grid = comparison_grid(cfg.evaluation, cfg.models, cfg.storage, teacher, models)
 
     consumed: dict[str, Any] = {"teacher": teacher, **{k: v for k, v in models.items() if v is not None}}
     if prompts is not None:
@@ -77,6 +85,11 @@ def evaluate_flow(
             for row in rows
         },
         "table": results["table"],
+        "paper_table": paper,
+        "paper_checks": checks,
+        "grid": grid,
+        "floor": ref.get("floor"),
+        "classifier_accuracy": ref.get("classifier_accuracy"),
         "networks": results["networks"],
         "eval_set": results["eval_set"],
         "reference": results["reference"],

@@ -11,7 +11,7 @@ from prefect import flow
 from flows.pairs import run_pairs
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.generation.triplets import PairsJob
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from tasks.teacher import teacher_model
 
 
@@ -26,7 +26,8 @@ def generate_flow(
     """
     if teacher is None:
         teacher = teacher_model(cfg.models, cfg.storage)
-    job = PairsJob.from_generation(cfg.generation)
+    # a pretrained teacher (1-RF) is a rectified flow: Euler steps along its velocity, like the 2-RF's pairs
+    job = PairsJob.from_generation(cfg.generation, rectified_flow=teacher.kind == ModelKind.RF1)
     return run_pairs(
         job, prompts, teacher, cfg.storage, cfg.orchestration, cfg.models, shard_slice=shard_slice
     )

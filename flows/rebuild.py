@@ -1,4 +1,5 @@
-"""The end-to-end rebuild: prompts -> triplets -> 2-RF -> InstaFlow -> evaluation -> registered model.
+"""The end-to-end rebuild: prompts -> (a pretrained teacher) -> triplets -> 2-RF -> InstaFlow -> evaluation ->
+registered model.
 
 Every stage is a subflow (so the Prefect run graph shows them) whose tasks are cached on the references they
 consume: a rebuild with nothing changed is all cache hits, and a changed config section recomputes only the
@@ -17,11 +18,14 @@ from flows.curate import curate_flow
 from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow
 from flows.generate import generate_flow
+from flows.pretrain import pretrain_flow
 from flows.reflow import reflow_flow
 from flows.register import register_flow
 from instaflow_core.config import InstaflowConfig
+from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import ModelKind, Stage, parse_stages
 from tasks.caching import stage_settings
+from tasks.evaluation import CONTROL
 from tasks.lineage import finish_rebuild, save_resolved_config
 from tasks.teacher import teacher_model
 from tasks.tracking.runs import start_rebuild_run
@@ -29,7 +33,8 @@ from tasks.tracking.runs import start_rebuild_run
 
 @flow(name="instaflow-rebuild", log_prints=True)
 def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict[str, Any]:
-    """Curate -> generate -> reflow -> distill -> evaluate -> register (-> promote when the gate passes)."""
+    """Curate -> (pretrain) -> generate -> reflow -> distill -> evaluate -> register (-> promote when the gate
+    passes). `models.teacher: pretrain` trains the teacher on the curated images; any other teacher is resolved."""
     started = time.perf_counter()
     forced = parse_stages(refresh, "--refresh")
     ctx = FlowRunContext.get()
@@ -37,18 +42,31 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     config_uri = save_resolved_config(cfg, run_id)
     mlflow_run = start_rebuild_run(cfg, run_id)  # stage runs nest under it (not part of any cache key)
 
-    with stage_settings(Stage.TEACHER, forced):
-        teacher = teacher_model(cfg.models, cfg.storage)
+    pretrained = cfg.models.teacher == PRETRAINED_TEACHER
+    if not pretrained:
+        with stage_settings(Stage.TEACHER, forced):
+            teacher = teacher_model(cfg.models, cfg.storage)
     with stage_settings(Stage.CURATE, forced):
         prompts = curate_flow(cfg)
+    if pretrained:
+        with stage_settings(Stage.PRETRAIN, forced):
+            teacher = pretrain_flow(cfg, prompts, mlflow_parent_run_id=mlflow_run)
     with stage_settings(Stage.GENERATE, forced):
         triplets = generate_flow(cfg, prompts, teacher)
     with stage_settings(Stage.REFLOW, forced):
         rf = reflow_flow(cfg, triplets, teacher, mlflow_parent_run_id=mlflow_run)
     with stage_settings(Stage.DISTILL, forced):
         one_step = distill_flow(cfg, rf, prompts, mlflow_parent_run_id=mlflow_run)
+        # the paper's control: the teacher distilled alike (distill(1-RF) vs distill(2-RF) at one budget)
+        control = (
+            distill_flow(cfg, teacher, prompts, mlflow_parent_run_id=mlflow_run)
+            if cfg.distillation.teacher_control
+            else None
+        )
     with stage_settings(Stage.EVALUATE, forced):
         models = {ModelKind.RF2: rf, ModelKind.INSTAFLOW: one_step}
+        if control is not None:
+            models[CONTROL] = control
         evaluation = evaluate_flow(cfg, models, teacher, prompts, parent_run_id=mlflow_run)
     refs = {"teacher": teacher, "prompts": prompts, "triplets": triplets, **models}
     lineage = {name: ref.key() for name, ref in refs.items()}

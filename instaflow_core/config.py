@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from instaflow_core.errors import ConfigError
+from instaflow_core.experiments import digits_config as dig  # the digits sections (pure pydantic: no cycle)
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found by wheel installs too
 # Sections that were renamed (one word per stage): a preset or override using the old name gets told the new one.
@@ -74,6 +75,7 @@ class OrchestrationConfig(Section):
     rows_per_commit: int | None = Field(None, ge=1)  # None: a commit per batch; more: fewer commits
     # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
     result_storage: str | None = None
+    torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads (1 for small models on busy CPUs)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -95,7 +97,8 @@ class TinyModelConfig(Section):
 
 
 class ModelsConfig(Section):
-    """The teacher: `tiny` (built from `tiny`), a local diffusers folder, a single .safetensors file, or a hub id."""
+    """The teacher: `tiny` (built from `tiny`), a local diffusers folder, a single .safetensors file, a hub id, or
+    `pretrain`: a 1-rectified flow (architecture `digits`) the pretrain stage trains on the curated images."""
 
     teacher: str = "tiny"
     teacher_revision: str | None = None
@@ -105,12 +108,13 @@ class ModelsConfig(Section):
     # saved 2-RF / InstaFlow folders hold the full-precision safetensors only; true adds *.fp16.safetensors
     save_variants: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    digits: dig.DigitsModelConfig = Field(default_factory=dig.DigitsModelConfig)
 
 
 # -------------------------------------------------------------------------------------------- curation
 class CaptionSource(Section):
     path: str  # local path or store URI
-    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco", "digits"] = "auto"  # digits: sklearn
     column: str = "TEXT"  # caption column for parquet/jsonl/csv
 
 
@@ -126,6 +130,7 @@ class CurationConfig(Section):
     holdout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     on_bad_row: Literal["skip", "error"] = "skip"
     max_prompts: int | None = Field(None, ge=1)
+    images: dig.ImageSetConfig = Field(default_factory=dig.ImageSetConfig)  # image sources (format digits)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -177,8 +182,9 @@ class TrainConfig(Section):
     warmup_steps: int = Field(1000, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0.0, le=1.0)
-    t_schedule: Literal["uniform", "logit_normal", "cosmap"] = "uniform"
+    t_schedule: Literal["uniform", "logit_normal", "cosmap", "u_shaped"] = "uniform"  # rectified_flow
     huber_c: float = Field(0.001, gt=0)  # pseudo-Huber constant, scaled by sqrt(dim) in the loss
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # share of captions trained as "" (guidance)
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int | None = Field(2, ge=1)  # newest N step folders kept in ckpt_dir; None = all
     log_every: int = Field(10, ge=1)
@@ -196,7 +202,7 @@ class TrainConfig(Section):
     # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.
     num_processes: int = Field(1, ge=1)
     launcher_args: list[str] = Field(default_factory=list)
-    init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's model
+    init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's; scratch
     sample_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
     sample_steps: int = Field(25, ge=1)
     sample_guidance: float = Field(1.5, ge=0.0)
@@ -217,6 +223,7 @@ def _distillation_pairs() -> PairsConfig:
 class DistillationConfig(TrainConfig):
     pairs: PairsConfig = Field(default_factory=_distillation_pairs)
     lpips_weights: str | None = None  # local path to LPIPS weights (stage loss "lpips")
+    teacher_control: bool = False  # also distill the (rectified-flow) teacher alike: the paper's control
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -239,6 +246,7 @@ class EvaluationConfig(Section):
     rf_guidance: float = Field(1.5, ge=0.0)
     straightness_steps: int = Field(25, ge=2)
     latency_repeats: int = Field(5, ge=1)
+    digits: dig.DigitsEvalConfig = Field(default_factory=dig.DigitsEvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -266,6 +274,7 @@ class InstaflowConfig(Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     curation: CurationConfig = Field(default_factory=CurationConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    pretraining: TrainConfig | None = None  # the pretrain stage (models.teacher=pretrain)
     reflow: TrainConfig
     distillation: DistillationConfig
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
@@ -275,11 +284,13 @@ class InstaflowConfig(Section):
     def _check(self) -> InstaflowConfig:
         if self.generation.split == "holdout" and self.curation.holdout_fraction == 0:
             raise ValueError("generation.split=holdout needs curation.holdout_fraction > 0")
+        dig.check_pretraining(self)
         return self
 
     def section_hash(self, section: str) -> str:
         """A stable 16-hex hash of one section's values (the stage's cache key material)."""
-        return stable_hash(getattr(self, section).model_dump(mode="json"))
+        value = getattr(self, section)
+        return stable_hash(value.model_dump(mode="json") if value is not None else None)
 
     def hashes(self) -> dict[str, str]:
         return {name: self.section_hash(name) for name in type(self).model_fields if name != "preset"}

@@ -29,10 +29,11 @@ from torch import Tensor
 from instaflow_core.errors import ConfigError
 
 VelocityModel = Callable[[Tensor, Tensor, Any], Tensor]
-TSchedule = Literal["uniform", "logit_normal", "cosmap"]
+TSchedule = Literal["uniform", "logit_normal", "cosmap", "u_shaped"]
 LossKind = Literal["l2", "pseudo_huber", "lpips"]
 
 UNET_TIMESTEPS = 1000.0
+U_SHAPED_A = 4.0  # 2-rectified flow++'s U-shaped density exp(a t) + exp(a (1 - t)), a = 4 (Lee et al. 2024)
 
 
 # ------------------------------------------------------------------------------------------- the noise
@@ -88,8 +89,10 @@ def sample_t(
     """n training times in [0, 1], (n,) float32.
 
     uniform: U[0, 1] (the InstaFlow paper). logit_normal: sigmoid(N(0, 1)), mass in the middle (SD3).
-    cosmap: t = 1 - 1 / (tan(pi u / 2) + 1), a density symmetric about 1/2 (SD3). The draw happens on the
-    generator's device (CPU by default) and is then moved, so a seed gives the same times on any device.
+    cosmap: t = 1 - 1 / (tan(pi u / 2) + 1), a density symmetric about 1/2 (SD3). u_shaped: p(t) ~ exp(a t) +
+    exp(a (1 - t)), mass at both ends (2-rectified flow++, NeurIPS 2024): an exponential draw
+    t = log(1 + u (e^a - 1)) / a, mirrored to 1 - t with probability 1/2. The draw happens on the generator's
+    device (CPU by default) and is then moved, so a seed gives the same times on any device.
     """
     gen_device = generator.device if generator is not None else "cpu"
     if schedule == "uniform":
@@ -99,8 +102,13 @@ def sample_t(
     elif schedule == "cosmap":
         u = torch.rand(n, generator=generator, device=gen_device)
         t = 1.0 - 1.0 / (torch.tan(u * (math.pi / 2)) + 1.0)
+    elif schedule == "u_shaped":
+        u = torch.rand(n, generator=generator, device=gen_device)
+        t = torch.log1p(u * math.expm1(U_SHAPED_A)) / U_SHAPED_A
+        flip = torch.rand(n, generator=generator, device=gen_device) < 0.5
+        t = torch.where(flip, 1.0 - t, t)
     else:
-        raise ConfigError(f"t_schedule {schedule!r}: choose uniform, logit_normal or cosmap")
+        raise ConfigError(f"t_schedule {schedule!r}: choose uniform, logit_normal, cosmap or u_shaped")
     return t.clamp_(0.0, 1.0).to(device if device is not None else gen_device)
 
 

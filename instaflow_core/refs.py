@@ -27,6 +27,7 @@ class Stage(StrEnum):
 
     TEACHER = "teacher"
     CURATE = "curate"
+    PRETRAIN = "pretrain"  # trains the teacher on the curated images when models.teacher is `pretrain`
     GENERATE = "generate"
     REFLOW = "reflow"
     DISTILL = "distill"
@@ -45,6 +46,7 @@ class Stage(StrEnum):
 _SECTIONS = {
     Stage.TEACHER: "models",
     Stage.CURATE: "curation",
+    Stage.PRETRAIN: "pretraining",
     Stage.GENERATE: "generation",
     Stage.REFLOW: "reflow",
     Stage.DISTILL: "distillation",
@@ -54,9 +56,11 @@ _SECTIONS = {
 
 
 class ModelKind(StrEnum):
-    """What a model folder is: the teacher, the 2-Rectified Flow (reflow's output) or the one-step InstaFlow."""
+    """What a model folder is: the teacher, the 2-Rectified Flow (reflow's output) or the one-step InstaFlow; a
+    teacher the pipeline pretrains is a 1-Rectified Flow (`1rf`), sampled by Euler steps like the 2-RF."""
 
     TEACHER = "teacher"
+    RF1 = "1rf"
     RF2 = "2rf"
     INSTAFLOW = "instaflow"
 
@@ -78,7 +82,11 @@ def parse_stages(names: list[str] | None, what: str = "--refresh") -> list[Stage
 
 
 # The model each training stage makes (the one mapping from stage to model kind).
-TRAINED_KIND = {Stage.REFLOW: ModelKind.RF2, Stage.DISTILL: ModelKind.INSTAFLOW}
+TRAINED_KIND = {
+    Stage.PRETRAIN: ModelKind.RF1,
+    Stage.REFLOW: ModelKind.RF2,
+    Stage.DISTILL: ModelKind.INSTAFLOW,
+}
 
 
 class TableRef(BaseModel):

@@ -28,6 +28,7 @@ from instaflow_core.curation.filters import token_counter
 from instaflow_core.curation.prompts import PROMPTS_SCHEMA, CurationReport, Curator, TokenCounter
 from instaflow_core.curation.readers import curated_batches
 from instaflow_core.errors import DataError
+from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import TableRef
 from instaflow_core.store import Store, create_table, open_table, set_metadata, table_ref
 from tasks.artifacts import publish_table
@@ -50,6 +51,12 @@ def teacher_tokenizer(models: ModelsConfig) -> tuple[Any, str]:
         from instaflow_core.models.tokenizer import tiny_tokenizer
 
         return tiny_tokenizer(models.tiny.vocab_merges), f"tiny-clip-{models.tiny.vocab_merges}"
+    if (
+        models.teacher == PRETRAINED_TEACHER
+    ):  # models/digits.py builds its text encoder on the full tiny vocab
+        from instaflow_core.models.tokenizer import TINY_CLIP_MERGES, tiny_tokenizer
+
+        return tiny_tokenizer(), f"tiny-clip-{TINY_CLIP_MERGES}"
     folder = Path(models.teacher.removeprefix("file://")).expanduser()
     if (folder / "tokenizer").is_dir():
         from transformers import CLIPTokenizer
@@ -156,25 +163,47 @@ def curate_prompts(
     models: ModelsConfig,
     storage: StorageConfig,
     source_files: list[dict[str, Any]],
+    images: TableRef | None = None,
 ) -> TableRef:
     """Curate the configured caption sources into the `prompts` table; publish counts dropped per reason.
 
     `source_files` (path, size, mtime/etag of every input file) is part of the cache key only: a changed or
-    added file recomputes, an unchanged one is a cache hit.
+    added file recomputes, an unchanged one is a cache hit. `images`: the image table the image sources
+    wrote (curate_images), recorded in the metadata so later stages find the images of these prompts.
     """
     tokenizer, tokenizer_name = teacher_tokenizer(models)
     store = Store(storage)
-    ref, report = curate_into_table(
-        curation,
-        store,
-        token_counter(tokenizer),
-        metadata={"tokenizer": tokenizer_name, "source_files": json.dumps(source_files, sort_keys=True)},
-    )
+    meta = {"tokenizer": tokenizer_name, "source_files": json.dumps(source_files, sort_keys=True)}
+    if images is not None:
+        from instaflow_core.curation.images import IMAGES_META_KEY
+
+        meta[IMAGES_META_KEY] = images.model_dump_json()
+    ref, report = curate_into_table(curation, store, token_counter(tokenizer), metadata=meta)
     publish_table(
         REPORT_KEY,
         report.rows(),
         description=f"Captions dropped per reason; kept {report.kept} of {report.read} into {ref.key()}",
     )
+    return ref
+
+
+@task(name="curate-images", cache_key_fn=stage_cache_key, persist_result=True)
+def curate_images(
+    curation: CurationConfig, storage: StorageConfig, source_files: list[dict[str, Any]]
+) -> TableRef | None:
+    """The (image, caption) table of the image source (`format: digits`), or None when there is none."""
+    from instaflow_core.curation.images import is_image_source, write_image_table
+
+    sources = [s for s in curation.sources if is_image_source(s)]
+    if not sources:
+        return None
+    if len(sources) > 1:
+        raise DataError("curation.sources: one image source (format digits) at most")
+    meta = {"stage": "curate", "config_hash": stable_hash(curation.images.model_dump(mode="json"))}
+    ref = write_image_table(
+        Store(storage), sources[0], curation.images, {**meta, "code_version": code_version()}
+    )
+    logger.info("image table %s (%d rows)", ref.key(), ref.rows)
     return ref
 
 

@@ -24,6 +24,14 @@ from instaflow_core.config import (
     stable_hash,
 )
 from instaflow_core.errors import DataError
+from instaflow_core.evaluation.digits import (
+    DIGITS_NET,
+    IMAGE_TABLE_REFERENCE,
+    DigitsAlignmentNet,
+    digits_networks,
+    real_floor,
+    reference_images,
+)
 from instaflow_core.evaluation.eval_set import TEACHER_REFERENCE, EvalSet, build_eval_set, load_images
 from instaflow_core.evaluation.feature_nets import clip_network, describe_networks, fid_network
 from instaflow_core.evaluation.metrics import FeatureStats
@@ -39,6 +47,9 @@ from tasks.tracking.runs import log_evaluation_run
 logger = logging.getLogger("instaflow.tasks.evaluation")
 
 EVAL_TABLE_KEY = "instaflow-evaluate"
+CONTROL = (
+    "control"  # the models-dict label of distill(teacher), the paper's control (distillation.teacher_control)
+)
 
 
 def _slug(text: str) -> str:
@@ -62,16 +73,37 @@ def model_specs(eval_cfg: EvaluationConfig, label: str, model: ModelRef) -> list
     kind = model.kind or label
     if kind == ModelKind.TEACHER:
         return [teacher_spec(eval_cfg)]
-    if kind == ModelKind.RF2:
+    if kind in (
+        ModelKind.RF1,
+        ModelKind.RF2,
+    ):  # rectified flows (a pretrained teacher is a 1-RF): Euler steps
+        name = ModelKind.RF1 if kind == ModelKind.RF1 else label
         return [
-            SamplerSpec(f"{label}_{n}step", kind, "euler", n, eval_cfg.rf_guidance)
+            SamplerSpec(f"{name}_{n}step", kind, "euler", n, eval_cfg.rf_guidance)
             for n in sorted(set(eval_cfg.rf_steps))
         ]
     return [SamplerSpec(f"{label}_1step", kind, "euler", 1, 1.0)]
 
 
 def _reference_generator(eval_set: EvalSet) -> str:
+    if eval_set.reference == IMAGE_TABLE_REFERENCE:
+        return "real-images (image table holdout)"
     return "teacher" if eval_set.reference == TEACHER_REFERENCE else "coco-images"
+
+
+def _networks(eval_cfg: EvaluationConfig, models_cfg: ModelsConfig, store: Store, eval_set: EvalSet) -> tuple:
+    """(CLIP-score net, Frechet-distance net): the configured ones, or the digits classifier's (`digits-classifier`,
+    trained on the real train images of the evaluation set's image table)."""
+    digits = None
+    if DIGITS_NET in (eval_cfg.fid_features, eval_cfg.clip_model):
+        if eval_set.reference != IMAGE_TABLE_REFERENCE:
+            raise DataError(f"{DIGITS_NET} metrics need prompts curated from an image source (format digits)")
+        d = eval_cfg.digits
+        images = TableRef.model_validate_json(eval_set.images_root or "{}")
+        digits = digits_networks(store, images, d.classifier_steps, d.classifier_seed, d.min_accuracy)
+    clip = digits if eval_cfg.clip_model == DIGITS_NET else clip_network(eval_cfg, models_cfg)
+    net = digits.features if eval_cfg.fid_features == DIGITS_NET else fid_network(eval_cfg, models_cfg, clip)
+    return clip, net
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -119,8 +151,7 @@ def reference_stats(
     file's identity) only feeds the cache key."""
     store = Store(storage_cfg)
     eval_set = build_eval_set(eval_cfg, store, prompts)
-    clip = clip_network(eval_cfg, models_cfg)
-    net = fid_network(eval_cfg, models_cfg, clip)
+    clip, net = _networks(eval_cfg, models_cfg, store, eval_set)
     material: dict[str, Any] = {"set": eval_set.key(), "net": net.name, "size": eval_cfg.image_size}
     if eval_set.reference == TEACHER_REFERENCE:
         # teacher-made references change with the teacher and its sampler settings
@@ -139,6 +170,20 @@ def reference_stats(
         "network": net.label,
         "reference": _reference_generator(eval_set),
     }
+    if eval_set.reference == IMAGE_TABLE_REFERENCE:  # real held-out images, with the real-vs-real floor
+        stats = batched_features([reference_images(store, eval_set)], net, eval_cfg.image_size)
+        store.write_bytes(uri, stats.to_bytes())
+        floor = real_floor(store, eval_set, net, stats, len(eval_set.items))
+        logger.info("reference: %d held-out real images; floor (real train vs holdout) %.4f", stats.n, floor)
+        return {
+            **info,
+            "n": stats.n,
+            "computed": True,
+            "floor": floor,
+            "classifier_accuracy": clip.features.clf.accuracy
+            if isinstance(clip, DigitsAlignmentNet)
+            else None,
+        }
     if store.exists(uri):
         stats = FeatureStats.from_bytes(store.read_bytes(uri))
         logger.info("reference statistics found in the store: %s (%d images)", uri, stats.n)
@@ -188,8 +233,7 @@ def evaluate_model(
     image, straightness (rectified flows), and a sample grid PNG in the store. `inputs` feeds the cache key."""
     store = Store(storage_cfg)
     eval_set = build_eval_set(eval_cfg, store, prompts)
-    clip = clip_network(eval_cfg, models_cfg)
-    net = fid_network(eval_cfg, models_cfg, clip)
+    clip, net = _networks(eval_cfg, models_cfg, store, eval_set)
     networks = describe_networks(net, clip)
     ref_stats = FeatureStats.from_bytes(store.read_bytes(reference["uri"]))
     components = load_model(model, storage_cfg, models_cfg)
@@ -248,14 +292,17 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def r(x: Any, nd: int) -> Any:
         return None if x is None else round(float(x), nd)
 
+    def name(row: dict[str, Any], slot: str, default: str) -> str:  # the networks say what their number is
+        return row.get("networks", {}).get(f"{slot}_metric", default)
+
     return [
         {
             "model": row["name"],
             "solver": row["solver"],
             "steps": row["steps"],
             "guidance": row["guidance"],
-            "FID": r(row["fid"], 3),
-            "CLIP": r(row["clip_score"], 4),
+            name(row, "fid", "FID"): r(row["fid"], 3),
+            name(row, "clip", "CLIP"): r(row["clip_score"], 4),
             "latency_s": r(row["latency_s"], 4),
             "straightness": r(row["straightness"], 5),
             "samples": row["samples"],

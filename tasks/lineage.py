@@ -24,6 +24,7 @@ LATEST_EVAL = "refs/latest-eval.json"  # the last evaluation result: `instaflow 
 # Subflow name fragment -> stage name (for the "which stages ran" report).
 _STAGE_OF_FLOW = {
     "curate": "curate",
+    "pretrain": "pretrain",
     "generate": "generate",
     "reflow": "reflow",
     "distill": "distill",

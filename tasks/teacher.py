@@ -17,7 +17,8 @@ from pathlib import Path
 from prefect import task
 
 from instaflow_core.config import ModelsConfig, StorageConfig, stable_hash
-from instaflow_core.errors import DataError
+from instaflow_core.errors import ConfigError, DataError
+from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.models.sources import PICKLE_SUFFIXES, is_hub_id
 from instaflow_core.refs import ModelRef
 from instaflow_core.store import Store
@@ -103,6 +104,11 @@ def teacher_model(models_cfg: ModelsConfig, storage_cfg: StorageConfig) -> Model
     a single checkpoint file (converted once); a local folder, an s3:// folder or a hub id is referenced where
     it is (no copy of a 4 GB model)."""
     config_hash = stable_hash(models_cfg.model_dump(mode="json"))
+    if models_cfg.teacher == PRETRAINED_TEACHER:
+        raise ConfigError(
+            "models.teacher=pretrain: the teacher is trained by the pretrain stage, not resolved "
+            "(run `instaflow pretrain` or `instaflow rebuild`)"
+        )
     if models_cfg.teacher != "tiny" and _is_single_file(models_cfg.teacher):
         store = Store(storage_cfg)
         uri = store.uri("models", f"teacher-{config_hash}")

@@ -19,6 +19,7 @@ from flows.cli import (
     export,
     lineage,
     models,
+    pretrain,
     run,
     sample,
     schedule,
@@ -37,7 +38,16 @@ app = typer.Typer(
 )
 
 # The pipeline: the whole rebuild, and each stage on the latest upstream outputs.
-for command in (run.rebuild, run.curate, run.generate, run.reflow, run.distill, run.evaluate, run.register):
+for command in (
+    run.rebuild,
+    run.curate,
+    pretrain.pretrain,
+    run.generate,
+    run.reflow,
+    run.distill,
+    run.evaluate,
+    run.register,
+):
     app.command()(command)
 app.command()(lineage.lineage)
 app.command()(check.check)  # the preflight alone

@@ -17,6 +17,7 @@ from rich.table import Table
 from flows.cli.options import PresetOpt, SetOpt, load_config
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import InstaflowError
+from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import ModelKind, Stage
 
 console = Console()
@@ -66,6 +67,10 @@ def _prepare(
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.models.local_files_only else "0")
     if prefect_api:
         os.environ["PREFECT_API_URL"] = prefect_api
+    if cfg.orchestration.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.orchestration.torch_threads)
     from instaflow_core.store import Store
     from tasks.preflight import require_preflight
 
@@ -192,6 +197,9 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
         console.print(
             "(this rebuild used the embedded API and store: rebuild with `--stack` to see it in these UIs)"
         )
+    from flows.cli.paper import print_paper_table
+
+    print_paper_table(console, ev)  # presets with a paper table (digits): the table, its claims, the grid
 
 
 def curate(
@@ -223,7 +231,8 @@ def generate(
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
     prompts = _need(cfg, "prompts", "curate")
-    ref = _run(generate_flow, cfg, prompts, shard_slice=shard_slice)
+    teacher = _need(cfg, "teacher", "pretrain") if cfg.models.teacher == PRETRAINED_TEACHER else None
+    ref = _run(generate_flow, cfg, prompts, teacher, shard_slice=shard_slice)
     _remember(cfg, triplets=ref)
     console.print(f"triplets: {ref.key()} ({ref.rows} rows)")
 
@@ -239,8 +248,11 @@ def reflow(
     triplets = _need(cfg, "triplets", "generate")
     from tasks.caching import prefect_settings
 
-    with prefect_settings(cfg.storage, cfg.orchestration):
-        teacher = teacher_model(cfg.models, cfg.storage)
+    if cfg.models.teacher == PRETRAINED_TEACHER:  # trained by `instaflow pretrain`, not resolved
+        teacher = _need(cfg, "teacher", "pretrain")
+    else:
+        with prefect_settings(cfg.storage, cfg.orchestration):
+            teacher = teacher_model(cfg.models, cfg.storage)
     ref = _run(reflow_flow, cfg, triplets, teacher)
     _remember(cfg, teacher=teacher, **{ModelKind.RF2: ref})
     console.print(f"2-RF: {ref.uri}")

@@ -346,6 +346,10 @@ def source_identity(
     source: CaptionSource, fs: fsspec.AbstractFileSystem | None = None
 ) -> list[dict[str, Any]]:
     """What identifies a source's current content, for cache keys: each file's path, size and mtime/etag."""
+    if source.format == "digits":  # an image source (curation/images.py): the dataset, not a file
+        from instaflow_core.curation.images import source_identity as image_source_identity
+
+        return image_source_identity(source)
     fs, files = resolve_paths(source.path, fs)
     out = []
     for file in files:
@@ -367,6 +371,15 @@ def curated_batches(
     if not curation.sources:
         raise DataError("curation.sources is empty: name at least one caption file (path, format, column)")
     for source in curation.sources:
+        if source.format == "digits":  # an image source: the captions of its (image, caption) rows
+            from instaflow_core.curation.images import source_captions
+
+            rows = curator.add(source_captions(source, curation.images), source.path)
+            if rows:
+                yield rows_to_arrow(rows)
+            if curator.full:
+                return
+            continue
         for file, texts in iter_caption_batches(
             source,
             batch_rows=curation.batch_rows,

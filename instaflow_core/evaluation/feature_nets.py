@@ -389,4 +389,7 @@ def describe_networks(fid_net: FeatureNet, clip_net: ClipNet) -> dict[str, Any]:
         "fid_paper_comparable": bool(fid_net.paper_comparable),
         "clip_model": clip_net.label,
         "clip_paper_comparable": bool(clip_net.paper_comparable),
+        # what the numbers are called in tables: FID / CLIP unless the network says otherwise (digits metrics)
+        "fid_metric": getattr(fid_net, "metric", "FID"),
+        "clip_metric": getattr(clip_net, "metric", "CLIP"),
     }

@@ -115,12 +115,15 @@ class PairsJob(BaseModel):
     async_write: bool | Literal["auto"] = "auto"
 
     @classmethod
-    def from_generation(cls, gen: GenerationConfig, table: str = "triplets") -> PairsJob:
-        """The teacher's probability-flow ODE (diffusers scheduler, CFG) on the generation settings."""
+    def from_generation(
+        cls, gen: GenerationConfig, table: str = "triplets", rectified_flow: bool = False
+    ) -> PairsJob:
+        """The teacher's probability-flow ODE (diffusers scheduler, CFG) on the generation settings; a
+        rectified-flow teacher (`rectified_flow`, e.g. a pretrained 1-RF) takes Euler steps along its velocity."""
         return cls(
             table=table,
             solver=SolverSpec(
-                kind="teacher",
+                kind="rf" if rectified_flow else "teacher",
                 scheduler=gen.scheduler,
                 steps=gen.num_inference_steps,
                 guidance=gen.guidance_scale,

@@ -23,6 +23,9 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from instaflow_core.errors import DataError
 from instaflow_core.models.components import SDComponents
+
+# imported, so diffusers finds the digits classes a folder's model_index.json names (it looks in sys.modules only)
+from instaflow_core.models.digits import DigitsPixelVAE, DigitsVelocityNet
 from instaflow_core.models.lora import load_lora, merge_weight_delta, weight_delta
 from instaflow_core.models.velocity import UNetVelocity
 from instaflow_core.rectified_flow import euler_sample
@@ -38,10 +41,10 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | DigitsPixelVAE,
         text_encoder: CLIPTextModel,
         tokenizer: PreTrainedTokenizerBase,
-        unet: UNet2DConditionModel,
+        unet: UNet2DConditionModel | DigitsVelocityNet,
         scheduler: SchedulerMixin,
         controlnet: Any = None,
         safety_checker: Any = None,

@@ -99,10 +99,10 @@ def _load_folder(path: Path, *, allow_pickle: bool, torch_dtype: torch.dtype) ->
     # use_safetensors=True makes loading fail instead of silently unpickling a .bin
     safe = None if allow_pickle else True
     try:
-        unet = UNet2DConditionModel.from_pretrained(
+        unet = _model_class(path / "unet", UNet2DConditionModel).from_pretrained(
             path, subfolder="unet", torch_dtype=torch_dtype, use_safetensors=safe
         )
-        vae = AutoencoderKL.from_pretrained(
+        vae = _model_class(path / "vae", AutoencoderKL).from_pretrained(
             path, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=safe
         )
         text_encoder = CLIPTextModel.from_pretrained(
@@ -120,6 +120,15 @@ def _load_folder(path: Path, *, allow_pickle: bool, torch_dtype: torch.dtype) ->
     return SDComponents(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
     )
+
+
+def _model_class(folder: Path, default: type) -> type:
+    """The SD class, or one of the project's own (models/digits.py) when the folder's config.json names it."""
+    from instaflow_core.models.digits import CUSTOM_CLASSES
+
+    cfg_file = folder / "config.json"
+    name = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
+    return CUSTOM_CLASSES.get(name, default)
 
 
 def load_scheduler(folder: str | Path) -> SchedulerMixin:

@@ -33,7 +33,13 @@ from instaflow_core.models.velocity import StudentVelocity
 from instaflow_core.refs import TRAINED_KIND, ModelKind, ModelRef, Stage, TableRef
 from instaflow_core.store import Store
 from instaflow_core.training.losses import distill_batch_loss, reflow_batch_loss
-from instaflow_core.training.student import PromptEmbeddings, load_student, save_stage_folder
+from instaflow_core.training.student import (
+    SCRATCH,
+    PromptEmbeddings,
+    fresh_weights,
+    load_student,
+    save_stage_folder,
+)
 
 EVENT_PREFIX = (
     "INSTAFLOW_EVENT "  # stdout lines of instaflow_core.training.entry that the launching task relays
@@ -62,11 +68,11 @@ class TrainJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Literal["reflow", "distill"]
+    stage: Literal["pretrain", "reflow", "distill"]
     key: str  # hash of the inputs and the section: names the checkpoint and model folders
     section: dict[str, Any]
     storage: StorageConfig
-    data: TableRef  # triplets (reflow) or distill_pairs (distill)
+    data: TableRef  # triplets (reflow), distill_pairs (distill) or prompts (pretrain: its image table's captions)
     base: ModelRef  # the model the student starts from and whose folder the result copies
     ckpt_dir: str
     out_uri: str
@@ -113,13 +119,28 @@ def check_latents(job: TrainJob) -> tuple[tuple[int, int, int], Geometry]:
     return tuple(int(s) for s in shape), geometry  # type: ignore[return-value]
 
 
+def job_latents(job: TrainJob) -> tuple[tuple[int, int, int], Geometry]:
+    """The latent shape the job trains on: the table's (checked against the base model), or for pretraining,
+    whose data are images, the base model's native one."""
+    if job.stage == "pretrain":
+        geometry = model_geometry(job.base.uri, job.storage, job.models, kind=str(job.base.kind))
+        return geometry.latent_shape(None), geometry
+    return check_latents(job)
+
+
 def check_job_inputs(job: TrainJob) -> tuple[int, int, int]:
     """Fail before any training when the table is empty or its latents do not fit the base model."""
     from instaflow_core.store.dataset import validate_triplets
 
+    cfg = job.train_cfg()
+    if job.stage == "pretrain":
+        from instaflow_core.training.pretrain import check_pretrain_inputs
+
+        need = max((st.micro_batch_size or st.batch_size // cfg.num_processes) for st in cfg.stages)
+        check_pretrain_inputs(job.data, job.storage, need)
+        return job_latents(job)[0]
     rows = validate_triplets(job.data, job.storage, None)
     shape, _ = check_latents(job)
-    cfg = job.train_cfg()
     for i, st in enumerate(cfg.stages):
         need = (st.micro_batch_size or st.batch_size // cfg.num_processes) * cfg.num_processes
         if rows < need:
@@ -198,16 +219,21 @@ def run_train_job(
         check_job_inputs(job)
     start = resume_step(job)
     acc = accelerator or make_accelerator(cfg)
-    shape, geometry = check_latents(job)  # the table's latents: the grid below and the saved UNet use them
+    shape, geometry = job_latents(job)  # the latents trained on: the grid below and the saved UNet use them
     base_dir = _local(job, job.base.uri, kind=str(job.base.kind))
-    init_dir = _local(job, cfg.init_from) if cfg.init_from else None
+    scratch = cfg.init_from == SCRATCH
+    init_dir = _local(job, cfg.init_from) if cfg.init_from and not scratch else None
     comps = load_student(base_dir, init_dir)  # float32 master weights; bf16 is autocast (cfg.mixed_precision)
+    if (
+        scratch
+    ):  # the base model's architecture with fresh weights (seeded): e.g. a 2-RF not started from its teacher
+        comps.unet = fresh_weights(comps.unet, cfg.seed)
     comps.text_encoder.to(acc.device)
     comps.vae.to(acc.device)
     student = StudentVelocity.from_components(comps)
     embed = PromptEmbeddings(comps.text_encoder, comps.tokenizer)
-    if job.stage == "reflow":
-        loss_fn = reflow_batch_loss(embed, cfg.t_schedule, cfg.huber_c, cfg.seed)
+    if job.stage in ("reflow", "pretrain"):
+        loss_fn = reflow_batch_loss(embed, cfg.t_schedule, cfg.huber_c, cfg.seed, cfg.caption_dropout)
     else:
         wants_lpips = any(st.loss == "lpips" for st in cfg.stages)
         lpips_net = build_lpips(cfg.lpips_weights).to(acc.device) if wants_lpips else None
@@ -216,10 +242,17 @@ def run_train_job(
             cfg.huber_c,
             decode=vae_decoder(comps.vae) if wants_lpips else None,
             lpips=lpips_distance(lpips_net) if lpips_net is not None else None,
+            caption_dropout=cfg.caption_dropout,
         )
+    if job.stage == "pretrain":  # (caption, image) pairs with independent noise, not triplets
+        from instaflow_core.training.pretrain import image_batches
+
+        batches = image_batches(job.data, job.storage, comps.vae, shape, cfg.seed)
+    else:
+        batches = triplet_batches(job.data, job.storage)
     result = train(
         student,
-        triplet_batches(job.data, job.storage),
+        batches,
         loss_fn,
         cfg,
         job.ckpt_dir,

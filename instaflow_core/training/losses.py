@@ -17,19 +17,25 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def reflow_batch_loss(
-    embed: PromptEmbeddings, t_schedule: str = "uniform", huber_c: float = 0.001, seed: int = 0
+    embed: PromptEmbeddings,
+    t_schedule: str = "uniform",
+    huber_c: float = 0.001,
+    seed: int = 0,
+    caption_dropout: float = 0.0,
 ) -> Callable[[nn.Module, dict], Tensor]:
-    """loss_fn(model, batch) for reflow: E ||(X1 - X0) - v(X_t, t | text)|| with t from `t_schedule`.
+    """loss_fn(model, batch) for reflow (and teacher pretraining): E ||(X1 - X0) - v(X_t, t | text)|| with t
+    from `t_schedule`, a `caption_dropout` share of the captions replaced by "" (so guidance has an
+    unconditional model).
 
-    The times come from a CPU generator seeded per micro-batch from `seed` and the batch's triplet ids, so a
-    resumed run draws the same t for the same batch as the uninterrupted run would.
+    The times (and dropped captions) come from a CPU generator seeded per micro-batch from `seed` and the
+    batch's triplet ids, so a resumed run draws the same t for the same batch as the uninterrupted run would.
     """
 
     def loss_fn(model: nn.Module, batch: dict) -> Tensor:
         x0, x1 = batch["x0"], batch["x1"]  # (B, 4, h, w)
         gen = torch.Generator().manual_seed(_batch_seed(seed, batch))
         t = sample_t(x0.shape[0], t_schedule, generator=gen, device=x0.device)  # (B,)
-        cond = embed(batch["prompt"], x0.device)  # (B, 77, D)
+        cond = embed(drop_captions(batch["prompt"], caption_dropout, gen), x0.device)  # (B, 77, D)
         return reflow_loss(model, x0, x1, cond, t, kind=_loss_kind(batch), huber_c=huber_c)
 
     return loss_fn
@@ -40,16 +46,30 @@ def distill_batch_loss(
     huber_c: float = 0.001,
     decode: Callable[[Tensor], Tensor] | None = None,
     lpips: Callable[[Tensor, Tensor], Tensor] | None = None,
+    caption_dropout: float = 0.0,
 ) -> Callable[[nn.Module, dict], Tensor]:
     """loss_fn(model, batch) for one-step distillation: X0 + v(X0, 0) against the 2-RF output X1."""
 
     def loss_fn(model: nn.Module, batch: dict) -> Tensor:
         x0, x1 = batch["x0"], batch["x1"]
-        cond = embed(batch["prompt"], x0.device)
+        prompts = batch["prompt"]
+        if caption_dropout > 0:
+            prompts = drop_captions(
+                prompts, caption_dropout, torch.Generator().manual_seed(_batch_seed(0, batch))
+            )
+        cond = embed(prompts, x0.device)
         kind = _loss_kind(batch)
         return distill_loss(model, x0, x1, cond, kind=kind, huber_c=huber_c, decode=decode, lpips=lpips)
 
     return loss_fn
+
+
+def drop_captions(prompts: list[str], p: float, gen: torch.Generator) -> list[str]:
+    """Each caption replaced by "" with probability p (drawn from `gen`; nothing drawn when p = 0)."""
+    if p <= 0:
+        return prompts
+    drop = (torch.rand(len(prompts), generator=gen) < p).tolist()
+    return ["" if d else text for text, d in zip(prompts, drop, strict=True)]
 
 
 def _loss_kind(batch: dict) -> str:

@@ -20,6 +20,7 @@ from instaflow_core.models.loading import load_components
 from instaflow_core.models.velocity import encode_prompts
 
 STAGE_META = "instaflow.json"  # next to model_index.json: what made this folder (the teacher has one too)
+SCRATCH = "scratch"  # TrainConfig.init_from: the base model's architecture, fresh weights
 
 
 def load_student(
@@ -30,6 +31,13 @@ def load_student(
     if init_from is not None:
         load_unet_weights(comps.unet, Path(init_from))
     return comps
+
+
+def fresh_weights(unet: nn.Module, seed: int) -> nn.Module:
+    """A new module of `unet`'s class and config with random weights from `seed` (diffusers models only)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return type(unet).from_config(unet.config).to(device=unet.device, dtype=unet.dtype)
 
 
 def _strip_prefix(state: dict[str, Tensor]) -> dict[str, Tensor]:
