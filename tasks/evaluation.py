@@ -34,6 +34,7 @@ from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from instaflow_core.store import Store
 from tasks.artifacts import Progress, publish_markdown, publish_table
 from tasks.caching import code_version, stage_cache_key
+from tasks.retries import STORE_RETRIES
 from tasks.tracking.runs import log_evaluation_run
 
 logger = logging.getLogger("instaflow.tasks.evaluation")
@@ -105,7 +106,7 @@ def input_identity(eval_cfg: EvaluationConfig, storage_cfg: StorageConfig) -> di
 
 
 # -------------------------------------------------------------------------------------------- reference
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-reference-stats")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-reference-stats", **STORE_RETRIES)
 def reference_stats(
     eval_cfg: EvaluationConfig,
     models_cfg: ModelsConfig,
@@ -127,7 +128,7 @@ def reference_stats(
         material["teacher"] = teacher.key()
         material["sampler"] = teacher_spec(eval_cfg).__dict__
     key = stable_hash(material)
-    uri = store.uri("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
+    uri = store.ref("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
     info = {
         "uri": uri,
         "key": key,
@@ -167,7 +168,7 @@ def reference_stats(
 
 
 # ----------------------------------------------------------------------------------------------- a model
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-model")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-model", **STORE_RETRIES)
 def evaluate_model(
     eval_cfg: EvaluationConfig,
     models_cfg: ModelsConfig,
@@ -210,7 +211,7 @@ def evaluate_model(
             text_emb=text_emb,
             on_progress=progress.update,
         )
-        grid_uri = store.uri("eval", "runs", run_key, f"{spec.name}.png")
+        grid_uri = store.ref("eval", "runs", run_key, f"{spec.name}.png")
         store.write_bytes(grid_uri, png_bytes(result.grid))
         rows.append(
             {
@@ -236,10 +237,15 @@ def evaluate_model(
 
 # ------------------------------------------------------------------------------------------------ results
 def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The comparison table as people read it (rounded, one line per evaluated setting)."""
+    """The comparison table as people read it (rounded, one line per evaluated setting); the metric columns
+    are named by the networks that computed them (`FD(tiny-CLIP)`, not `FID`, unless the real ones ran)."""
+    from instaflow_core.evaluation.names import metric_headers
 
     def r(x: Any, nd: int) -> Any:
         return None if x is None else round(float(x), nd)
+
+    def heads(row: dict[str, Any]) -> tuple[str, str]:
+        return metric_headers(row.get("networks"))
 
     return [
         {
@@ -247,8 +253,8 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "solver": row["solver"],
             "steps": row["steps"],
             "guidance": row["guidance"],
-            "FID": r(row["fid"], 3),
-            "CLIP": r(row["clip_score"], 4),
+            heads(row)[0]: r(row["fid"], 3),
+            heads(row)[1]: r(row["clip_score"], 4),
             "latency_s": r(row["latency_s"], 4),
             "straightness": r(row["straightness"], 5),
             "samples": row["samples"],
@@ -257,7 +263,7 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-results")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-results", **STORE_RETRIES)
 def write_results(
     storage_cfg: StorageConfig, rows: list[dict[str, Any]], reference: dict[str, Any]
 ) -> dict[str, Any]:
@@ -276,7 +282,7 @@ def write_results(
         "code_version": code_version(),
     }
     key = stable_hash(body)
-    uri = store.uri("eval", "results", f"{key}.json")
+    uri = store.ref("eval", "results", f"{key}.json")
     store.write_bytes(uri, json.dumps(body, indent=2, sort_keys=True).encode())
     table = display_rows(rows)
     caveat = _caveat(networks, eval_set)
@@ -308,7 +314,7 @@ def _caveat(networks: dict[str, Any], eval_set: dict[str, Any]) -> str:
     )
 
 
-@task(name="evaluate-log-run", cache_key_fn=stage_cache_key, persist_result=True)
+@task(name="evaluate-log-run", cache_key_fn=stage_cache_key, persist_result=True, **STORE_RETRIES)
 def log_evaluation(
     registry: RegistrationConfig,
     storage: StorageConfig,

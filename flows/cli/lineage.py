@@ -22,7 +22,7 @@ from instaflow_core.errors import ConfigError, DataError
 
 console = Console(highlight=False, soft_wrap=True)
 
-_REF_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:[@/](?P<sel>.+))?$")
+_ALIAS_RE = re.compile(r"^[\w\-]+$")  # MLflow's alias characters (a version is digits)
 # Stages from the registered model back to the prompts: (lineage tag name, label, how it was made from the next).
 CHAIN = [
     ("instaflow", "InstaFlow", "distilled (one-step student) from"),
@@ -33,13 +33,27 @@ CHAIN = [
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`name@alias`, `name@3`, `name/3`, `models:/name@alias` -> (name, alias, version); bare name = champion."""
-    m = _REF_RE.match(ref.strip())
-    if not m or not m.group("name"):
-        raise ConfigError(f"{ref!r}: expected <model-name>@<alias|version>, e.g. instaflow-tiny@champion")
-    name, sel = m.group("name"), m.group("sel")
+    """`name@alias`, `name@3`, `name/3`, `models:/name@alias` -> (name, alias, version); bare name = champion.
+
+    The name must be one MLflow can hold (no '/', ':', quotes, '..'): `../../etc@champion` is refused, not
+    misread as model '..'."""
+    from instaflow_core.config import model_name_problem
+
+    usage = f"{ref!r}: expected <model-name>@<alias|version>, e.g. instaflow-tiny@champion"
+    text = ref.strip().removeprefix("models:/")
+    if "@" in text:
+        name, sel = text.rsplit("@", 1)
+    elif "/" in text and text.rsplit("/", 1)[1].isdigit():
+        name, sel = text.rsplit("/", 1)
+    else:
+        name, sel = text, None
+    problem = model_name_problem(name)
+    if problem:
+        raise ConfigError(f"{usage} ({problem})")
     if sel is None:
         return name, "champion", None
+    if not _ALIAS_RE.match(sel):
+        raise ConfigError(f"{usage} (alias {sel!r}: letters, digits, - and _ only)")
     return (name, None, sel) if sel.isdigit() else (name, sel, None)
 
 

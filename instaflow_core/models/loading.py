@@ -248,7 +248,7 @@ def load_model(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConf
     from instaflow_core.models.loading import load_components
 
     cfg = models_cfg or ModelsConfig()
-    source = ref.uri
+    source = Store(storage_cfg).resolve(ref.uri)  # store://models/... -> under the current root
     if source.startswith("s3://"):
         source = str(Store(storage_cfg).local_copy(source))
     return load_components(
@@ -277,7 +277,7 @@ def model_latent_shape(
 ) -> tuple:
     """(C, h, w) of a model's latents from its unet/config.json, without loading the weights where possible."""
     raw = None
-    uri = ref.uri
+    uri = Store(storage_cfg).resolve(ref.uri)
     try:
         if uri.startswith(("s3://", "file://")):
             store = Store(storage_cfg)

@@ -86,6 +86,7 @@ class TrainJob(BaseModel):
 
 def _local(store: Store, uri: str) -> Path:
     """A local path for a store URI or plain path (s3:// folders are downloaded once, cached)."""
+    uri = store.resolve(uri)
     if uri.startswith(("s3://", "file://")):
         return store.local_copy(uri)
     return Path(uri).expanduser()
