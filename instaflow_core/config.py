@@ -62,7 +62,9 @@ class StorageConfig(Section):
     @field_validator("s3_endpoint")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        return check_endpoint(v) if v else None
+        from instaflow_core.store.endpoints import check_endpoint  # here: store imports this module
+
+        return check_endpoint(v)
 
 
 # ----------------------------------------------------------------------------------------- orchestration
@@ -73,8 +75,7 @@ class OrchestrationConfig(Section):
     dask_address: str | None = None  # tcp://scheduler:8786 for task_runner=dask; None = a local Dask cluster
     # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
     result_storage: str | None = None
-    # Tasks that touch the store or the registry retry transient failures (outage, timeout, 5xx, throttling)
-    # with backoff for this long after their first failure (tasks/retries.py); 0 = never retry
+    # store/registry tasks retry transient failures this long after the first one (tasks/retries.py); 0 = never
     retry_window_s: float = Field(300.0, ge=0)
 
 
@@ -125,8 +126,7 @@ class CurationConfig(Section):
     language: str | None = None  # e.g. "en": keep captions that look like this language
     holdout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     on_bad_row: Literal["skip", "error"] = "skip"
-    # refuse a curation whose bad input rows (undecodable, NUL bytes, bad JSON/CSV) exceed this share of the
-    # rows read: a wrong file must not replace the prompts table (binary files are refused outright)
+    # refuse a curation whose bad rows exceed this share of the rows read (binary files: always refused)
     max_bad_fraction: float = Field(0.2, ge=0.0, le=1.0)
     max_prompts: int | None = Field(None, ge=1)
 
@@ -255,9 +255,9 @@ class RegistrationConfig(Section):
     @field_validator("model_name", "rf_model_name")
     @classmethod
     def _names(cls, v: str | None) -> str | None:
-        if v is not None and (reason := model_name_problem(v)):
-            raise ValueError(reason)
-        return v
+        from instaflow_core.evaluation.gate import check_model_name
+
+        return check_model_name(v)
 
 
 # ---------------------------------------------------------------------------------------------- the whole
@@ -288,41 +288,6 @@ class InstaflowConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def check_endpoint(url: str) -> str:
-    """An S3 endpoint must be an http(s) URL with a host (and a numeric port, if any): ValueError otherwise."""
-    from urllib.parse import urlsplit
-
-    hint = "use http(s)://host[:port], e.g. http://127.0.0.1:8333"
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port  # raises ValueError on a non-numeric / out-of-range port
-    except ValueError as err:
-        raise ValueError(f"{url!r} is not a URL ({err}): {hint}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL with a host: {hint}")
-    if port == 0 or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"{url!r}: {hint} (no credentials, query or fragment)")
-    return url.strip().rstrip("/")
-
-
-_BAD_NAME_CHARS = "/\\:'\"`"
-
-
-def model_name_problem(name: str) -> str | None:
-    """Why `name` cannot be a registered model name (MLflow forbids / and :; quotes would break its filter
-    strings; . and .. are paths), or None when it can."""
-    if not name or not name.strip():
-        return "a registered model name cannot be empty"
-    if name.strip() in (".", "..") or any(c in _BAD_NAME_CHARS or ord(c) < 32 for c in name):
-        return (
-            f"{name!r} is not a registered model name: no / \\ : quotes or control characters "
-            "(e.g. instaflow-tiny)"
-        )
-    if len(name) > 256:
-        return f"registered model name of {len(name)} characters: at most 256"
-    return None
 
 
 def stable_hash(obj: Any) -> str:

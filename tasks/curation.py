@@ -171,6 +171,8 @@ class CurationRefused(DataError):
 def check_report(report: CurationReport, curation: CurationConfig, table_name: str = PROMPTS_TABLE) -> None:
     """Refuse (CurationRefused) a curation that kept nothing or read too many bad rows: the table stays."""
     unchanged = f"the {table_name} table was not changed"
+    if report.read + sum(report.bad_rows.values()) == 0:
+        raise CurationRefused(f"the caption sources hold no rows (empty files?); {unchanged}", report)
     if report.kept == 0:
         # Committing would empty the table: almost surely a wrong column, filter or source.
         raise CurationRefused(f"curation kept no captions ({report.summary()}); {unchanged}", report)

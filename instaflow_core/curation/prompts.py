@@ -158,6 +158,18 @@ class CurationReport:
         ]
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CurationReport:
+        """The inverse of `to_dict` (the report recorded in the prompts table's metadata)."""
+        return cls(
+            read=int(d.get("read", 0)),
+            kept=int(d.get("kept", 0)),
+            dropped=Counter(d.get("dropped") or {}),
+            bad_rows=Counter(d.get("bad_rows") or {}),
+            per_source=dict(d.get("per_source") or {}),
+            splits=Counter(d.get("splits") or {}),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "read": self.read,

@@ -78,7 +78,8 @@ def binary_reason(head: bytes) -> str | None:
         return kind
     nul = head.count(0)
     control = sum(1 for b in head if b in _CONTROL and b not in _TEXT_CONTROLS)
-    if nul / len(head) > MAX_NUL_FRACTION or control / len(head) > MAX_CONTROL_FRACTION:
+    # shares, with a floor of a few bytes: one bad line in a tiny file is a bad row, not a binary file
+    if nul > max(4, MAX_NUL_FRACTION * len(head)) or control > max(8, MAX_CONTROL_FRACTION * len(head)):
         return (
             f"binary data ({nul} NUL and {control - nul} other control bytes in the first {len(head)} bytes)"
         )

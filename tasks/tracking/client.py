@@ -100,11 +100,13 @@ def mlflow_client(registry: RegistrationConfig, storage: StorageConfig) -> Itera
 
 
 def unreachable(uri: str) -> ConfigError:
-    """The one message for a tracking server that does not answer."""
-    return ConfigError(
+    """The one message for a tracking server that does not answer (transient inside a run: retried)."""
+    err = ConfigError(
         f"MLflow at {uri} is not reachable: is the server running? (instaflow stack up), "
         "or unset registration.tracking_uri for the local sqlite registry"
     )
+    err.transient = True  # type: ignore[attr-defined]  # tasks/retries.py retries it within the window
+    return err
 
 
 def is_unreachable(err: BaseException) -> bool:

@@ -54,7 +54,7 @@ def _history(client: Any, name: str) -> list[str]:
 
 def check_name(name: str) -> str:
     """A ConfigError for a name MLflow cannot hold (or that would break a filter string)."""
-    from instaflow_core.config import model_name_problem
+    from instaflow_core.evaluation.gate import model_name_problem
 
     problem = model_name_problem(name)
     if problem:
