@@ -155,7 +155,8 @@ def _s3_result_block(basepath: str, storage: StorageConfig) -> str:
         "key": os.environ.get(storage.access_key_env),
         "secret": os.environ.get(storage.secret_key_env),
         "client_kwargs": client_kwargs,
-        "retries": 12,  # s3fs's own backoff (~80 s in all) for a result written during a short outage
+        # botocore's own backoff (about a minute in all) for a result written during a short outage
+        "config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}},
     }
     name = "instaflow-results-" + stable_hash({"base": basepath, "endpoint": storage.s3_endpoint})[:10]
     RemoteFileSystem(basepath=basepath, settings=settings).save(name, overwrite=True)

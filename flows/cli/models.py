@@ -110,6 +110,9 @@ def promote_cmd(
     gate = cfg.registration.gate
     with mlflow_client(cfg.registration, cfg.storage) as client:
         result = promote_version(client, name, gate, version, force=force, reason=reason)
+    if result.get("nothing_to_promote"):
+        typer.echo(f"{name}: {result['reasons'][0]}")
+        return
     typer.echo(
         f"gate: FID may rise by <= {gate.max_fid_increase:g}, CLIP may fall by <= {gate.max_clip_decrease:g} "
         f"(champion before: {result['previous_champion'] or 'none'})"

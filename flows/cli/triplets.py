@@ -148,7 +148,7 @@ def search(
     cols = _columns(columns, tbl.schema, compact=not as_json)
     if text is not None:
         rows, how = search_text(tbl, text, limit, cols, where)
-        note = "" if how == "fts" else "  (no full-text index here: substring match)"
+        note = "" if how == "fts" else "  (no full-text index on this version: substring scan)"
         _print_rows(rows, _title(tbl, f"search {text!r}{note}"), as_json)
         return
     column = embedding_column(tbl.schema)
@@ -347,4 +347,4 @@ def show(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(png)
         out = str(path.resolve())
-    console.print(f"wrote {rows.num_rows} image(s) ({grid.width}x{grid.height}) to {out}")
+    console.print(f"wrote {rows.num_rows} image(s) ({grid.shape[1]}x{grid.shape[0]}) to {out}")

@@ -151,6 +151,13 @@ def ensure_experiment(client: Any, name: str) -> str:
     """The experiment id, creating it (artifacts next to a sqlite db) when missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        db, wanted = _sqlite_path(client.tracking_uri), artifact_location(client.tracking_uri)
+        if db is not None and wanted:  # a registry that moved with its store: artifacts follow it
+            from tasks.tracking.relocate import relocate, stale_prefix
+
+            old = stale_prefix(exp.artifact_location, wanted)
+            if old:
+                relocate(db, old, wanted)
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
 

@@ -86,7 +86,23 @@ def promote_version(
     if version is None:
         cand = _alias_version(client, name, CANDIDATE)
         if cand is None:
-            raise DataError(f"{name} has no '{CANDIDATE}' version: pass --version")
+            champ = _alias_version(client, name, CHAMPION)
+            if champ is None:
+                raise DataError(f"{name} has no '{CANDIDATE}' version: pass --version")
+            # auto-promotion already moved champion to the newest registered version (e.g. after `make demo`)
+            return {
+                "model_name": name,
+                "version": str(champ.version),
+                "previous_champion": str(champ.version),
+                "passed": True,
+                "promoted": False,
+                "forced": False,
+                "nothing_to_promote": True,
+                "reasons": [
+                    f"nothing to promote: version {champ.version} is already champion "
+                    f"(no '{CANDIDATE}' version; pass --version N to promote another)"
+                ],
+            }
         version = cand.version
     version = str(version)
     if version not in versions:
