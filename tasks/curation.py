@@ -173,9 +173,6 @@ def check_report(report: CurationReport, curation: CurationConfig, table_name: s
     unchanged = f"the {table_name} table was not changed"
     if report.read + sum(report.bad_rows.values()) == 0:
         raise CurationRefused(f"the caption sources hold no rows (empty files?); {unchanged}", report)
-    if report.kept == 0:
-        # Committing would empty the table: almost surely a wrong column, filter or source.
-        raise CurationRefused(f"curation kept no captions ({report.summary()}); {unchanged}", report)
     frac = report.bad_fraction()
     if frac > curation.max_bad_fraction:
         bad = sum(report.bad_rows.values())
@@ -184,6 +181,9 @@ def check_report(report: CurationReport, curation: CurationConfig, table_name: s
             f"curation.max_bad_fraction={curation.max_bad_fraction:g} ({report.summary()}); {unchanged}",
             report,
         )
+    if report.kept == 0:
+        # Committing would empty the table: almost surely a wrong column, filter or source.
+        raise CurationRefused(f"curation kept no captions ({report.summary()}); {unchanged}", report)
 
 
 @task(name="curate-prompts", cache_key_fn=stage_cache_key, persist_result=True, **STORE_RETRIES)

@@ -131,7 +131,8 @@ def test_cli_errors_inside_flows_are_one_line(prefect_api, tmp_path, faults) -> 
     noise = tmp_path / "noise.txt"
     noise.write_bytes(random.Random(3).randbytes(1 << 20))
     mostly = tmp_path / "mostly.txt"
-    mostly.write_bytes((GOOD + "\n").encode() + b"caf\xe9 bad line\n" + b"nul \x00 line\n")
+    extra = "".join(f"a drawing of house number {i} at night\n" for i in range(12))
+    mostly.write_bytes((GOOD + "\n" + extra).encode() + b"caf\xe9 bad line\n" + b"nul \x00 line\n")
 
     def curate(path: Path, *sets: str) -> subprocess.CompletedProcess:
         args = ["curate", "--set", f"storage.root={root}", "--set", f"curation.sources=[{{path: '{path}'}}]"]
@@ -142,7 +143,7 @@ def test_cli_errors_inside_flows_are_one_line(prefect_api, tmp_path, faults) -> 
     ok = curate(mostly)
     assert ok.returncode == 0, ok.stderr[-3000:]
     # the counts per reason reach the terminal (they used to live only in an artifact)
-    assert "curation: read 8, kept 6;" in ok.stdout and "bad rows: bad_encoding 1, nul_bytes 1" in ok.stdout
+    assert "curation: read 20, kept 18;" in ok.stdout and "bad rows: bad_encoding 1, nul_bytes 1" in ok.stdout
     versions = len(list_versions(Store(f"file://{root}"), "prompts"))
 
     line = _one_line(curate(empty), "hold no rows")
