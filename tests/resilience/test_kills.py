@@ -29,6 +29,7 @@ SETS = [
     "generation.batch_size=2",
     "reflow.stages=[{steps: 16, batch_size: 4}]",
     "reflow.checkpoint_every=2",
+    "reflow.log_every=2",
     "reflow.warmup_steps=0",
     "reflow.sample_steps=2",
     "distillation.stages=[{steps: 12, batch_size: 4}]",
