@@ -91,7 +91,7 @@ def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
         logs.routed(cfg.storage, command, debug=debug),
         temporary_settings(updates={PREFECT_API_URL: api} if api else {}),
     ):
-        start_embedded_api()
+        start_embedded_api(logs.CURRENT)
         with prefect_settings(cfg.storage, cfg.orchestration):
             result = flow_fn(cfg, *args, return_state=True, **kwargs)
     if isinstance(result, State):
