@@ -339,7 +339,8 @@ def evaluate(
         evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
     )
     remember_evaluation(cfg.storage, result)
-    console.print_json(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
+    shown = _resolved(cfg, {k: v for k, v in result.items() if k != "table"})
+    console.print_json(json.dumps(shown, default=str))
 
 
 def register(
@@ -358,4 +359,4 @@ def register(
         n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", "2rf", "instaflow")
     }
     result = _run(register_flow, cfg, model, evaluation, lineage, rf_model=rf)
-    console.print_json(json.dumps(result, default=str))
+    console.print_json(json.dumps(_resolved(cfg, result), default=str))

@@ -50,6 +50,9 @@ def _child(kind: str, cfg_json: str, refs_json: str, api_url: str, log_path: str
     from tasks.caching import prefect_settings
 
     torch.set_num_threads(1)
+    import logging
+
+    logging.getLogger("prefect").setLevel(logging.INFO)  # "Beginning flow run ...": the test reads the stage
     cfg = InstaflowConfig.model_validate_json(cfg_json)
     refs = json.loads(refs_json)
     with (
