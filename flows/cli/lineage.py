@@ -145,6 +145,7 @@ def lineage_of(client: Any, mv: Any) -> dict[str, Any]:
             k: tags[f"instaflow.{k}"] for k in ("eval_uri", "eval_run_id") if tags.get(f"instaflow.{k}")
         },
         "metrics": {k[len("metric.") :]: v for k, v in tags.items() if k.startswith("metric.")},
+        "networks": {k: tags.get(f"instaflow.{k}", "") for k in ("fid_features", "clip_model")},
     }
 
 
@@ -155,8 +156,14 @@ def render(info: dict[str, Any], also: dict[str, list[str]], prefect_ui: str | N
     if info["run_id"]:
         lines.append(f"  MLflow run {info['run_id']}")
     if info["metrics"]:
+        from instaflow_core.evaluation.names import metric_headers
+
+        # named by the networks that computed them: FD(tiny-CLIP), not FID, unless the real ones ran
+        fid, clip = metric_headers(info.get("networks"))
+        shown = {"fid": fid, "clip_score": clip}
         lines.append(
-            "  metrics " + "  ".join(f"{k}={float(v):.4g}" for k, v in sorted(info["metrics"].items()))
+            "  metrics "
+            + "  ".join(f"{shown.get(k, k)}={float(v):.4g}" for k, v in sorted(info["metrics"].items()))
         )
     if info["evaluation"]:
         lines.append(

@@ -40,7 +40,7 @@ def _open(preset: str, sets: list[str] | None, table: str, version: int | None) 
     from instaflow_core.store.query import open_for_query
 
     cfg = load_config(preset, sets)
-    store = Store(cfg.storage)
+    store = Store(cfg.storage, read_only=True)  # a read: no root created, no write probe
     return cfg, store, open_for_query(store, table, version)
 
 
@@ -194,7 +194,7 @@ def stats(
     from instaflow_core.store.query import table_stats
 
     cfg = load_config(preset, set_)
-    s = table_stats(Store(cfg.storage), table, version)
+    s = table_stats(Store(cfg.storage, read_only=True), table, version)
     if as_json:
         typer.echo(json.dumps(s, indent=2, default=str))
         return
