@@ -17,6 +17,7 @@ from typing import Any
 
 PRELOAD = [
     "flows.rebuild",
+    "flows.cli.main",
     "tasks.training",
     "tasks.generation",
     "instaflow_core.store",
@@ -78,6 +79,37 @@ def _child(kind: str, cfg_json: str, refs_json: str, api_url: str, log_path: str
         else:
             raise ValueError(kind)
     print("CHILD DONE", flush=True)
+
+
+def _cli_child(args: list[str], env: dict[str, str], out_path: str, err_path: str) -> None:
+    """Runs in the child: `instaflow ARGS` exactly as the console script does (flows.cli.main.main)."""
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    os.environ.update(env)
+    sys.argv = ["instaflow", *args]
+    from flows.cli.main import main
+
+    main()
+
+
+def run_cli(args: list[str], env: dict[str, str], folder: Path, timeout: float = 600) -> Any:
+    """`instaflow ARGS` in a forked child -> an object with returncode, stdout, stderr (like subprocess.run).
+
+    The same entry point as the console script, in a fresh process, without paying the imports again."""
+    import types
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob("*.out")))
+    out, err = folder / f"{n}.out", folder / f"{n}.err"
+    proc = context().Process(target=_cli_child, args=(args, env, str(out), str(err)))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    return types.SimpleNamespace(returncode=proc.exitcode, stdout=out.read_text(), stderr=err.read_text())
 
 
 def start(kind: str, cfg: Any, refs: dict[str, Any], log_path: Path) -> Any:

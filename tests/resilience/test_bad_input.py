@@ -113,7 +113,7 @@ def _one_line(out: subprocess.CompletedProcess, needle: str) -> str:
     return errors[0]
 
 
-def test_cli_errors_inside_flows_are_one_line(prefect_api, tmp_path, faults) -> None:
+def test_cli_errors_inside_flows_are_one_line(prefect_api, children, tmp_path, faults) -> None:
     """`instaflow curate` on an empty file, on random bytes, with a missing teacher folder: one `error:` line
     (no Prefect traceback: those go to the run's log file, which the line names); on a mostly-good file with
     bad rows the counts per reason are printed."""
@@ -134,11 +134,11 @@ def test_cli_errors_inside_flows_are_one_line(prefect_api, tmp_path, faults) -> 
     extra = "".join(f"a drawing of house number {i} at night\n" for i in range(12))
     mostly.write_bytes((GOOD + "\n" + extra).encode() + b"caf\xe9 bad line\n" + b"nul \x00 line\n")
 
-    def curate(path: Path, *sets: str) -> subprocess.CompletedProcess:
+    def curate(path: Path, *sets: str):
         args = ["curate", "--set", f"storage.root={root}", "--set", f"curation.sources=[{{path: '{path}'}}]"]
         for s in sets:
             args += ["--set", s]
-        return _cli(args, env, tmp_path)
+        return children.run_cli(args, env, tmp_path / "cli")
 
     ok = curate(mostly)
     assert ok.returncode == 0, ok.stderr[-3000:]

@@ -34,6 +34,7 @@ MAX_DELAY_S = 25.0
 VARIANTS = ([], ["distillation.lr=0.0002"])  # each costs one full distill once; after that, cache hits
 EXPECTED = {"prompts": 40, "triplets": 16, "distill_pairs": 16}  # from fast_tiny_overrides()
 ALL = {"teacher", "curate", "generate", "reflow", "distill", "evaluate", "register"}
+STAGES = ("curate", "generate", "reflow", "distill", "evaluate", "register")  # flow names: instaflow-<stage>
 
 
 def _cfg(root: Path, extra: list[str]):
@@ -83,10 +84,20 @@ def test_soak_rebuilds_with_random_kills_then_a_moved_store(prefect_api, childre
     for i in range(ROUNDS):
         extra = list(rng.choice(VARIANTS))
         kill, delay = rng.random() < KILL_SHARE, rng.uniform(0.5, MAX_DELAY_S)
+        # half the kills wait for a stage to begin (then up to 2 s more), half are pure timing
+        target = rng.choice(STAGES) if rng.random() < 0.5 else None
+        after = rng.uniform(0.0, 2.0)
         log = tmp_path / f"soak-{i}.log"
         proc = children.start("rebuild", _cfg(root, extra), {}, log)
-        t0 = time.monotonic()
-        while proc.is_alive() and time.monotonic() - t0 < (delay if kill else 900):
+        t0, began = time.monotonic(), None
+        while proc.is_alive() and time.monotonic() - t0 < 900:
+            if kill and target is None and time.monotonic() - t0 >= delay:
+                break
+            if kill and target is not None:
+                if began is None and f"for flow 'instaflow-{target}'" in log.read_text(errors="replace"):
+                    began = time.monotonic()
+                if began is not None and time.monotonic() - began >= after:
+                    break
             time.sleep(0.05)
         if proc.is_alive():
             assert kill, f"round {i}: a rebuild did not finish in 900 s:\n{log.read_text()[-3000:]}"
