@@ -134,7 +134,9 @@ def test_exhausted_window_says_how_to_resume(outage_store, owned_s3, monkeypatch
 
     monkeypatch.setenv(KEY_ENV, owned_s3.admin_key)
     monkeypatch.setenv(SECRET_ENV, owned_s3.admin_secret)
-    cfg = _cfg(owned_s3, "outage", "orchestration.retry_window_s=3", "generation.seed=7")
+    cfg = _cfg(
+        owned_s3, "outage", "orchestration.retry_window_s=3", "generation.seed=7", "generation.max_prompts=3"
+    )
     prompts, teacher = outage_store["prompts"], outage_store["teacher"]
     owned_s3.kill()
     try:
