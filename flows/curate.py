@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
+from instaflow_core.curation.prompts import CurationReport
 from instaflow_core.refs import TableRef
 from tasks.artifacts import lineage_markdown, publish_markdown
 from tasks.curation import curate_images, curate_prompts, curation_summary, source_files
@@ -43,5 +44,10 @@ def curate_flow(cfg: InstaflowConfig) -> TableRef:
         lineage_markdown("curate", inputs, {"prompts": ref}, extra),
         description="Prompt curation lineage",
     )
-    get_run_logger().info("prompts table %s (%d rows)", ref.key(), ref.rows)
+    get_run_logger().info(
+        "prompts table %s (%d rows); curation: %s",
+        ref.key(),
+        ref.rows,
+        CurationReport.from_dict(report).summary(),
+    )
     return ref

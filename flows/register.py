@@ -58,7 +58,8 @@ def lineage_tags(cfg: InstaflowConfig, lineage: dict[str, Any], metrics: dict[st
     else:
         tags["instaflow.teacher"] = cfg.models.teacher
     for section, h in cfg.hashes().items():
-        tags[f"instaflow.config_hash.{section}"] = h
+        if section != "storage":  # where the store is: not lineage, and a moved store keeps its cache hits
+            tags[f"instaflow.config_hash.{section}"] = h
     tags["instaflow.preset"] = cfg.preset
     tags["instaflow.code_version"] = code_version()
     tags["instaflow.git_sha"] = git_sha()

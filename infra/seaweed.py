@@ -138,15 +138,21 @@ def pick_ports(
     )
 
 
-def write_s3_config(path: Path, access_key: str, secret_key: str) -> Path:
-    """The identity file weed reads (-s3.config); 0600 because it holds the secret."""
+def write_s3_config(
+    path: Path, access_key: str, secret_key: str, extra_identities: list[dict] | None = None
+) -> Path:
+    """The identity file weed reads (-s3.config); 0600 because it holds the secret.
+
+    `extra_identities`: more entries in weed's format, e.g. a read-only key
+    `{"name": "reader", "credentials": [{"accessKey": K, "secretKey": S}], "actions": ["Read", "List"]}`."""
     ident = {
         "identities": [
             {
                 "name": "admin",
                 "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
+            },
+            *(extra_identities or []),
         ]
     }
     path = Path(path)
@@ -206,6 +212,7 @@ def start(
     log_path: Path | str | None = None,
     timeout: float = 30.0,
     region: str = "us-east-1",
+    extra_identities: list[dict] | None = None,
 ) -> SeaweedServer:
     """Start `weed mini` in data_dir, wait until S3 answers on the exact port asked for, create `bucket`.
 
@@ -220,7 +227,7 @@ def start(
     busy = [p for p in ports.all() if not port_bindable(p, host)]
     if busy:
         raise SeaweedError(f"SeaweedFS ports already in use on {host}: {busy}")
-    cfg_path = write_s3_config(data_dir / "s3.json", access_key, secret_key)
+    cfg_path = write_s3_config(data_dir / "s3.json", access_key, secret_key, extra_identities)
     log_path = Path(log_path) if log_path else data_dir / "weed.log"
     weed = find_weed()
     with open(log_path, "ab") as log:

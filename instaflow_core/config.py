@@ -61,6 +61,13 @@ class StorageConfig(Section):
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
     allow_http: bool | None = None  # None = derive from the endpoint's scheme
 
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        from instaflow_core.store.endpoints import check_endpoint  # here: store imports this module
+
+        return check_endpoint(v)
+
 
 # ----------------------------------------------------------------------------------------- orchestration
 class OrchestrationConfig(Section):
@@ -76,6 +83,8 @@ class OrchestrationConfig(Section):
     # Where Prefect persists task results (needed for cross-run caching). None = <storage.root>/prefect-results
     result_storage: str | None = None
     torch_threads: int | None = Field(None, ge=1)  # torch intra-op threads (1 for small models on busy CPUs)
+    # store/registry tasks retry transient failures this long after the first one (tasks/retries.py); 0 = never
+    retry_window_s: float = Field(300.0, ge=0)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -129,6 +138,8 @@ class CurationConfig(Section):
     language: str | None = None  # e.g. "en": keep captions that look like this language
     holdout_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     on_bad_row: Literal["skip", "error"] = "skip"
+    # refuse a curation whose bad rows exceed this share of the rows read (binary files: always refused)
+    max_bad_fraction: float = Field(0.2, ge=0.0, le=1.0)
     max_prompts: int | None = Field(None, ge=1)
     images: dig.ImageSetConfig = Field(default_factory=dig.ImageSetConfig)  # image sources (format digits)
 
@@ -264,6 +275,13 @@ class RegistrationConfig(Section):
     rf_model_name: str | None = None  # also register the 2-RF under this name
     auto_promote: bool = True
     gate: GateConfig = Field(default_factory=GateConfig)
+
+    @field_validator("model_name", "rf_model_name")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        from instaflow_core.evaluation.gate import check_model_name
+
+        return check_model_name(v)
 
 
 # ---------------------------------------------------------------------------------------------- the whole

@@ -61,7 +61,15 @@ def git_sha() -> str:
 
 
 def _key_material(value: Any) -> Any:
-    """Reduce a task parameter to what identifies it: refs and config sections by value, others by repr."""
+    """Reduce a task parameter to what identifies it: refs and config sections by value, others by repr.
+
+    Where the store is (root, endpoint, key variables) never changes what a stage computes, and references are
+    store-relative (`store://...`): a store copied or moved elsewhere keeps its cache hits. Results live in the
+    store itself (or, with `orchestration.result_storage`, in a folder per store root), so two stores never
+    share a cache entry.
+    """
+    if isinstance(value, StorageConfig):
+        return "store"
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, dict):
@@ -112,7 +120,9 @@ def prefect_settings(storage: StorageConfig, orchestration: OrchestrationConfig)
     )
 
     updates: dict[Any, Any] = {PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-    target = orchestration.result_storage or storage.root.rstrip("/") + "/prefect-results"
+    target = storage.root.rstrip("/") + "/prefect-results"
+    if orchestration.result_storage:  # shared by several stores: one folder per store (keys omit the root)
+        target = f"{orchestration.result_storage.rstrip('/')}/{stable_hash(storage.root)[:12]}"
     if target.startswith("s3://"):
         updates[PREFECT_DEFAULT_RESULT_STORAGE_BLOCK] = _s3_result_block(target, storage)
     else:
@@ -121,8 +131,18 @@ def prefect_settings(storage: StorageConfig, orchestration: OrchestrationConfig)
         )
         path.mkdir(parents=True, exist_ok=True)
         updates[PREFECT_LOCAL_STORAGE_PATH] = path
-    with temporary_settings(updates=updates):
-        yield
+    from tasks.retries import WINDOW_ENV
+
+    saved = os.environ.get(WINDOW_ENV)
+    os.environ[WINDOW_ENV] = str(orchestration.retry_window_s)  # read by the retry condition of every task
+    try:
+        with temporary_settings(updates=updates):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(WINDOW_ENV, None)
+        else:
+            os.environ[WINDOW_ENV] = saved
 
 
 def _s3_result_block(basepath: str, storage: StorageConfig) -> str:
@@ -135,6 +155,8 @@ def _s3_result_block(basepath: str, storage: StorageConfig) -> str:
         "key": os.environ.get(storage.access_key_env),
         "secret": os.environ.get(storage.secret_key_env),
         "client_kwargs": client_kwargs,
+        # botocore's own backoff (about a minute in all) for a result written during a short outage
+        "config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}},
     }
     name = "instaflow-results-" + stable_hash({"base": basepath, "endpoint": storage.s3_endpoint})[:10]
     RemoteFileSystem(basepath=basepath, settings=settings).save(name, overwrite=True)

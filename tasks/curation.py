@@ -4,7 +4,10 @@ Crash safety: nothing is written to `prompts` until every source has been read a
 buffered in memory up to `curation.batch_rows`; beyond that they spill to a staging table (`_staging_prompts`,
 overwritten at the start of each run, dropped at the end), so memory stays bounded for laion-size inputs.
 Then ONE `merge_insert` on prompt_id commits the result: a crash before it leaves the previous version intact
-(at worst a stale staging table, which the next run overwrites), and Lance commits are atomic.
+(a failed run drops the staging table; only a killed process leaves it, for the next run to overwrite), and
+Lance commits are atomic. Before the table is touched at all, `check_report` refuses a curation that kept
+nothing or whose bad input rows exceed `curation.max_bad_fraction` (binary files are refused by the readers):
+garbage never replaces good prompts.
 
 The merge syncs the table to this curation: new prompts inserted, changed ones (split, token count, ...)
 updated, prompts this configuration no longer keeps deleted; unchanged rows are not rewritten. A rerun thus
@@ -31,8 +34,10 @@ from instaflow_core.errors import DataError
 from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import TableRef
 from instaflow_core.store import Store, create_table, open_table, set_metadata, table_ref
+from instaflow_core.store.query import ensure_indexes
 from tasks.artifacts import publish_table
 from tasks.caching import code_version, stage_cache_key
+from tasks.retries import STORE_RETRIES
 
 logger = logging.getLogger("instaflow.tasks.curation")
 
@@ -84,44 +89,41 @@ def curate_into_table(
     buffer: list[Any] = []
     buffered = 0
     staging = None
-    for batch in curated_batches(curation, curator, fs=source_fs):
-        buffer.append(batch)
-        buffered += batch.num_rows
-        if buffered >= curation.batch_rows:
-            staging = staging or _fresh_staging(store, db)
-            staging.add(_concat(buffer))
-            buffer, buffered = [], 0
-    report = curator.report
-    if report.kept == 0:
-        # Committing would empty the table: almost surely a wrong column, filter or source.
-        raise DataError(
-            f"curation kept no captions out of {report.read} read "
-            f"(dropped: {dict(report.dropped) or 'none'}; bad rows: {dict(report.bad_rows) or 'none'})"
-        )
-
-    table = create_table(store, table_name, PROMPTS_SCHEMA)
-    if staging is not None:
-        if buffer:
-            staging.add(_concat(buffer))
-        source = staging.to_lance().scanner(batch_size=8192).to_reader()
-    else:
-        source = _concat(buffer)
-    with store.guard(f"commit table {table_name!r}"):
-        merge = (
-            table.merge_insert("prompt_id")
-            .when_matched_update_all(
-                # Lance's SQL has no IS DISTINCT FROM; these columns are never null in rows we write.
-                where="target.source != source.source OR target.split != source.split "
-                "OR target.n_tokens != source.n_tokens OR target.flags != source.flags"
+    try:
+        for batch in curated_batches(curation, curator, fs=source_fs):
+            buffer.append(batch)
+            buffered += batch.num_rows
+            if buffered >= curation.batch_rows:
+                staging = staging or _fresh_staging(store, db)
+                staging.add(_concat(buffer))
+                buffer, buffered = [], 0
+        report = curator.report
+        check_report(report, curation, table_name)  # nothing has touched the table yet
+        table = create_table(store, table_name, PROMPTS_SCHEMA)
+        if staging is not None:
+            if buffer:
+                staging.add(_concat(buffer))
+            source = staging.to_lance().scanner(batch_size=8192).to_reader()
+        else:
+            source = _concat(buffer)
+        with store.guard(f"commit table {table_name!r}"):
+            merge = (
+                table.merge_insert("prompt_id")
+                .when_matched_update_all(
+                    # Lance's SQL has no IS DISTINCT FROM; these columns are never null in rows we write.
+                    where="target.source != source.source OR target.split != source.split "
+                    "OR target.n_tokens != source.n_tokens OR target.flags != source.flags"
+                )
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete()
+                .execute(source)
             )
-            .when_not_matched_insert_all()
-            .when_not_matched_by_source_delete()
-            .execute(source)
-        )
-    if staging is not None:
-        with store.guard("drop the staging table"):
-            db.drop_table(STAGING_TABLE, ignore_missing=True)
+    finally:  # committed or failed: the staging rows are not needed any more
+        if staging is not None:
+            _drop_staging(store, db)
     table = open_table(store, table_name)
+    with store.guard(f"index table {table_name!r}"):
+        ensure_indexes(table)  # the BTree id and full-text indexes read commands use (reads never build them)
     set_metadata(
         table,
         {
@@ -157,7 +159,41 @@ def _fresh_staging(store: Store, db: Any) -> Any:
         return db.create_table(STAGING_TABLE, schema=PROMPTS_SCHEMA, mode="overwrite")
 
 
-@task(name="curate-prompts", cache_key_fn=stage_cache_key, persist_result=True)
+def _drop_staging(store: Store, db: Any) -> None:
+    try:
+        with store.guard("drop the staging table"):
+            db.drop_table(STAGING_TABLE, ignore_missing=True)
+    except Exception as err:  # noqa: BLE001 - never hide the real failure; the next run overwrites it
+        logger.warning("could not drop %s: %s", STAGING_TABLE, err)
+
+
+class CurationRefused(DataError):
+    """The sources gave nothing worth committing; `report` holds the counts (published before raising)."""
+
+    def __init__(self, message: str, report: CurationReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def check_report(report: CurationReport, curation: CurationConfig, table_name: str = PROMPTS_TABLE) -> None:
+    """Refuse (CurationRefused) a curation that kept nothing or read too many bad rows: the table stays."""
+    unchanged = f"the {table_name} table was not changed"
+    if report.read + sum(report.bad_rows.values()) == 0:
+        raise CurationRefused(f"the caption sources hold no rows (empty files?); {unchanged}", report)
+    frac = report.bad_fraction()
+    if frac > curation.max_bad_fraction:
+        bad = sum(report.bad_rows.values())
+        raise CurationRefused(
+            f"refused: {bad:,} of {report.read + bad:,} rows read ({frac:.1%}) are bad, more than "
+            f"curation.max_bad_fraction={curation.max_bad_fraction:g} ({report.summary()}); {unchanged}",
+            report,
+        )
+    if report.kept == 0:
+        # Committing would empty the table: almost surely a wrong column, filter or source.
+        raise CurationRefused(f"curation kept no captions ({report.summary()}); {unchanged}", report)
+
+
+@task(name="curate-prompts", cache_key_fn=stage_cache_key, persist_result=True, **STORE_RETRIES)
 def curate_prompts(
     curation: CurationConfig,
     models: ModelsConfig,
@@ -178,7 +214,11 @@ def curate_prompts(
         from instaflow_core.curation.images import IMAGES_META_KEY
 
         meta[IMAGES_META_KEY] = images.model_dump_json()
-    ref, report = curate_into_table(curation, store, token_counter(tokenizer), metadata=meta)
+    try:
+        ref, report = curate_into_table(curation, store, token_counter(tokenizer), metadata=meta)
+    except CurationRefused as err:
+        publish_table(REPORT_KEY, err.report.rows(), description=f"REFUSED: {err}")
+        raise
     publish_table(
         REPORT_KEY,
         report.rows(),

@@ -42,6 +42,7 @@ from instaflow_core.refs import ModelKind, ModelRef, TableRef
 from instaflow_core.store import Store
 from tasks.artifacts import Progress, publish_markdown, publish_table
 from tasks.caching import code_version, stage_cache_key
+from tasks.retries import STORE_RETRIES
 from tasks.tracking.runs import log_evaluation_run
 
 logger = logging.getLogger("instaflow.tasks.evaluation")
@@ -137,7 +138,7 @@ def input_identity(eval_cfg: EvaluationConfig, storage_cfg: StorageConfig) -> di
 
 
 # -------------------------------------------------------------------------------------------- reference
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-reference-stats")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-reference-stats", **STORE_RETRIES)
 def reference_stats(
     eval_cfg: EvaluationConfig,
     models_cfg: ModelsConfig,
@@ -162,7 +163,7 @@ def reference_stats(
         ):  # left out when native: statistics computed before it existed stay
             material["resolution"] = eval_cfg.resolution
     key = stable_hash(material)
-    uri = store.uri("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
+    uri = store.ref("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
     info = {
         "uri": uri,
         "key": key,
@@ -218,7 +219,7 @@ def reference_stats(
 
 
 # ----------------------------------------------------------------------------------------------- a model
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-model")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-model", **STORE_RETRIES)
 def evaluate_model(
     eval_cfg: EvaluationConfig,
     models_cfg: ModelsConfig,
@@ -261,7 +262,7 @@ def evaluate_model(
             on_progress=progress.update,
             resolution=eval_cfg.resolution,
         )
-        grid_uri = store.uri("eval", "runs", run_key, f"{spec.name}.png")
+        grid_uri = store.ref("eval", "runs", run_key, f"{spec.name}.png")
         store.write_bytes(grid_uri, png_bytes(result.grid))
         rows.append(
             {
@@ -287,13 +288,15 @@ def evaluate_model(
 
 # ------------------------------------------------------------------------------------------------ results
 def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The comparison table as people read it (rounded, one line per evaluated setting)."""
+    """The comparison table as people read it (rounded, one line per evaluated setting); the metric columns
+    are named by the networks that computed them (`FD(tiny-CLIP)`, not `FID`, unless the real ones ran)."""
+    from instaflow_core.evaluation.names import column_names
 
     def r(x: Any, nd: int) -> Any:
         return None if x is None else round(float(x), nd)
 
-    def name(row: dict[str, Any], slot: str, default: str) -> str:  # the networks say what their number is
-        return row.get("networks", {}).get(f"{slot}_metric", default)
+    def heads(row: dict[str, Any]) -> tuple[str, str]:  # the networks say what their numbers are
+        return column_names(row.get("networks"))
 
     return [
         {
@@ -301,8 +304,8 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "solver": row["solver"],
             "steps": row["steps"],
             "guidance": row["guidance"],
-            name(row, "fid", "FID"): r(row["fid"], 3),
-            name(row, "clip", "CLIP"): r(row["clip_score"], 4),
+            heads(row)[0]: r(row["fid"], 3),
+            heads(row)[1]: r(row["clip_score"], 4),
             "latency_s": r(row["latency_s"], 4),
             "straightness": r(row["straightness"], 5),
             "samples": row["samples"],
@@ -311,7 +314,7 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-results")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="evaluate-results", **STORE_RETRIES)
 def write_results(
     storage_cfg: StorageConfig, rows: list[dict[str, Any]], reference: dict[str, Any]
 ) -> dict[str, Any]:
@@ -330,7 +333,7 @@ def write_results(
         "code_version": code_version(),
     }
     key = stable_hash(body)
-    uri = store.uri("eval", "results", f"{key}.json")
+    uri = store.ref("eval", "results", f"{key}.json")
     store.write_bytes(uri, json.dumps(body, indent=2, sort_keys=True).encode())
     table = display_rows(rows)
     caveat = _caveat(networks, eval_set)
@@ -362,7 +365,7 @@ def _caveat(networks: dict[str, Any], eval_set: dict[str, Any]) -> str:
     )
 
 
-@task(name="evaluate-log-run", cache_key_fn=stage_cache_key, persist_result=True)
+@task(name="evaluate-log-run", cache_key_fn=stage_cache_key, persist_result=True, **STORE_RETRIES)
 def log_evaluation(
     registry: RegistrationConfig,
     storage: StorageConfig,

@@ -41,6 +41,7 @@ from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table
 from tasks.artifacts import Progress, lineage_markdown, publish_markdown, run_logger
 from tasks.caching import stage_cache_key
+from tasks.retries import STORE_RETRIES
 
 logger = logging.getLogger("instaflow.tasks.generation")
 
@@ -86,7 +87,7 @@ def job_hash(job: PairsJob) -> str:
 
 
 # --------------------------------------------------------------------------------------------- planning
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-plan")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-plan", **STORE_RETRIES)
 def plan_pairs(job: PairsJob, prompts: TableRef, storage_cfg: StorageConfig) -> list[ShardSpec]:
     """The prompts table version -> sorted ids of the job's split (first max_prompts) -> shards of shard_size."""
     ids = _planned_prompt_ids(job, prompts, Store(storage_cfg))
@@ -107,7 +108,7 @@ def _planned_prompt_ids(job: PairsJob, prompts: TableRef, store: Store) -> Any:
     return select_prompt_ids(ids, job.pairs.max_prompts)
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-prepare-table")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-prepare-table", **STORE_RETRIES)
 def prepare_pairs_table(
     job: PairsJob,
     model: ModelRef,
@@ -141,7 +142,7 @@ def prepare_pairs_table(
 # --------------------------------------------------------------------------------------------- solving
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-shard")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-shard", **STORE_RETRIES)
 def pairs_shard(
     job: PairsJob,
     shard: ShardSpec,
@@ -233,7 +234,7 @@ def pairs_shard(
 
 
 # --------------------------------------------------------------------------------------------- finishing
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-finish")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-finish", **STORE_RETRIES)
 def finish_pairs(
     job: PairsJob,
     model: ModelRef,
@@ -268,7 +269,7 @@ def finish_pairs(
     set_metadata(table, {**lineage_metadata(job, model, prompts), "rows": str(have), "verified": verified})
     table = open_table(store, job.table)
     return TableRef(
-        db_uri=store.uri("lance"),
+        db_uri=store.ref("lance"),
         table=job.table,
         version=int(table.version),
         rows=have,
@@ -348,7 +349,7 @@ def slice_ref(
         rows,
     )
     return TableRef(
-        db_uri=store.uri("lance"),
+        db_uri=store.ref("lance"),
         table=job.table,
         version=int(table.version),
         rows=rows,

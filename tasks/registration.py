@@ -17,6 +17,7 @@ from instaflow_core.refs import ModelRef
 from instaflow_core.store import Store
 from tasks.artifacts import publish_markdown
 from tasks.caching import root_flow_run_id, stage_cache_key
+from tasks.retries import STORE_RETRIES
 from tasks.tracking.client import _parent_ok, ensure_experiment, mlflow_client, run_url
 from tasks.tracking.promotion import CANDIDATE, _versions, promote_version, version_metrics
 
@@ -51,6 +52,7 @@ def _pip_requirements() -> list[str]:
 
 
 def _model_folder(store: Store, uri: str) -> Path:
+    uri = store.resolve(uri)
     if uri.startswith("s3://"):
         return _registered_view(store.local_copy(uri), uri.rstrip("/").rsplit("/", 1)[-1])
     folder = store.local_path(uri)
@@ -71,7 +73,7 @@ def _registered_view(cached: Path, name: str) -> Path:
     return view
 
 
-@task(name="register-model", cache_key_fn=stage_cache_key, persist_result=True)
+@task(name="register-model", cache_key_fn=stage_cache_key, persist_result=True, **STORE_RETRIES)
 def register_model(
     registry: RegistrationConfig,
     storage: StorageConfig,
@@ -109,7 +111,7 @@ def register_model(
             **{f"metric.{k}": repr(float(v)) for k, v in metrics.items() if v is not None},
             MODEL_KEY_TAG: model_key,
             "instaflow.model_ref": model.key(),
-            "instaflow.model_uri": model.uri,
+            "instaflow.model_uri": store.resolve(model.uri),
             "instaflow.kind": model.kind.value,
         }
         with mlflow.start_run(
@@ -148,7 +150,7 @@ def _registered(client: Any, name: str, mv: Any, exp_id: str, reused: bool) -> d
     }
 
 
-@task(name="register-promote", cache_key_fn=stage_cache_key, persist_result=True)
+@task(name="register-promote", cache_key_fn=stage_cache_key, persist_result=True, **STORE_RETRIES)
 def promote(
     registry: RegistrationConfig,
     storage: StorageConfig,

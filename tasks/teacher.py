@@ -24,6 +24,7 @@ from instaflow_core.refs import ModelRef
 from instaflow_core.store import Store
 from tasks.artifacts import lineage_markdown, publish_markdown
 from tasks.caching import stage_cache_key
+from tasks.retries import STORE_RETRIES
 
 logger = logging.getLogger("instaflow.tasks.teacher")
 
@@ -98,7 +99,7 @@ def _convert_single_file(models_cfg: ModelsConfig, store: Store, uri: str, confi
     logger.info("converted %s into the diffusers folder %s", models_cfg.teacher, uri)
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, name="teacher-resolve")
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="teacher-resolve", **STORE_RETRIES)
 def teacher_model(models_cfg: ModelsConfig, storage_cfg: StorageConfig) -> ModelRef:
     """The teacher as a ModelRef: `tiny` is built and saved as a diffusers folder under <root>/models/, and so is
     a single checkpoint file (converted once); a local folder, an s3:// folder or a hub id is referenced where
@@ -132,7 +133,7 @@ def teacher_model(models_cfg: ModelsConfig, storage_cfg: StorageConfig) -> Model
         from instaflow_core.models.tiny import build_tiny
 
         store = Store(storage_cfg)
-        uri = store.uri("models", f"teacher-{config_hash}")
+        uri = store.ref("models", f"teacher-{config_hash}")  # store-relative (a moved store resolves it)
         with tempfile.TemporaryDirectory(prefix="instaflow-teacher-") as tmp:
             folder = Path(tmp) / "teacher"
             # float32 on disk always (the tiny weights are built in float32); models.dtype applies when loading.

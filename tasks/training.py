@@ -49,6 +49,7 @@ from instaflow_core.store import Store
 from instaflow_core.training.job import EVENT_PREFIX, TrainJob, check_job_inputs, run_train_job
 from tasks.artifacts import lineage_markdown, run_logger
 from tasks.caching import stage_cache_key
+from tasks.retries import STORE_RETRIES
 from tasks.tracking.runs import StageTracker
 
 logger = logging.getLogger("instaflow.tasks.training")
@@ -188,7 +189,7 @@ def run_stage(
         job.stage, job.key, summary["steps"], summary["start_step"], summary["final_loss"], job.out_uri,
     )  # fmt: skip
     ref = ModelRef(
-        uri=job.out_uri,
+        uri=store.relative(job.out_uri),  # store://models/<kind>-<key>: a moved store still resolves it
         kind=job.out_kind,
         config_hash=stable_hash(job.section),
         source=f"{job.out_kind}-{job.key}",  # the identity distill pairs and evaluations key on
@@ -204,7 +205,7 @@ def read_summary(job: TrainJob) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------ the tasks
-@task(cache_key_fn=training_cache_key, persist_result=True, name="reflow-train")
+@task(cache_key_fn=training_cache_key, persist_result=True, name="reflow-train", **STORE_RETRIES)
 def train_reflow(
     reflow: TrainConfig,
     storage: StorageConfig,
@@ -222,7 +223,7 @@ def train_reflow(
     return ref
 
 
-@task(cache_key_fn=training_cache_key, persist_result=True, name="distill-train")
+@task(cache_key_fn=training_cache_key, persist_result=True, name="distill-train", **STORE_RETRIES)
 def train_distill(
     distill: DistillationConfig,
     storage: StorageConfig,

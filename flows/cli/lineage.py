@@ -23,7 +23,7 @@ from instaflow_core.refs import ModelKind
 
 console = Console(highlight=False, soft_wrap=True)
 
-_REF_RE = re.compile(r"^(?:models:/)?(?P<name>[^@/]+)(?:[@/](?P<sel>.+))?$")
+_ALIAS_RE = re.compile(r"^[\w\-]+$")  # MLflow's alias characters (a version is digits)
 # Stages from the registered model back to the prompts: (lineage tag name, label, how it was made from the next).
 CHAIN = [
     (ModelKind.INSTAFLOW, "InstaFlow", "distilled (one-step student) from"),
@@ -34,13 +34,27 @@ CHAIN = [
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """`name@alias`, `name@3`, `name/3`, `models:/name@alias` -> (name, alias, version); bare name = champion."""
-    m = _REF_RE.match(ref.strip())
-    if not m or not m.group("name"):
-        raise ConfigError(f"{ref!r}: expected <model-name>@<alias|version>, e.g. instaflow-tiny@champion")
-    name, sel = m.group("name"), m.group("sel")
+    """`name@alias`, `name@3`, `name/3`, `models:/name@alias` -> (name, alias, version); bare name = champion.
+
+    The name must be one MLflow can hold (no '/', ':', quotes, '..'): `../../etc@champion` is refused, not
+    misread as model '..'."""
+    from instaflow_core.evaluation.gate import model_name_problem
+
+    usage = f"{ref!r}: expected <model-name>@<alias|version>, e.g. instaflow-tiny@champion"
+    text = ref.strip().removeprefix("models:/")
+    if "@" in text:
+        name, sel = text.rsplit("@", 1)
+    elif "/" in text and text.rsplit("/", 1)[1].isdigit():
+        name, sel = text.rsplit("/", 1)
+    else:
+        name, sel = text, None
+    problem = model_name_problem(name)
+    if problem:
+        raise ConfigError(f"{usage} ({problem})")
     if sel is None:
         return name, "champion", None
+    if not _ALIAS_RE.match(sel):
+        raise ConfigError(f"{usage} (alias {sel!r}: letters, digits, - and _ only)")
     return (name, None, sel) if sel.isdigit() else (name, sel, None)
 
 
@@ -132,6 +146,7 @@ def lineage_of(client: Any, mv: Any) -> dict[str, Any]:
             k: tags[f"instaflow.{k}"] for k in ("eval_uri", "eval_run_id") if tags.get(f"instaflow.{k}")
         },
         "metrics": {k[len("metric.") :]: v for k, v in tags.items() if k.startswith("metric.")},
+        "networks": {k: tags.get(f"instaflow.{k}", "") for k in ("fid_features", "clip_model")},
     }
 
 
@@ -142,8 +157,14 @@ def render(info: dict[str, Any], also: dict[str, list[str]], prefect_ui: str | N
     if info["run_id"]:
         lines.append(f"  MLflow run {info['run_id']}")
     if info["metrics"]:
+        from instaflow_core.evaluation.names import column_names
+
+        # named by the networks that computed them: FD(tiny-CLIP), not FID, unless the real ones ran
+        fid, clip = column_names(info.get("networks"))
+        shown = {"fid": fid, "clip_score": clip}
         lines.append(
-            "  metrics " + "  ".join(f"{k}={float(v):.4g}" for k, v in sorted(info["metrics"].items()))
+            "  metrics "
+            + "  ".join(f"{shown.get(k, k)}={float(v):.4g}" for k, v in sorted(info["metrics"].items()))
         )
     if info["evaluation"]:
         lines.append(

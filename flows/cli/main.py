@@ -81,7 +81,10 @@ def main() -> None:
     except InstaflowError as err:
         if debug:
             raise
-        typer.secho(f"error: {err}", fg="red", err=True)
+        from flows.cli import logs
+
+        where = f" (full log: {logs.CURRENT})" if logs.CURRENT is not None else ""
+        typer.secho(f"error: {err}{where}", fg="red", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.secho("interrupted", fg="yellow", err=True)

@@ -7,6 +7,7 @@ register stage wrote to.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -32,24 +33,37 @@ def list_cmd(
     from rich.table import Table
 
     from tasks.tracking.client import mlflow_client, tracking_uri
-    from tasks.tracking.promotion import list_models
+    from tasks.tracking.promotion import check_name, list_models
 
     cfg = load_config(preset, set_)
-    with mlflow_client(cfg.registration, cfg.storage) as client:
-        rows = list_models(client, name)
+    if name:
+        check_name(name)
     # piped output (no terminal) would be cut to 80 columns: print the whole table instead
     console = Console() if sys.stdout.isatty() else Console(width=200)
+    uri = tracking_uri(cfg.registration, cfg.storage)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        # a read never creates a registry
+        console.print(f"no registered models at {uri} (no registry yet: run `instaflow rebuild`)")
+        return
+    with mlflow_client(cfg.registration, cfg.storage) as client:
+        rows = list_models(client, name)
     if not rows:
         console.print(f"no registered models at {tracking_uri(cfg.registration, cfg.storage)}")
         return
+    from instaflow_core.evaluation.names import column_names
+
     table = Table(title=f"models at {tracking_uri(cfg.registration, cfg.storage)}")
+    heads = {column_names(r.get("networks")) for r in rows}
+    # named by the networks that computed them (FD(tiny-CLIP), not FID, unless the real ones ran)
+    fid_head, clip_head = heads.pop() if len(heads) == 1 else ("FD/FID (see note)", "CLIP cos (see note)")
+    mixed = len(heads) > 0
     for col in (
         "name",
         "version",
         "aliases",
         "kind",
-        "FID",
-        "CLIP",
+        fid_head,
+        clip_head,
         "latency s",
         "straightness",
         "created",
@@ -67,7 +81,14 @@ def list_cmd(
             _fmt(r["latency_s"], 4),
             _fmt(r["straightness"], 5),
             r["created"],
-            f"forced: {r['forced_reason']}" if r["forced_reason"] else "",
+            "; ".join(
+                x
+                for x in (
+                    f"forced: {r['forced_reason']}" if r["forced_reason"] else "",
+                    "metrics: {} / {}".format(*column_names(r.get("networks"))) if mixed else "",
+                )
+                if x
+            ),
         )
     console.print(table)
 
@@ -89,6 +110,9 @@ def promote_cmd(
     gate = cfg.registration.gate
     with mlflow_client(cfg.registration, cfg.storage) as client:
         result = promote_version(client, name, gate, version, force=force, reason=reason)
+    if result.get("nothing_to_promote"):
+        typer.echo(f"{name}: {result['reasons'][0]}")
+        return
     typer.echo(
         f"gate: FID may rise by <= {gate.max_fid_increase:g}, CLIP may fall by <= {gate.max_clip_decrease:g} "
         f"(champion before: {result['previous_champion'] or 'none'})"

@@ -77,31 +77,50 @@ def _prepare(
     # everything the stages will need (teacher, weights, data, S3, MLflow, names): all problems, before any write
     require_preflight(cfg, stages)
     Store(cfg.storage).check()  # unreachable S3 / wrong keys: one clear line before any work starts
+    uri = cfg.registration.tracking_uri or ""
+    if uri.startswith(("http://", "https://")):
+        from tasks.tracking.client import check_server
+
+        check_server(uri)  # a wrong tracking URI fails now, not after minutes of task retries
     return cfg
 
 
 def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
+    """Run a flow with the run's log file, the embedded API under a watchdog and one-line errors."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import State
 
+    from flows.cli import logs
+    from flows.cli.server import start_embedded_api
     from tasks.caching import prefect_settings
+    from tasks.retries import describe, is_transient, resume_hint
 
+    debug = os.environ.get("INSTAFLOW_DEBUG") == "1"
+    command = getattr(flow_fn, "name", flow_fn.__name__).removeprefix("instaflow-")
     # Prefect read its settings when it was imported: an API chosen later (--prefect-api, --stack) must be
     # applied through its settings context, not just the environment
     api = os.environ.get("PREFECT_API_URL")
-    with temporary_settings(updates={PREFECT_API_URL: api} if api else {}):
+    with (
+        logs.routed(cfg.storage, command, debug=debug),
+        temporary_settings(updates={PREFECT_API_URL: api} if api else {}),
+    ):
+        start_embedded_api(logs.CURRENT)
         with prefect_settings(cfg.storage, cfg.orchestration):
             result = flow_fn(cfg, *args, return_state=True, **kwargs)
     if isinstance(result, State):
         if result.is_failed() or result.is_crashed():
             try:
                 result.result()
-            except InstaflowError:
-                raise
             except Exception as err:
-                if os.environ.get("INSTAFLOW_DEBUG") == "1":
+                if debug:
                     raise
-                raise InstaflowError(f"{flow_fn.__name__} failed: {type(err).__name__}: {err}") from err
+                if is_transient(err):
+                    raise InstaflowError(
+                        f"{describe(err)}: still failing after retries; {resume_hint()}"
+                    ) from err
+                if isinstance(err, InstaflowError):
+                    raise
+                raise InstaflowError(f"{command} failed: {describe(err)}") from err
         return result.result()
     return result
 
@@ -140,30 +159,71 @@ def rebuild(
     t0 = time.perf_counter()
     summary = _run(rebuild_flow, cfg, refresh=refresh or [])
     summary["wall_s"] = round(time.perf_counter() - t0, 2)
+    summary = _resolved(cfg, summary)
+    summary["registered"] = _current_aliases(cfg, summary.get("registered") or {})
     _print_summary(cfg, summary)
     if json_out:
         with open(json_out, "w") as fh:
             json.dump(summary, fh, indent=2, default=str)
 
 
+def _resolved(cfg: InstaflowConfig, value: Any) -> Any:
+    """The summary with store-relative URIs (`store://...`) resolved to where things are now."""
+    from instaflow_core.store import Store
+
+    store = Store(cfg.storage)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return store.resolve(v) if isinstance(v, str) and v.startswith("store://") else v
+
+    return walk(value)
+
+
+def _current_aliases(cfg: InstaflowConfig, reg: dict[str, Any]) -> dict[str, Any]:
+    """The registry's aliases of the registered version *now*: a cached register result would show the
+    aliases of its own time (before a `models promote` / `rollback`)."""
+    if not reg.get("model_name") or not reg.get("version"):
+        return reg
+    try:
+        from tasks.tracking.client import mlflow_client
+
+        with mlflow_client(cfg.registration, cfg.storage) as client:
+            aliases = client.get_registered_model(reg["model_name"]).aliases
+    except Exception:  # noqa: BLE001 - the summary keeps what the register stage reported
+        return reg
+    return {**reg, "aliases": sorted(a for a, v in aliases.items() if str(v) == str(reg["version"]))}
+
+
+def _where(uri: Any) -> str:
+    """A location as a user opens it: a plain path for local files, the URI otherwise."""
+    text = str(uri)
+    return text[len("file://") :] if text.startswith("file://") else text
+
+
 def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
     refs = summary.get("refs", {})
     t = Table(title="Rebuild summary", show_lines=False)
     t.add_column("what")
-    t.add_column("where")
+    t.add_column("where", overflow="fold")  # never cut a path with an ellipsis
+    paths: list[tuple[str, str]] = []  # long paths, printed once more on their own lines (copy-paste)
     for name in ("prompts", "triplets"):
         r = refs.get(name, {})
         t.add_row(
             f"table {name}",
-            f"{r.get('db_uri')}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)",
+            f"{_where(r.get('db_uri'))}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)",
         )
     for name in ("teacher", ModelKind.RF2, ModelKind.INSTAFLOW):
-        t.add_row(f"model {name}", str(refs.get(name, {}).get("uri")))
+        t.add_row(f"model {name}", _where(refs.get(name, {}).get("uri")))
     ev = summary.get("evaluation", {}) or {}
-    t.add_row("metrics", str(ev.get("uri")))
+    t.add_row("metrics", _where(ev.get("uri")))
     for setting, m in (ev.get("metrics") or {}).items():
         if isinstance(m, dict) and m.get("grid_uri"):
-            t.add_row(f"sample grid {setting}", str(m["grid_uri"]))
+            t.add_row(f"sample grid {setting}", _where(m["grid_uri"]))
+            paths.append((f"sample grid {setting}", _where(m["grid_uri"])))
     reg = summary.get("registered", {}) or {}
     t.add_row(
         "registered",
@@ -175,6 +235,8 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
     t.add_row("stages", ", ".join(f"{k}={v}" for k, v in summary.get("stages", {}).items()))
     t.add_row("time", f"{summary.get('wall_s')} s (flow {summary.get('elapsed_s')} s)")
     console.print(t)
+    for label, path in paths:
+        console.print(f"{label}: {path}", soft_wrap=True, highlight=False, markup=False)
     rows = ev.get("table") or []
     if rows:
         mt = Table(title="Evaluation")
@@ -208,10 +270,17 @@ def curate(
     """Stage 1: ingest, normalise, dedupe, filter and split captions into the `prompts` table."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.CURATE])
     from flows.curate import curate_flow
+    from instaflow_core.curation.prompts import CurationReport
+    from instaflow_core.store import Store
+    from tasks.curation import curation_summary
 
     ref = _run(curate_flow, cfg)
     _remember(cfg, prompts=ref)
-    console.print(f"prompts: {ref.key()} ({ref.rows} rows)")
+    console.print(
+        f"prompts: {_where(Store(cfg.storage).resolve(ref.key()))} ({ref.rows} rows)", soft_wrap=True
+    )
+    report = curation_summary(cfg.storage, ref)["report"]  # what this curation counted, from the table
+    console.print(f"curation: {CurationReport.from_dict(report).summary()}", soft_wrap=True, highlight=False)
 
 
 def generate(
@@ -227,6 +296,7 @@ def generate(
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     from flows.generate import generate_flow
+    from instaflow_core.store import Store
     from tasks.generation import parse_shard_slice
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
@@ -234,7 +304,9 @@ def generate(
     teacher = _need(cfg, "teacher", "pretrain") if cfg.models.teacher == PRETRAINED_TEACHER else None
     ref = _run(generate_flow, cfg, prompts, teacher, shard_slice=shard_slice)
     _remember(cfg, triplets=ref)
-    console.print(f"triplets: {ref.key()} ({ref.rows} rows)")
+    console.print(
+        f"triplets: {_where(Store(cfg.storage).resolve(ref.key()))} ({ref.rows} rows)", soft_wrap=True
+    )
 
 
 def reflow(
@@ -243,19 +315,21 @@ def reflow(
     """Stage 3: train the 2-Rectified Flow on the triplets (resumes from its last checkpoint)."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REFLOW])
     from flows.reflow import reflow_flow
+    from instaflow_core.store import Store
     from tasks.teacher import teacher_model
 
     triplets = _need(cfg, "triplets", "generate")
+    from flows.cli import logs
     from tasks.caching import prefect_settings
 
     if cfg.models.teacher == PRETRAINED_TEACHER:  # trained by `instaflow pretrain`, not resolved
         teacher = _need(cfg, "teacher", "pretrain")
     else:
-        with prefect_settings(cfg.storage, cfg.orchestration):
+        with logs.routed(cfg.storage, "teacher"), prefect_settings(cfg.storage, cfg.orchestration):
             teacher = teacher_model(cfg.models, cfg.storage)
     ref = _run(reflow_flow, cfg, triplets, teacher)
     _remember(cfg, teacher=teacher, **{ModelKind.RF2: ref})
-    console.print(f"2-RF: {ref.uri}")
+    console.print(f"2-RF: {_where(Store(cfg.storage).resolve(ref.uri))}", soft_wrap=True)
 
 
 def distill(
@@ -264,12 +338,13 @@ def distill(
     """Stage 4: distill the 2-RF into a one-step InstaFlow model."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     from flows.distill import distill_flow
+    from instaflow_core.store import Store
 
     rf = _need(cfg, ModelKind.RF2, "reflow")
     prompts = _need(cfg, "prompts", "curate")
     ref = _run(distill_flow, cfg, rf, prompts)
     _remember(cfg, instaflow=ref)
-    console.print(f"InstaFlow: {ref.uri}")
+    console.print(f"InstaFlow: {_where(Store(cfg.storage).resolve(ref.uri))}", soft_wrap=True)
 
 
 def evaluate(
@@ -288,7 +363,8 @@ def evaluate(
         evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
     )
     remember_evaluation(cfg.storage, result)
-    console.print_json(json.dumps({k: v for k, v in result.items() if k != "table"}, default=str))
+    shown = _resolved(cfg, {k: v for k, v in result.items() if k != "table"})
+    console.print_json(json.dumps(shown, default=str))
 
 
 def register(
@@ -307,4 +383,4 @@ def register(
         n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", *ModelKind.trained())
     }
     result = _run(register_flow, cfg, model, evaluation, lineage, rf_model=rf)
-    console.print_json(json.dumps(result, default=str))
+    console.print_json(json.dumps(_resolved(cfg, result), default=str))

@@ -40,7 +40,7 @@ def _open(preset: str, sets: list[str] | None, table: str, version: int | None) 
     from instaflow_core.store.query import open_for_query
 
     cfg = load_config(preset, sets)
-    store = Store(cfg.storage)
+    store = Store(cfg.storage, read_only=True)  # a read: no root created, no write probe
     return cfg, store, open_for_query(store, table, version)
 
 
@@ -148,7 +148,7 @@ def search(
     cols = _columns(columns, tbl.schema, compact=not as_json)
     if text is not None:
         rows, how = search_text(tbl, text, limit, cols, where)
-        note = "" if how == "fts" else "  (no full-text index here: substring match)"
+        note = "" if how == "fts" else "  (no full-text index on this version: substring scan)"
         _print_rows(rows, _title(tbl, f"search {text!r}{note}"), as_json)
         return
     column = embedding_column(tbl.schema)
@@ -194,7 +194,7 @@ def stats(
     from instaflow_core.store.query import table_stats
 
     cfg = load_config(preset, set_)
-    s = table_stats(Store(cfg.storage), table, version)
+    s = table_stats(Store(cfg.storage, read_only=True), table, version)
     if as_json:
         typer.echo(json.dumps(s, indent=2, default=str))
         return

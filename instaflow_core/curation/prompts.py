@@ -125,6 +125,24 @@ class CurationReport:
     def total_dropped(self) -> int:
         return sum(self.dropped.values()) + sum(self.bad_rows.values())
 
+    def bad_fraction(self) -> float:
+        """Bad input rows over all rows read (good ones reached the filters, bad ones did not)."""
+        bad = sum(self.bad_rows.values())
+        return bad / (self.read + bad) if self.read + bad else 0.0
+
+    def summary(self) -> str:
+        """One line of counts per reason: read, kept, dropped by filter, bad input rows."""
+
+        def listed(counts: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v:,}" for k, v in counts.items() if v) or "none"
+
+        dropped = {r: int(self.dropped[r]) for r in DROP_REASONS}
+        bad = sum(self.bad_rows.values())
+        return (
+            f"read {self.read + bad:,}, kept {self.kept:,}; dropped: {listed(dropped)}; "
+            f"bad rows: {listed(dict(sorted(self.bad_rows.items())))}"
+        )
+
     def rows(self) -> list[dict[str, Any]]:
         """Rows for a table artifact: one per reason with a non-zero count, then totals."""
         out = [
@@ -139,6 +157,18 @@ class CurationReport:
             {"stage": "total", "reason": "dropped", "count": self.total_dropped()},
         ]
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CurationReport:
+        """The inverse of `to_dict` (the report recorded in the prompts table's metadata)."""
+        return cls(
+            read=int(d.get("read", 0)),
+            kept=int(d.get("kept", 0)),
+            dropped=Counter(d.get("dropped") or {}),
+            bad_rows=Counter(d.get("bad_rows") or {}),
+            per_source=dict(d.get("per_source") or {}),
+            splits=Counter(d.get("splits") or {}),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from instaflow_core.config import CaptionSource, CurationConfig
 from instaflow_core.curation.prompts import Curator, rows_to_arrow
+from instaflow_core.curation.sniff import sniff
 from instaflow_core.errors import DataError
 
 OnBadRow = Literal["skip", "error"]
@@ -146,6 +147,11 @@ def iter_caption_batches(
     for file in files:
         fmt = detect_format(file) if source.format == "auto" else source.format
         reader = _READERS[fmt]
+        if fmt != "parquet":  # random bytes, images, archives: refused whole, never read as rows
+            compressed = next((e for e in _COMPRESSION_EXT if file.lower().endswith(e)), None)
+            reason = sniff(fs, _fs_path(fs, file), compressed)
+            if reason:
+                raise DataError(f"{file}: not a text caption file: {reason}")
         try:
             yield from _batched(file, reader(fs, file, source.column, bad), batch_rows)
         except DataError:

@@ -389,7 +389,8 @@ def describe_networks(fid_net: FeatureNet, clip_net: ClipNet) -> dict[str, Any]:
         "fid_paper_comparable": bool(fid_net.paper_comparable),
         "clip_model": clip_net.label,
         "clip_paper_comparable": bool(clip_net.paper_comparable),
-        # what the numbers are called in tables: FID / CLIP unless the network says otherwise (digits metrics)
-        "fid_metric": getattr(fid_net, "metric", "FID"),
-        "clip_metric": getattr(clip_net, "metric", "CLIP"),
+        # what the numbers are called in tables, when the network names its own metric (digits metrics);
+        # otherwise evaluation/names.metric_headers names them (FID only when paper-comparable)
+        **({"fid_metric": fid_net.metric} if getattr(fid_net, "metric", None) else {}),
+        **({"clip_metric": clip_net.metric} if getattr(clip_net, "metric", None) else {}),
     }

@@ -50,3 +50,29 @@ def check_gate(
             f"{'<=' if within else '>'} allowed {limit:g}"
         )
     return GateDecision(ok, reasons)
+
+
+# Registered model names: MLflow forbids / and :, quotes would break its filter strings, . and .. are paths.
+_BAD_NAME_CHARS = "/\\:'\"`"
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a registered model name (MLflow forbids / and :; quotes would break its filter
+    strings; . and .. are paths), or None when it can."""
+    if not name or not name.strip():
+        return "a registered model name cannot be empty"
+    if name.strip() in (".", "..") or any(c in _BAD_NAME_CHARS or ord(c) < 32 for c in name):
+        return (
+            f"{name!r} is not a registered model name: no / \\ : quotes or control characters "
+            "(e.g. instaflow-tiny)"
+        )
+    if len(name) > 256:
+        return f"registered model name of {len(name)} characters: at most 256"
+    return None
+
+
+def check_model_name(name: str | None) -> str | None:
+    """The config validator: ValueError naming the problem (None passes: an optional name)."""
+    if name is not None and (problem := model_name_problem(name)):
+        raise ValueError(problem)
+    return name

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from instaflow_core.evaluation.names import column_names
+
 MODEL_LABELS = {  # row-name prefix -> what the paper calls it
     "1rf": "1-RF (teacher)",
     "2rf": "2-RF",
@@ -35,7 +37,7 @@ def paper_table(
     if not rows:
         return []
     nets = rows[0].get("networks", {})
-    fd, align = nets.get("fid_metric", "FID"), nets.get("clip_metric", "CLIP")
+    fd, align = column_names(nets)
     order = list(MODEL_LABELS)
     keyed = sorted(
         rows, key=lambda r: (order.index(p) if (p := _split_name(r["name"])[0]) in order else 99, r["steps"])

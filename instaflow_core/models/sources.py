@@ -83,6 +83,16 @@ def _hub_options(models_cfg: ModelsConfig | None, kind: str) -> dict[str, Any]:
     }
 
 
+def _in_store(uri: str, storage_cfg: StorageConfig | None) -> str:
+    """`store://models/x` (a model the pipeline saved, relative to the store root) as a real URI."""
+    src = str(uri)
+    if src.startswith("store://"):
+        from instaflow_core.store.uri import Store
+
+        return Store(storage_cfg).resolve(src)
+    return src
+
+
 def local_model_path(
     uri: str,
     storage_cfg: StorageConfig | None = None,
@@ -90,7 +100,7 @@ def local_model_path(
     kind: str = "teacher",
 ) -> Path:
     """A local path holding the model `uri` names (see the module docstring); DataError when there is none."""
-    src = str(uri)
+    src = _in_store(uri, storage_cfg)
     if src.startswith("s3://"):
         from instaflow_core.store.uri import Store
 
@@ -116,7 +126,7 @@ def component_configs(
     kind: str = "teacher",
 ) -> dict[str, dict[str, Any]]:
     """{"unet": ..., "vae": ...}: the two configs that fix a model's geometry, read without any weights."""
-    src = str(uri)
+    src = _in_store(uri, storage_cfg)
     raw: dict[str, bytes] = {}
     if src.startswith("s3://"):
         from instaflow_core.store.uri import Store

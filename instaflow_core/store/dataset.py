@@ -49,7 +49,7 @@ def _open_lance(ref: TableRef, storage_cfg: StorageConfig) -> Any:
     import lance
 
     store = Store(storage_cfg)
-    uri = f"{ref.db_uri.rstrip('/')}/{ref.table}.lance"
+    uri = f"{store.resolve(ref.db_uri).rstrip('/')}/{ref.table}.lance"
     with store.guard(f"open {ref.key()}"):
         try:
             return lance.dataset(

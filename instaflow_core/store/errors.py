@@ -60,3 +60,48 @@ def translate_error(
     if isinstance(err, PermissionError):
         return StorageError(f"{what}: permission denied ({err.filename or err})")
     return None
+
+
+# ------------------------------------------------------------------------------------------- transient
+# Lance's Rust object store reports every failure as text (`OSError` / `ValueError("LanceError(IO): ...")`),
+# so for Lance this is the one place that reads messages: an outage or throttling, never a wrong key or a
+# missing object (those are permanent and listed first).
+_PERMANENT_MARKERS = (
+    *_AUTH_MARKERS,
+    *_NO_BUCKET_MARKERS,
+    "NoSuchKey",
+    "Not found",
+    "not found",
+    "InvalidBucketName",
+)
+_TRANSIENT_MARKERS = (
+    *_UNREACHABLE_MARKERS,
+    "error sending request",
+    "connection reset",
+    "Connection reset",
+    "connection closed",
+    "Connection aborted",
+    "broken pipe",
+    "Broken pipe",
+    "timed out",
+    "operation timed out",
+    "SlowDown",
+    "Throttl",
+    "ServiceUnavailable",
+    "Service Unavailable",
+    "InternalError",
+    "status: 500",
+    "status: 502",
+    "status: 503",
+    "status: 504",
+    "Retryable commit conflict",
+    "RequestTimeout",
+)
+
+
+def is_transient_message(text: str) -> bool:
+    """Does an error's text describe an outage, a timeout, throttling or a retryable conflict (not a wrong
+    key, a missing bucket or object)? Used for Lance and object_store errors, which carry no type."""
+    if any(m in text for m in _PERMANENT_MARKERS):
+        return False
+    return any(m in text for m in _TRANSIENT_MARKERS)

@@ -23,6 +23,7 @@ class FolderTransfer:
     def put_dir(self, local_dir: str | Path, uri: str, clean: bool = False) -> str:
         """Upload a local folder's contents (or one file) to uri; `clean` first deletes what is there."""
         src = Path(local_dir)
+        uri = self.resolve(uri)
         if not src.exists():
             raise StorageError(f"put_dir: local path {src} does not exist")
         fs, dest = self._fs_for(uri)
@@ -84,6 +85,7 @@ class FolderTransfer:
         rewritten in place is downloaded again. Downloads land in a temp folder renamed into place, so an
         interrupted download never looks complete.
         """
+        uri = self.resolve(uri)
         scheme, path = _split_scheme(uri)
         if scheme == "file":
             p = Path(path)

@@ -4,9 +4,11 @@ Pure data access over a LanceTable (plus `embed_prompts`, which turns prompts in
 needs). Every user mistake (a bad SQL
 filter, a missing table, column or version) is a `DataError` with one line.
 
-Indexes: `ensure_indexes(table)` keeps BTree scalar indexes on the prompt / run / teacher columns (the writer calls
-it after each run; new rows are folded into existing indexes without rewriting them). The full-text index on
-the prompt column is created on first use by `search_text`. A prompt embedding column, when a table has one,
+Indexes: `ensure_indexes(table)` keeps BTree scalar indexes on the prompt-id / run / teacher columns (never on
+triplet_id: a BTree there lets concurrent merges insert duplicates, docs/exactly-once.md) and the full-text
+index on the prompt column (the writer calls it after each run; new rows are folded into existing indexes
+without rewriting them). Nothing here that reads ever writes: `search_text` without an index scans. A prompt
+embedding column, when a table has one,
 is a fixed-size float list named `prompt_embedding` (or any `*embedding*` / `vector` column); vector search
 is cosine on it, brute force unless a vector index exists.
 """
@@ -127,21 +129,24 @@ def _indexed_columns(table: Any) -> dict[str, str]:
 
 
 def ensure_indexes(table: Any, columns: Sequence[str] = SCALAR_INDEX_COLUMNS) -> list[str]:
-    """BTree scalar indexes on the prompt/run/teacher columns the table has; folds new rows into existing ones.
+    """BTree scalar indexes on the prompt-id/run/teacher columns the table has, and the full-text index on its prompt
+    text column; folds new rows into existing ones. The stage that writes a table calls this (curation for
+    `prompts`, generation's finish task for `triplets`): read commands never build an index.
 
     Returns the columns whose index was created or updated (an empty list when all were current).
     """
-    from lancedb.index import BTree
+    from lancedb.index import FTS, BTree
 
     table.checkout_latest()
     indexed = _indexed_columns(table)
     changed = []
     to_update = []
-    for col in columns:
-        if col not in table.schema.names:
-            continue
+    text = next((c for c in TEXT_COLUMNS if c in table.schema.names), None)
+    wanted = [(c, BTree()) for c in columns if c in table.schema.names]
+    wanted += [(text, FTS(with_position=False))] if text else []
+    for col, config in wanted:
         if col not in indexed:
-            table.create_index(col, config=BTree(), replace=False)
+            table.create_index(col, config=config, replace=False)
             changed.append(col)
         else:
             stats = table.index_stats(indexed[col])
@@ -156,23 +161,20 @@ def ensure_indexes(table: Any, columns: Sequence[str] = SCALAR_INDEX_COLUMNS) ->
 
 
 def ensure_fts_index(table: Any, column: str) -> bool:
-    """A full-text (inverted) index on `column`, made on first use; False when none can be made (an old
-    version is checked out, or the store is read-only).
-
-    Rows added after the index was built are still searched (Lance scans unindexed rows), so this never
-    rebuilds an existing index.
-    """
+    """Writers only: a full-text (inverted) index on `column` at the latest version (True when there is one)."""
     from lancedb.index import FTS
 
-    if column in _indexed_columns(table):
+    if has_fts_index(table, column):
         return True
     if int(table.version) != int(table.to_lance().latest_version):
         return False  # a checked-out old version is read-only
-    try:
-        table.create_index(column, config=FTS(with_position=False))
-    except (OSError, RuntimeError, ValueError):
-        return False  # e.g. read-only credentials: the caller falls back to a substring scan
+    table.create_index(column, config=FTS(with_position=False))
     return True
+
+
+def has_fts_index(table: Any, column: str) -> bool:
+    """Is there a full-text index on `column`? (Read-only: search never creates one, see ensure_indexes.)"""
+    return column in _indexed_columns(table)
 
 
 # ------------------------------------------------------------------------------------------- queries
@@ -210,13 +212,14 @@ def search_text(
 ) -> tuple[pa.Table, str]:
     """Full-text search on the prompt column -> (rows with `_score`, how: 'fts' or 'substring').
 
-    An old table version without the index falls back to a case-insensitive substring scan.
+    Reads only: a table (version) without a full-text index is searched by a case-insensitive substring scan
+    (the writing stage builds the index: `ensure_indexes`).
     """
     if not text.strip():
         raise DataError("search text is empty")
     col = text_column(table.schema)
     cols = select_columns(table.schema, columns)
-    if ensure_fts_index(table, col):
+    if has_fts_index(table, col):
         q = table.search(text, query_type="fts", fts_columns=col).select([*cols, "_score"]).limit(limit)
         if where:
             q = q.where(where, prefilter=True)

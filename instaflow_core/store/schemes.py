@@ -6,6 +6,8 @@ from pathlib import Path
 
 from instaflow_core.errors import StorageError
 
+STORE_SCHEME = "store://"  # a URI relative to the store root (Store.ref / Store.resolve)
+
 
 def _split_scheme(uri: str) -> tuple[str, str]:
     """('s3', 'bucket/key') | ('file', '/abs/path'); plain paths count as file (relative to the cwd)."""
@@ -15,6 +17,8 @@ def _split_scheme(uri: str) -> tuple[str, str]:
     if uri.startswith("file://"):
         rest = uri[len("file://") :]
         return "file", str(Path(rest or ".").expanduser().resolve())
+    if uri.startswith(STORE_SCHEME):
+        raise StorageError(f"{uri} is relative to a store: resolve it with Store.resolve() first")
     if "://" in uri:
         raise StorageError(f"unsupported storage URI {uri!r}: use a path, file:// or s3://")
     return "file", str(Path(uri).expanduser().resolve())

@@ -242,7 +242,7 @@ def table_ref(store: Store, name: str, config_hash: str = "", version: int | Non
     table = open_table(store, name, version)
     with store.guard(f"count rows of {name!r}"):
         return TableRef(
-            db_uri=store.uri("lance"),
+            db_uri=store.ref("lance"),  # store-relative: a moved store still resolves it
             table=name,
             version=int(table.version),
             rows=int(table.count_rows()),
@@ -252,7 +252,7 @@ def table_ref(store: Store, name: str, config_hash: str = "", version: int | Non
 
 def open_ref(store: Store, ref: TableRef) -> Any:
     """Open the table a TableRef points at, at its version."""
-    if ref.db_uri.rstrip("/") != store.uri("lance"):
+    if store.resolve(ref.db_uri).rstrip("/") != store.uri("lance"):
         raise DataError(f"table {ref.key()} is not in this store ({store.uri('lance')})")
     return open_table(store, ref.table, ref.version)
 

@@ -4,6 +4,12 @@
 pylance need, folder upload/download and a cached local copy of a folder (diffusers loads model folders from
 disk). S3 keys are read from the environment variables the config names, at the moment a client is built;
 they are never stored on the Store, printed, logged, pickled or put into an exception message.
+
+References that outlive a run (TableRef, ModelRef, evaluation results, refs/latest.json, Prefect results) hold
+store-relative URIs, `store://lance` or `store://models/2rf-<key>` (`Store.ref`, `Store.relative`), and every
+method here resolves them against the current root (`Store.resolve`): a store copied or moved to another
+folder, or a bucket served by another endpoint, still resolves. Anything else (s3://, file://, plain paths, hub
+ids of external teachers) is left as it is.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ from instaflow_core.config import StorageConfig
 from instaflow_core.errors import InstaflowError, StorageError
 from instaflow_core.store.errors import StoreNotFoundError, translate_error
 from instaflow_core.store.folders import FolderTransfer
-from instaflow_core.store.schemes import _file_uri, _split_scheme
+from instaflow_core.store.schemes import STORE_SCHEME, _file_uri, _split_scheme
+
+# Lance's own (object_store) retries of one S3 request: a few seconds of a flaky endpoint are absorbed there;
+# longer outages are the task retries' job (tasks/retries.py), which re-run a task for minutes.
+LANCE_RETRY_OPTIONS = {"client_max_retries": "8", "client_retry_timeout": "20", "connect_timeout": "5s"}
 
 
 class Store(FolderTransfer):
@@ -29,7 +39,7 @@ class Store(FolderTransfer):
     the Store is made) or `s3://bucket/prefix`. Methods take URIs (s3://, file:// or plain local paths).
     """
 
-    def __init__(self, cfg: StorageConfig | str | None = None) -> None:
+    def __init__(self, cfg: StorageConfig | str | None = None, read_only: bool = False) -> None:
         if cfg is None:
             cfg = StorageConfig()
         elif isinstance(cfg, str):
@@ -47,6 +57,7 @@ class Store(FolderTransfer):
         self._fs: Any = None
         self._db: Any = None
         self._checked = False
+        self.read_only = read_only  # read commands: check() neither creates the root nor probes a write
 
     # ----------------------------------------------------------------------------------- identity
     def __repr__(self) -> str:
@@ -79,12 +90,35 @@ class Store(FolderTransfer):
                 raise StorageError(f"'..' is not allowed in store paths: {p!r}")
         return "/".join([self.root, *clean]) if clean else self.root
 
+    def ref(self, *parts: str) -> str:
+        """A store-relative URI for references that are persisted: `store.ref("models", "teacher")`."""
+        self.uri(*parts)  # the same checks ('..')
+        clean = [str(p).strip("/") for p in parts if str(p).strip("/")]
+        return STORE_SCHEME + "/".join(clean)
+
+    def relative(self, uri: str) -> str:
+        """`uri` as a store-relative URI when it lies under the root; anything else unchanged."""
+        root = self.root.rstrip("/")
+        if uri.rstrip("/") == root:
+            return STORE_SCHEME
+        if uri.startswith(root + "/"):
+            return STORE_SCHEME + uri[len(root) + 1 :].strip("/")
+        return uri
+
+    def resolve(self, uri: str) -> str:
+        """The real URI of a store-relative one (`store://x` -> `<root>/x`); others are returned unchanged."""
+        uri = str(uri)
+        if not uri.startswith(STORE_SCHEME):
+            return uri
+        return self.uri(*uri[len(STORE_SCHEME) :].split("/"))
+
     def fs_path(self, uri: str) -> str:
         """The path fsspec uses for a URI: 'bucket/key' on S3, an absolute path locally."""
-        return _split_scheme(uri)[1]
+        return _split_scheme(self.resolve(uri))[1]
 
     def local_path(self, uri: str) -> Path:
         """The local path of a file:// or plain-path URI (StorageError for s3://)."""
+        uri = self.resolve(uri)
         scheme, path = _split_scheme(uri)
         if scheme != "file":
             raise StorageError(f"{uri} is not a local path: use store.local_copy() to download it")
@@ -140,7 +174,7 @@ class Store(FolderTransfer):
         return self._fs
 
     def _fs_for(self, uri: str) -> tuple[Any, str]:
-        scheme, path = _split_scheme(uri)
+        scheme, path = _split_scheme(self.resolve(uri))
         if scheme == "s3":
             if not self.is_s3:
                 raise StorageError(f"{uri} is an S3 URI but storage.root is local ({self.root})")
@@ -155,7 +189,11 @@ class Store(FolderTransfer):
         """Options for `lancedb.connect` / `lance.dataset` (object_store keys); {} for local roots."""
         if not self.is_s3:
             return {}
-        opts = {"region": self.cfg.s3_region, "allow_http": "true" if self._allow_http() else "false"}
+        opts = {
+            "region": self.cfg.s3_region,
+            "allow_http": "true" if self._allow_http() else "false",
+            **LANCE_RETRY_OPTIONS,
+        }
         if self.cfg.s3_endpoint:
             opts["endpoint"] = self.cfg.s3_endpoint
         key, secret = self._keys()
@@ -191,6 +229,13 @@ class Store(FolderTransfer):
         """Fail fast with one clear StorageError when the root cannot be used (unreachable, keys, bucket)."""
         if self.is_local:
             path = Path(self.prefix)
+            if self.read_only:
+                if not path.is_dir():
+                    raise StorageError(
+                        f"no store at {path}: run `instaflow rebuild` (or point storage.root at one)"
+                    )
+                self._checked = True
+                return
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -242,6 +287,7 @@ class Store(FolderTransfer):
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write a whole object (atomically: S3 PUTs are; locally a temp file is renamed into place)."""
+        uri = self.resolve(uri)
         fs, path = self._fs_for(uri)
         with self.guard(f"write {uri}"):
             if _split_scheme(uri)[0] == "file":
@@ -262,7 +308,7 @@ class Store(FolderTransfer):
     def ls(self, uri: str) -> list[str]:
         """URIs of the direct children of a folder ([] if it does not exist)."""
         fs, path = self._fs_for(uri)
-        scheme = _split_scheme(uri)[0]
+        scheme = _split_scheme(self.resolve(uri))[0]
         with self.guard(f"list {uri}"):
             try:
                 names = fs.ls(path, detail=False)

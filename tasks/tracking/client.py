@@ -100,11 +100,13 @@ def mlflow_client(registry: RegistrationConfig, storage: StorageConfig) -> Itera
 
 
 def unreachable(uri: str) -> ConfigError:
-    """The one message for a tracking server that does not answer."""
-    return ConfigError(
+    """The one message for a tracking server that does not answer (transient inside a run: retried)."""
+    err = ConfigError(
         f"MLflow at {uri} is not reachable: is the server running? (instaflow stack up), "
         "or unset registration.tracking_uri for the local sqlite registry"
     )
+    err.transient = True  # type: ignore[attr-defined]  # tasks/retries.py retries it within the window
+    return err
 
 
 def is_unreachable(err: BaseException) -> bool:
@@ -149,6 +151,13 @@ def ensure_experiment(client: Any, name: str) -> str:
     """The experiment id, creating it (artifacts next to a sqlite db) when missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        db, wanted = _sqlite_path(client.tracking_uri), artifact_location(client.tracking_uri)
+        if db is not None and wanted:  # a registry that moved with its store: artifacts follow it
+            from tasks.tracking.relocate import relocate, stale_prefix
+
+            old = stale_prefix(exp.artifact_location, wanted)
+            if old:
+                relocate(db, old, wanted)
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
 

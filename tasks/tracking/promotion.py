@@ -52,8 +52,18 @@ def _history(client: Any, name: str) -> list[str]:
         return []
 
 
+def check_name(name: str) -> str:
+    """A ConfigError for a name MLflow cannot hold (or that would break a filter string)."""
+    from instaflow_core.evaluation.gate import model_name_problem
+
+    problem = model_name_problem(name)
+    if problem:
+        raise ConfigError(problem)
+    return name
+
+
 def _check_model(client: Any, name: str) -> list[Any]:
-    versions = _versions(client, name)
+    versions = _versions(client, check_name(name))
     if not versions:
         known = sorted(m.name for m in client.search_registered_models())
         raise DataError(f"no registered model {name!r} at {client.tracking_uri} (models: {known or 'none'})")
@@ -76,7 +86,23 @@ def promote_version(
     if version is None:
         cand = _alias_version(client, name, CANDIDATE)
         if cand is None:
-            raise DataError(f"{name} has no '{CANDIDATE}' version: pass --version")
+            champ = _alias_version(client, name, CHAMPION)
+            if champ is None:
+                raise DataError(f"{name} has no '{CANDIDATE}' version: pass --version")
+            # auto-promotion already moved champion to the newest registered version (e.g. after `make demo`)
+            return {
+                "model_name": name,
+                "version": str(champ.version),
+                "previous_champion": str(champ.version),
+                "passed": True,
+                "promoted": False,
+                "forced": False,
+                "nothing_to_promote": True,
+                "reasons": [
+                    f"nothing to promote: version {champ.version} is already champion "
+                    f"(no '{CANDIDATE}' version; pass --version N to promote another)"
+                ],
+            }
         version = cand.version
     version = str(version)
     if version not in versions:
@@ -151,6 +177,8 @@ def rollback_champion(client: Any, name: str) -> dict[str, Any]:
 def list_models(client: Any, name: str | None = None) -> list[dict[str, Any]]:
     """Every version (of `name`, or of all registered models): aliases, key metrics, kind, creation time."""
     names = [name] if name else sorted(m.name for m in client.search_registered_models())
+    if name:
+        _check_model(client, name)  # a bad or unknown name: one line, not an MLflow traceback
     rows = []
     for n in names:
         aliases: dict[str, list[str]] = {}
@@ -167,6 +195,10 @@ def list_models(client: Any, name: str | None = None) -> list[dict[str, Any]]:
                     "kind": (mv.tags or {}).get("instaflow.kind", ""),
                     **{m: metrics.get(m) for m in SHOWN_METRICS},
                     "forced_reason": (mv.tags or {}).get("instaflow.forced_reason"),
+                    # which networks computed fid / clip_score (labels; the headers are named after them)
+                    "networks": {
+                        k: (mv.tags or {}).get(f"instaflow.{k}", "") for k in ("fid_features", "clip_model")
+                    },
                 }
             )
     return rows

@@ -149,7 +149,7 @@ def test_curate_flow_on_s3_with_s3_parquet_glob(prefect_api, s3_storage_cfg):
         store.write_bytes(store.uri("raw", f"part-{k}.parquet"), buf.getvalue().to_pybytes())
     cfg = _cfg(s3_storage_cfg, [{"path": store.uri("raw", "*.parquet")}], min_tokens=4)
     ref = _run(cfg)
-    assert ref.db_uri.startswith("s3://") and ref.rows == 80
+    assert ref.db_uri == "store://lance" and store.resolve(ref.db_uri).startswith("s3://") and ref.rows == 80
     rows = _rows(s3_storage_cfg)
     assert {r["source"] for r in rows} == {
         store.uri("raw", "part-0.parquet"),

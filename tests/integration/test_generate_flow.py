@@ -78,7 +78,7 @@ def test_generate_tiny_local(prefect_api, local_storage_cfg):
 
     with prefect_settings(cfg.storage, cfg.orchestration):
         teacher = teacher_model(cfg.models, cfg.storage)
-    assert teacher.uri.startswith(Store(cfg.storage).uri("models", "teacher-"))
+    assert Store(cfg.storage).resolve(teacher.uri).startswith(Store(cfg.storage).uri("models", "teacher-"))
     assert teacher.source.startswith("tiny-")
 
     ref = _run(cfg, generate_flow, prompts, teacher)
@@ -149,7 +149,7 @@ def test_generate_tiny_s3_with_stored_noise(prefect_api, s3_storage_cfg):
     cfg = _cfg(s3_storage_cfg, "generation.store_noise=true", "generation.max_prompts=6")
     prompts = _run(cfg, curate_flow)
     ref = _run(cfg, generate_flow, prompts)
-    assert ref.db_uri.startswith("s3://") and ref.rows == 12
+    assert Store(cfg.storage).resolve(ref.db_uri).startswith("s3://") and ref.rows == 12
     got = open_ref(Store(cfg.storage), ref).to_arrow()
     assert len(set(got.column("triplet_id").to_pylist())) == 12
     x0 = rows_to_latents(got.column("x0"), (4, 8, 8)).astype("float32")

@@ -29,6 +29,7 @@ from instaflow_core.store import (
     tensor_shape,
     to_tensor_column,
 )
+from instaflow_core.store.uri import LANCE_RETRY_OPTIONS
 
 SHAPE = (2, 3, 3)
 
@@ -170,7 +171,7 @@ def test_table_merge_is_idempotent_and_versioned(storage_cfg):
     assert versions == sorted(versions) and v1 in versions and versions[-1] == reopened.version
     ref = table_ref(store, "triplets", config_hash="abc")
     assert (ref.table, ref.version, ref.rows, ref.config_hash) == ("triplets", reopened.version, 5, "abc")
-    assert ref.db_uri == store.uri("lance")
+    assert ref.db_uri == "store://lance" and store.resolve(ref.db_uri) == store.uri("lance")
     assert table_ref(store, "triplets", version=v1).rows == 3
     # wrong rows are a DataError naming the problem
     with pytest.raises(DataError, match="missing"):
@@ -258,6 +259,7 @@ def test_s3_storage_options_and_secrets_stay_out_of_sight(s3_storage_cfg, s3_ser
         "region": "us-east-1",
         "aws_access_key_id": s3_server.access_key,
         "aws_secret_access_key": s3_server.secret_key,
+        **LANCE_RETRY_OPTIONS,  # Lance's own request retries (tasks/retries.py retries whole tasks)
     }
     store.check()
     store.write_bytes(store.uri("x"), b"1")  # builds the clients

@@ -1,0 +1,65 @@
+"""Nothing is left behind by a killed CLI: its embedded Prefect API server dies with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.support import REPO
+
+SERVER_MARK = "prefect.server.api.server:create_app"
+
+
+def _find(parent: psutil.Process, mark: str) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            if mark in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_sigkill_of_the_cli_stops_its_embedded_prefect_server(tmp_path, faults) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(tmp_path),
+    }
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a photo of a cat on a sofa\n" * 3)
+    cmd = [sys.executable, "-m", "flows.cli", "curate", "--set", f"storage.root={tmp_path / 'store'}"]
+    cmd += ["--set", f"curation.sources=[{{path: '{caps}'}}]"]
+    log = (tmp_path / "cli.log").open("wb")
+    cli = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    server = None
+    try:
+        parent = psutil.Process(cli.pid)
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and cli.poll() is None:
+            server = _find(parent, SERVER_MARK)
+            if server is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(2.0)  # the server answers and the CLI goes on with its run
+        assert server is not None and cli.poll() is None, (tmp_path / "cli.log").read_text()[-3000:]
+        os.kill(cli.pid, signal.SIGKILL)
+        cli.wait(30)
+        gone = psutil.wait_procs([server], timeout=30)[0]
+        faults.record("test_leftovers", "SIGKILL of the CLI (embedded API)", 1, note="server stopped")
+        assert gone, f"the embedded Prefect server (pid {server.pid}) outlived the killed CLI"
+    finally:
+        log.close()
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+        if server is not None and server.is_running():
+            server.kill()
