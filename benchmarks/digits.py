@@ -43,7 +43,7 @@ def run_rebuild(seed: int, out: Path, extra: list[str], tag: str = "paper") -> s
     cmd = [
         sys.executable,
         "-m",
-        "flows.cli.main",
+        "flows.cli",
         "rebuild",
         "--preset",
         "digits",
@@ -73,6 +73,8 @@ def run_all(jobs: list[tuple[int, list[str], str]], out: Path, parallel: int) ->
         if proc.wait() != 0:
             tail = (out / f"{tag}-seed{seed}.log").read_text().splitlines()[-15:]
             raise SystemExit(f"{tag} seed {seed} failed:\n" + "\n".join(tail))
+        if not (out / f"{tag}-seed{seed}.json").is_file():  # a run that wrote no summary did not rebuild
+            raise SystemExit(f"{tag} seed {seed} wrote no summary: see {out / f'{tag}-seed{seed}.log'}")
         print(f"{tag} seed {seed}: done", flush=True)
 
 

@@ -20,7 +20,8 @@ from instaflow_core.refs import Stage
 # resolution check reads, so it always runs before it.
 STAGE_CHECKS: dict[Stage, tuple[str, ...]] = {
     Stage.TEACHER: ("storage", "teacher"),
-    Stage.CURATE: ("storage", "sources", "teacher"),  # curation counts tokens with the teacher's tokenizer
+    Stage.CURATE: ("storage", "sources", "teacher"),
+    Stage.PRETRAIN: ("storage", "teacher", "tracking"),  # curation counts tokens with the teacher's tokenizer
     Stage.GENERATE: ("storage", "teacher", "resolution"),
     Stage.REFLOW: ("storage", "teacher", "tracking"),
     Stage.DISTILL: ("storage", "lpips", "resolution", "tracking"),

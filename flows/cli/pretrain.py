@@ -10,15 +10,16 @@ from flows.cli.options import PresetOpt, SetOpt
 from flows.cli.run import PrefectApiOpt, _need, _prepare, _remember, _run, console
 from instaflow_core.errors import ConfigError
 from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
+from instaflow_core.refs import Stage
 
 
 def pretrain(
     preset: str = PresetOpt, set_: list[str] = SetOpt, prefect_api: str | None = PrefectApiOpt
 ) -> None:
     """Stage 1b: train the teacher (a 1-rectified flow) on the curated (image, caption) table."""
+    cfg = _prepare(preset, set_, prefect_api, stages=[Stage.PRETRAIN])
     from flows.pretrain import pretrain_flow
 
-    cfg = _prepare(preset, set_, prefect_api)
     if cfg.models.teacher != PRETRAINED_TEACHER:
         raise ConfigError(
             f"models.teacher is {cfg.models.teacher!r}: pretraining runs when it is `pretrain` (e.g. --preset digits)"

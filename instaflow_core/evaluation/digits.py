@@ -34,9 +34,9 @@ from instaflow_core.config import stable_hash
 from instaflow_core.curation.images import DIGIT_WORDS, read_images
 from instaflow_core.errors import DataError
 from instaflow_core.evaluation.eval_set import EvalItem, EvalSet, derived_seed
+from instaflow_core.experiments.digits_config import DIGITS_NET  # noqa: F401 - one spelling, re-exported
 from instaflow_core.refs import TableRef
 
-DIGITS_NET = "digits-classifier"
 IMAGE_TABLE_REFERENCE = "image-table"
 NOT_FID = "a digits metric, not FID: not comparable with any paper's number"
 

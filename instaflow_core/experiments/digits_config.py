@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 PRETRAINED_TEACHER = (
     "pretrain"  # models.teacher: the pretrain stage trains the teacher (section `pretraining`)
 )
+# evaluation.fid_features / clip_model: the classifier that evaluation/digits.py trains on the real digits
+DIGITS_NET = "digits-classifier"
 
 DIGIT_TEMPLATES = (
     "a handwritten digit {word}",

@@ -21,6 +21,7 @@ from instaflow_core.config import (
     StorageConfig,
 )
 from instaflow_core.errors import ConfigError, InstaflowError
+from instaflow_core.experiments.digits_config import DIGITS_NET, PRETRAINED_TEACHER
 from instaflow_core.models.geometry import Geometry, tiny_geometry
 from instaflow_core.models.sources import (
     CONFIG_FILES,
@@ -62,6 +63,8 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
     src = models.teacher
     if src == TINY:
         return [], tiny_geometry(models.tiny)
+    if src == PRETRAINED_TEACHER:  # trained by the pretrain stage from models.digits: nothing to resolve yet
+        return [], None
     what = f"models.teacher={src!r}"
     try:
         if src.startswith("s3://"):
@@ -241,9 +244,9 @@ def evaluation_problems(ev: EvaluationConfig, models: ModelsConfig, storage: Sto
             out.append(f"evaluation.inception_weights={ev.inception_weights!r}: file not found")
     elif fid == "dinov2":
         out += pretrained_problems(DINOV2, "evaluation.fid_features=dinov2 needs", lfo)
-    elif fid not in (TINY, "clip"):
+    elif fid not in (TINY, "clip", DIGITS_NET):
         out += pretrained_problems(fid, "evaluation.fid_features", lfo)
-    if ev.clip_model != TINY:
+    if ev.clip_model not in (TINY, DIGITS_NET):  # the digits classifier is trained by the evaluation itself
         out += pretrained_problems(ev.clip_model, "evaluation.clip_model", lfo)
     return out
 
@@ -268,6 +271,12 @@ def source_problems(curation: CurationConfig, storage: StorageConfig) -> list[st
         return ["curation.sources is empty: name at least one caption file (path, format, column)"]
     out = []
     for i, src in enumerate(curation.sources):
+        if src.format == "digits":  # scikit-learn's bundled images (curation/images.py): no file to find
+            if importlib.util.find_spec("sklearn") is None:
+                out.append(
+                    f"curation.sources.{i}: format digits needs scikit-learn (pip install scikit-learn)"
+                )
+            continue
         try:
             fs = _source_fs(src.path, storage)
             _, files = resolve_paths(src.path, fs)
