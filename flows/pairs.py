@@ -22,15 +22,13 @@ from instaflow_core.refs import ModelRef, TableRef
 from tasks.artifacts import Progress, run_logger
 from tasks.generation import (
     finish_pairs,
-    generate_preview,
     pairs_shard,
     parse_shard_slice,
     plan_pairs,
     prepare_pairs_table,
-    report_pairs,
     slice_ref,
-    wrote_now,
 )
+from tasks.generation_report import generate_preview, report_pairs, wrote_now
 from tasks.runners import make_task_runner
 
 

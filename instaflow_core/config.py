@@ -24,6 +24,7 @@ from pydantic import (
 
 from instaflow_core.errors import ConfigError
 from instaflow_core.experiments import digits_config as dig  # the digits sections (pure pydantic: no cycle)
+from instaflow_core.overrides import apply_override, format_validation, parse_override
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found by wheel installs too
 # Sections that were renamed (one word per stage): a preset or override using the old name gets told the new one.
@@ -338,52 +339,6 @@ def preset_path(preset: str | Path) -> Path:
     return candidate
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as YAML (numbers, bools, lists)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
-    parts = [k for k in key.strip().split(".") if k]
-    if not parts:
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_override(data: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
-            if isinstance(nxt, list) and parts[i + 1].isdigit():
-                # stages.0.steps=5: index into a list of sections
-                idx = int(parts[i + 1])
-                if idx >= len(nxt):
-                    raise ConfigError(f"override {'.'.join(parts)}: index {idx} out of range")
-                if i + 2 == len(parts):
-                    nxt[idx] = value
-                    return
-                apply_override(nxt[idx], parts[i + 2 :], value)
-                return
-            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def _format_validation(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{loc}: {msg}")
-    return "invalid config: " + "; ".join(lines)
-
-
 def from_dict(data: dict[str, Any]) -> InstaflowConfig:
     for old, new in RENAMED_SECTIONS.items():
         if old in data:
@@ -393,7 +348,7 @@ def from_dict(data: dict[str, Any]) -> InstaflowConfig:
     try:
         return InstaflowConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err)) from err
+        raise ConfigError(format_validation(err)) from err
 
 
 def load(preset: str | Path = "tiny", overrides: list[str] | None = None) -> InstaflowConfig:

@@ -35,17 +35,8 @@ from instaflow_core.errors import DataError
 
 OnBadRow = Literal["skip", "error"]
 
-_EXT_FORMAT = {
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".txt": "txt",
-    ".text": "txt",
-    ".json": "coco",
-}
+_EXT_FORMAT = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+_EXT_FORMAT |= {".tsv": "csv", ".txt": "txt", ".text": "txt", ".json": "coco"}
 _COMPRESSION_EXT = (".gz", ".bz2", ".zst", ".xz")
 _GLOB_CHARS = "*?["
 
