@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from instaflow_core.config import load
+from instaflow_core.store import Store
 from tasks.caching import prefect_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -50,7 +51,7 @@ def test_digits_rebuild_trains_its_teacher_and_the_orderings_hold(tmp_path: Path
     assert m["1rf_25step"]["fid"] > ev["floor"] * 0.9  # nothing beats real digits by much
     names = [r["model"] for r in ev["paper_table"]]
     assert names[0] == "1-RF (teacher)" and names[-1] == "real train images (floor)"
-    grid = Path(ev["grid"]["uri"].removeprefix("file://"))
+    grid = Store(cfg.storage).local_path(ev["grid"]["uri"])  # a store-relative ref (store://eval/grids/...)
     assert ev["grid"]["rows"] == ["teacher 25-step", "1-RF 1-step", "2-RF 1-step", "InstaFlow 1-step"]
     with Image.open(grid) as im:
         assert im.size[0] > 10 * 48 and im.size[1] > 4 * 48

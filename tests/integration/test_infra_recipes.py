@@ -53,6 +53,7 @@ def test_one_run_per_gpu_recipe_on_two_cpu_processes(prefect_api, tmp_path: Path
         "PYTHONPATH": str(REPO),
         "PREFECT_API_URL": PREFECT_API_URL.value(),
         "OMP_NUM_THREADS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",  # the slice summary line is INFO (the test harness sets WARNING)
     }
     curate = subprocess.run(
         f"instaflow curate {preset}",
