@@ -176,11 +176,21 @@ def run_shard(
         )
     if "x0" in table.schema.names and noise is None:
         raise ValueError("the table stores x0: pass noise=")
-    fill = functools.partial(
+    fill_batches = functools.partial(
         _fill, table=table, solve=solve, batch_size=batch_size, teacher=teacher, solver=solver, shard=shard,
-        run_id=run_id, write=write, noise=noise, on_batch=on_batch, rows_per_commit=rows_per_commit, total=len(jobs),
-        async_write=async_write,
+        run_id=run_id, noise=noise, on_batch=on_batch, rows_per_commit=rows_per_commit, total=len(jobs),
     )  # fmt: skip
+
+    def fill(todo: Sequence[TripletJob], **kw: Any) -> None:
+        # async: a drop-in for `write` (same calls, same order, on one worker thread), closed per fill so the
+        # shard is marked done only once its last write has landed
+        writer = AsyncLatentWriter(write) if async_write and todo else None
+        try:
+            fill_batches(todo, write=writer or write, **kw)
+        finally:
+            if writer is not None:
+                writer.close()  # waits for the last write; a failed one raises here
+
     tally = [0]  # rows written by this call, also when a lost lease interrupts a fill
     have = existing_ids(table, done_filter)
     if on_batch:
@@ -237,18 +247,8 @@ def _fill(
     check: Callable[[], None] | None,
     rows_per_commit: int | None,
     tally: list[int],
-    async_write: bool = False,
 ) -> None:
     """Solve `todo` in batches and write them (after `check()`, when given), counting rows in `tally[0]`."""
-    if async_write and todo:  # a drop-in for `write`: same calls, same order, on one worker thread
-        writer = AsyncLatentWriter(write)
-        try:
-            _fill(todo, done=done, total=total, table=table, solve=solve, batch_size=batch_size, teacher=teacher,
-                  solver=solver, shard=shard, run_id=run_id, write=writer, noise=noise, on_batch=on_batch,
-                  check=check, rows_per_commit=rows_per_commit, tally=tally)  # fmt: skip
-        finally:
-            writer.close()  # waits for the last write; a failed one raises here
-        return
     schema = table.schema
     store_x0 = "x0" in schema.names
     pending: list[pa.Table] = []
