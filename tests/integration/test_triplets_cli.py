@@ -224,7 +224,16 @@ def test_cli_user_mistakes_are_one_line(local_storage_cfg, tmp_path):
     )
     assert r.returncode == 1
     err = [x for x in r.stderr.splitlines() if x.strip() and "WARN" not in x]
-    assert err == [
+    root = Store(local_storage_cfg).local_path(local_storage_cfg.root)
+    assert err == [f"error: no store at {root}: run `instaflow rebuild` (or point storage.root at one)"]
+    assert not root.exists()  # a read command never creates the store
+
+    root.mkdir(parents=True)
+    r = subprocess.run(
+        [*cmd, "triplets", "query", *sets], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    err = [x for x in r.stderr.splitlines() if x.strip() and "WARN" not in x]
+    assert r.returncode == 1 and err == [
         f"error: no table 'triplets' in {Store(local_storage_cfg).uri('lance')}: run `instaflow generate` first (tables here: none)"
     ]
 

@@ -151,7 +151,10 @@ def test_cli_errors_inside_flows_are_one_line(prefect_api, children, tmp_path, f
     log = Path(line.rsplit("full log: ", 1)[1].rstrip(")"))
     assert log.is_file() and "Traceback" in log.read_text()  # the chain is in the file, not on screen
     _one_line(curate(noise), "binary data")
-    _one_line(curate(mostly, "models.teacher=/nonexistent/teacher"), "/nonexistent/teacher")
+    # a missing teacher is the preflight's: one header line, then one line per problem, before any work
+    missing = curate(mostly, "models.teacher=/nonexistent/teacher")
+    head = _one_line(missing, "1 problem found before any work started")
+    assert "/nonexistent/teacher" in missing.stderr.split(head, 1)[1].splitlines()[1], missing.stderr[-3000:]
     assert len(list_versions(Store(f"file://{root}"), "prompts")) == versions
     faults.record("test_bad_input", "CLI: empty / binary / missing teacher", 3, note="one error line each")
 
