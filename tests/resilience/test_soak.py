@@ -50,7 +50,7 @@ def _ids(store: Store, table: str) -> list[str]:
 
 
 def _stage_at_kill(log: Path) -> str:
-    flows = re.findall(r"for flow 'instaflow-(\w+)'", log.read_text(errors="replace"))
+    flows = re.findall(r"for flow 'instaflow-(\w+)'", _text(log))
     return flows[-1] if flows else "start-up"
 
 
@@ -74,6 +74,11 @@ def check_consistent(store: Store) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _text(log: Path) -> str:
+    """The child's log so far ("" until the child has created it)."""
+    return log.read_text(errors="replace") if log.exists() else ""
+
+
 def test_soak_rebuilds_with_random_kills_then_a_moved_store(prefect_api, children, tmp_path, faults) -> None:
     from flows.rebuild import rebuild_flow
 
@@ -94,7 +99,7 @@ def test_soak_rebuilds_with_random_kills_then_a_moved_store(prefect_api, childre
             if kill and target is None and time.monotonic() - t0 >= delay:
                 break
             if kill and target is not None:
-                if began is None and f"for flow 'instaflow-{target}'" in log.read_text(errors="replace"):
+                if began is None and f"for flow 'instaflow-{target}'" in _text(log):
                     began = time.monotonic()
                 if began is not None and time.monotonic() - began >= after:
                     break

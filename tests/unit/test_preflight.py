@@ -18,6 +18,7 @@ from instaflow_core.config import (
     StorageConfig,
     load,
 )
+from instaflow_core.errors import ConfigError
 from instaflow_core.models.geometry import tiny_geometry
 from instaflow_core.preflight import checks
 from instaflow_core.preflight.checks import PreflightError
@@ -53,7 +54,7 @@ def test_all_problems_at_once_one_line_each(tmp_path: Path) -> None:
             f"storage.root=file://{tmp_path}/store",
             f"models.teacher={tmp_path}/no-such-teacher",
             "distillation.stages=[{steps: 2, batch_size: 2, loss: lpips}]",
-            "registration.model_name=a/b",
+            f"evaluation.coco_captions={tmp_path}/captions_val2017.json",
         ],
     )
     report = run_preflight(cfg)
@@ -61,7 +62,11 @@ def test_all_problems_at_once_one_line_each(tmp_path: Path) -> None:
     assert len(problems) == 3, problems
     assert any("no-such-teacher" in p for p in problems)
     assert any("lpips_weights is not set" in p for p in problems)
-    assert any("'a/b'" in p for p in problems)
+    assert any("captions_val2017.json not found" in p for p in problems)
+    with pytest.raises(
+        ConfigError, match="'a/b' is not a registered model name"
+    ):  # refused as the config loads
+        load("tiny", [f"storage.root=file://{tmp_path}/store", "registration.model_name=a/b"])
     with pytest.raises(PreflightError) as info:
         report.raise_if_failed()
     lines = str(info.value).splitlines()
@@ -119,7 +124,10 @@ def test_model_names_follow_mlflow_own_rule(name: str) -> None:
 
 def test_registry_problems() -> None:
     assert checks.registry_problems(RegistrationConfig()) == []
-    problems = checks.registry_problems(RegistrationConfig(model_name="a/b", rf_model_name="c:d"))
+    # the config refuses such names as it loads; the check also covers a config built without validation
+    problems = checks.registry_problems(
+        RegistrationConfig.model_construct(model_name="a/b", rf_model_name="c:d")
+    )
     assert len(problems) == 2 and "'/'" in problems[0] and "':'" in problems[1]
     same = checks.registry_problems(RegistrationConfig(model_name="m", rf_model_name="m"))
     assert "same as registration.model_name" in same[0]
