@@ -36,10 +36,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         ["reflow.stages.0.loss=pseudo_huber", "distillation.stages.0.loss=pseudo_huber"],
     ),
     "scratch": ("2-RF trained from scratch", ["reflow.init_from=scratch"]),
-    # the paper's control at a shorter budget than the preset's 100 steps (the prototype's "short budget")
-    "distill_40": (
-        "distillation (InstaFlow and the control) at 40 steps",
-        ["distillation.stages.0.steps=40", "distillation.warmup_steps=10"],
+    # the paper's control at a longer distillation budget than the preset's 40 steps (the preset's earlier default)
+    "distill_100": (
+        "distillation (InstaFlow and the control) at 100 steps",
+        ["distillation.stages.0.steps=100", "distillation.warmup_steps=25"],
     ),
 }
 

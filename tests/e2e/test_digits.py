@@ -15,9 +15,9 @@ from tasks.caching import prefect_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-# about a third of the demo's compute: the orderings hold there (one of them with a smaller margin, below)
+# the demo's teacher (a weaker one, 600 steps, drew digits the classifier read right only ~82% of the time at 25
+# steps), fewer triplets and pairs, a smaller evaluation: the orderings hold (one with a smaller margin, below)
 CI_BUDGET = [
-    "pretraining.stages.0.steps=600",
     "generation.images_per_prompt=38",
     "reflow.stages.0.steps=600",
     "distillation.pairs.images_per_prompt=25",
