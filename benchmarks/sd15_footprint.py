@@ -213,14 +213,18 @@ def gpu_budget(results: dict, card_gb: float = 80.0) -> list[str]:
         return lines + ["  (run the activations phase for the per-sample activation term)"]
     reserve = 3 * GB  # CUDA context, allocator fragmentation, workspaces
     for gc in ("no_gc", "gc"):
+        # saved bytes = W + a * latent pixels: W is what does not grow with the image (autocast's bf16 copies of
+        # the weights are saved for backward once per forward, ~2 B/param), a the per-pixel activations (SDPA
+        # keeps attention linear in the tokens); two sizes give both
         small, big = act["16"][gc], act["32"][gc]
-        exponent = 0.5 * __import__("math").log2(big / small)  # bytes ~ tokens ** exponent
-        at512 = big * (64 * 64 / (32 * 32)) ** exponent
-        fits = int(max(0, card_gb * GB - total - reserve) // at512)
+        per_pixel = max(0.0, (big - small) / (32 * 32 - 16 * 16))
+        fixed = max(0.0, small - per_pixel * 16 * 16)
+        at512 = per_pixel * 64 * 64
+        fits = int(max(0, card_gb * GB - total - fixed - reserve) // at512) if at512 else 0
         label = "with gradient checkpointing" if gc == "gc" else "without gradient checkpointing"
         lines.append(
-            f"  activations {label:<31} {at512 / GB:6.2f} GB / sample (measured {small / GB:.3f} GB at 128 px, "
-            f"{big / GB:.3f} GB at 256 px: x{big / small:.2f} per 4x pixels) -> micro_batch_size <= {fits}"
+            f"  activations {label:<31} {at512 / GB:6.2f} GB / sample at 512 px + {fixed / GB:.2f} GB once "
+            f"(measured {small / GB:.3f} GB at 128 px, {big / GB:.3f} GB at 256 px) -> micro_batch_size <= {fits}"
         )
     return lines
 
@@ -258,7 +262,14 @@ def main() -> int:
     ap.add_argument("--phases", default=",".join(PHASES))
     ap.add_argument("--out", default=None, help="also write the results as JSON")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--report", default=None, help="print the report of results saved with --out (JSON files)"
+    )
     args = ap.parse_args()
+    if args.report:
+        results = {k: v for f in args.report.split(",") for k, v in json.loads(Path(f).read_text()).items()}
+        print(report(results, args))
+        return 0
     if args.child:
         print("RESULT " + json.dumps(phase(args.child, args)), flush=True)
         return 0
