@@ -69,13 +69,7 @@ def connect_ray(orchestration: OrchestrationConfig) -> dict[str, Any]:
         }  # fmt: skip
         if address == "local":  # a private instance: never joins a cluster some other user started here
             kwargs |= {"num_cpus": orchestration.max_workers, "include_dashboard": False}
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
-            raise ConfigError(
-                f"orchestration.ray_address={address!r}: cannot connect to a Ray cluster there "
-                f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
-            ) from err
+        _init_with_retries(ray, kwargs, address)
         _RAY["want"] = want
         atexit.register(_shutdown)
         res = ray.cluster_resources()
@@ -84,6 +78,52 @@ def connect_ray(orchestration: OrchestrationConfig) -> dict[str, Any]:
             res.get("CPU", 0), res.get("GPU", 0),
         )  # fmt: skip
     return dict(ray.cluster_resources())
+
+
+# A Ray client connection (`ray://`) starts a dedicated server process on the head for each client; that start
+# can fail transiently (Ray's proxier reports "Initialization failure from server" when the process exits while
+# it is being watched, seen on a loaded 2-core machine). Each retry gets a fresh server on another port. Nothing
+# listening at the address is a different error (ConnectionError after Ray's own timeout) and is not retried.
+_CLIENT_INIT_ATTEMPTS = 3
+_CLIENT_INIT_BACKOFF_S = 2.0
+
+
+def _init_with_retries(ray: Any, kwargs: dict[str, Any], address: str) -> None:
+    import time
+
+    for attempt in range(1, _CLIENT_INIT_ATTEMPTS + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except ConnectionAbortedError as err:  # the client server failed to start: transient
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # drop the half-made client context before the next try
+            if attempt == _CLIENT_INIT_ATTEMPTS:
+                raise _cannot_connect(address, err) from err
+            logger.warning(
+                "Ray: %s refused the client session (attempt %d/%d: %s); retrying",
+                address, attempt, _CLIENT_INIT_ATTEMPTS, _first_line(err),
+            )  # fmt: skip
+            time.sleep(_CLIENT_INIT_BACKOFF_S * attempt)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+            raise _cannot_connect(address, err) from err
+
+
+def _first_line(err: BaseException) -> str:
+    """One line of an error; Ray's client puts the server's whole traceback in the message: keep its head and
+    its last line (the exception the server died of)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    return text[:200]
+
+
+def _cannot_connect(address: str, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"orchestration.ray_address={address!r}: cannot connect to a Ray cluster there "
+        f"({type(err).__name__}: {_first_line(err)})"
+    )
 
 
 def _env(name: str, default: str) -> str:

@@ -13,25 +13,32 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 
 MARK = "prefect.server.api.server:create_app"  # in the command line of Prefect's ephemeral server
+OWNER_ENV = "INSTAFLOW_EMBEDDED_API_OWNER"  # in its environment: which CLI started it
 # The watchdog: no imports beyond os/time/signal, so it starts in milliseconds and holds ~10 MB. It starts
-# *before* the server and finds it among its parent's children in /proc (Linux), so a kill during the server's
-# start-up (which can take 40 s on a busy machine) is covered too; elsewhere it finds nothing and does nothing.
+# *before* the server and finds it in /proc (Linux), so a kill during the server's start-up (which can take 40 s
+# on a busy machine) is covered too; elsewhere it finds nothing and does nothing. While the CLI lives it notes the
+# servers among its children; once the CLI is gone the server has been re-parented, so it also looks for any
+# process whose environment holds this CLI's owner token (set only while the server is started, inherited by it):
+# that covers a kill in the moment between the server's start and the watchdog's next look. It looks for a few
+# seconds, for a server that was forked but had not yet exec'd when the CLI died.
 _WATCHDOG = """
 import os, signal, sys, time
-parent, mark = int(sys.argv[1]), sys.argv[2].encode()
+parent, mark, token = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3].encode()
 def info(pid):
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return int(fields[1]), fields[19], fields[0]  # ppid, start time, state
+me = os.getpid()  # the mark is in this watchdog's own argv too: never count (or kill) itself
 def servers():
     out = {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not d.isdigit():
+        if not d.isdigit() or int(d) == me:
             continue
         try:
             ppid, start, _ = info(d)
@@ -42,9 +49,27 @@ def servers():
         except (OSError, ValueError, IndexError):
             pass
     return out
+def owned():
+    out = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if token not in f.read().split(b"\\0"):
+                    continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if mark in f.read():
+                    out[int(d)] = info(d)[1]
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 seen = {}
 while os.getppid() == parent:
     seen.update(servers())
+    time.sleep(0.25)
+for _ in range(12):  # ~3 s: a server forked just before the CLI died may still be exec'ing
+    seen.update(owned())
     time.sleep(0.25)
 def same(pid, start):
     try:
@@ -52,15 +77,20 @@ def same(pid, start):
     except (OSError, ValueError, IndexError):
         return False
     return now == start and state not in (b"Z", b"X")
-for pid, start in seen.items():
-    if same(pid, start):
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(50):
-            if not same(pid, start):
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
+def signal_all(sig):
+    for pid, start in seen.items():
+        if same(pid, start):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+signal_all(signal.SIGTERM)
+for _ in range(50):  # 5 s to stop (a server still importing may not answer SIGTERM), then SIGKILL
+    if not any(same(pid, start) for pid, start in seen.items()):
+        break
+    time.sleep(0.1)
+else:
+    signal_all(signal.SIGKILL)
 """
 
 
@@ -98,8 +128,9 @@ def start_embedded_api(log_path: os.PathLike | None = None) -> int | None:
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
+    token = f"{OWNER_ENV}={os.getpid()}-{secrets.token_hex(8)}"
     watchdog = subprocess.Popen(
-        [sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), MARK],
+        [sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), MARK, token],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -115,8 +146,12 @@ def start_embedded_api(log_path: os.PathLike | None = None) -> int | None:
                 watchdog.kill()
 
     server = SubprocessASGIServer()  # the singleton Prefect's client uses when there is no API URL
-    with _stdio_to(log_path):
-        server.start()  # registers Prefect's atexit stop, after which ours (LIFO) runs first
+    os.environ[OWNER_ENV] = token.split("=", 1)[1]  # the server inherits it (Prefect passes os.environ on)
+    try:
+        with _stdio_to(log_path):
+            server.start()  # registers Prefect's atexit stop, after which ours (LIFO) runs first
+    finally:
+        os.environ.pop(OWNER_ENV, None)  # later children (workers) are not the server's kin
     atexit.register(_stop_watchdog)
     proc = server.server_process
     return proc.pid if proc is not None else None

@@ -63,3 +63,50 @@ def test_sigkill_of_the_cli_stops_its_embedded_prefect_server(tmp_path, faults) 
             cli.wait()
         if server is not None and server.is_running():
             server.kill()
+
+
+# A CLI that dies the instant its server process is spawned (before the watchdog's next look at its children):
+# the server is already re-parented when the watchdog looks, and is found by the owner token in its environment.
+_DIE_AT_SPAWN = """
+import os, signal, sys
+from prefect.server.api.server import SubprocessASGIServer
+from flows.cli.server import start_embedded_api
+spawn = SubprocessASGIServer._run_uvicorn_command
+def spawn_then_die(self):
+    proc = spawn(self)
+    print(proc.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+SubprocessASGIServer._run_uvicorn_command = spawn_then_die
+start_embedded_api()
+"""
+
+
+def test_a_cli_killed_as_its_server_spawns_leaves_no_server(tmp_path, faults) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {
+        "PYTHONPATH": str(REPO),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(tmp_path),
+    }
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with (
+        out.open("wb") as fout,
+        err.open("wb") as ferr,
+    ):  # files, not pipes: a surviving server would hold a pipe
+        code = subprocess.run(
+            [sys.executable, "-c", _DIE_AT_SPAWN], env=env, cwd=tmp_path, stdout=fout, stderr=ferr,
+            timeout=300, start_new_session=True,
+        ).returncode  # fmt: skip
+    assert code == -signal.SIGKILL, err.read_text()[-2000:]
+    pid = int(out.read_text().split()[0])
+    try:
+        server = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        server = None  # already stopped
+    try:
+        gone = server is None or psutil.wait_procs([server], timeout=30)[0]
+        faults.record("test_leftovers", "SIGKILL of the CLI as its API spawns", 1, note="server stopped")
+        assert gone, f"the embedded Prefect server (pid {pid}) outlived a CLI killed as it spawned it"
+    finally:
+        if server is not None and server.is_running():
+            server.kill()
