@@ -35,41 +35,30 @@ def info(pid):
         fields = f.read().rsplit(b")", 1)[1].split()
     return int(fields[1]), fields[19], fields[0]  # ppid, start time, state
 me = os.getpid()  # the mark is in this watchdog's own argv too: never count (or kill) itself
-def servers():
+def scan(is_server):
     out = {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not d.isdigit() or int(d) == me:
             continue
         try:
             ppid, start, _ = info(d)
-            if ppid == parent:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if mark in f.read():
-                        out[int(d)] = start
-        except (OSError, ValueError, IndexError):
-            pass
-    return out
-def owned():
-    out = {}
-    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                if token not in f.read().split(b"\\0"):
-                    continue
             with open(f"/proc/{d}/cmdline", "rb") as f:
-                if mark in f.read():
-                    out[int(d)] = info(d)[1]
+                if mark in f.read() and is_server(d, ppid):
+                    out[int(d)] = start
         except (OSError, ValueError, IndexError):
             pass
     return out
+def child(d, ppid):
+    return ppid == parent
+def owned(d, ppid):
+    with open(f"/proc/{d}/environ", "rb") as f:
+        return token in f.read().split(b"\\0")
 seen = {}
 while os.getppid() == parent:
-    seen.update(servers())
+    seen.update(scan(child))
     time.sleep(0.25)
 for _ in range(12):  # ~3 s: a server forked just before the CLI died may still be exec'ing
-    seen.update(owned())
+    seen.update(scan(owned))
     time.sleep(0.25)
 def same(pid, start):
     try:

@@ -2,7 +2,8 @@
 
 Reading plan, per epoch:
 - the table's row positions (those matching `where`; by default the teacher + solver that wrote the version,
-  from the table metadata) are cut into blocks of `block_rows` consecutive rows;
+  from the table metadata), in (shard, triplet_id) order whatever order the writers committed in, are cut into
+  blocks of `block_rows` rows;
 - blocks are shuffled with `seed + epoch`, then dealt round-robin to `world_size * num_workers` readers, so each
   (rank, DataLoader worker) reads a disjoint share and together they cover every row once;
 - each reader takes windows of about `block_rows * window_blocks` rows (a whole number of batches) with one
@@ -65,14 +66,33 @@ def default_filter(ds: Any) -> str | None:
     return meta.get("filter") or None
 
 
+# The plan's row order is canonical, not the table's: shards commit in whatever order their writers finish (and
+# a resumed shard appends late), so in table order the same seed would give other batches on every rebuild of
+# the same triplets. Sorting by (shard, triplet_id) fixes the order by content alone; rows of a shard are
+# written together, so blocks of it still read mostly sequential ranges.
+_ORDER_KEYS = ("shard", "triplet_id")
+
+
 def _positions(ds: Any, where: str | None) -> np.ndarray:
-    """Row positions (0..count-1, the offsets `take` accepts) of the rows matching `where`, in table order."""
-    n = ds.count_rows()
-    if where is None:
-        return np.arange(n, dtype=np.int64)
-    # A projected boolean column keeps every row in order, so positions are plain offsets.
-    mask = ds.to_table(columns={"m": f"({where})"}).column("m")
-    return np.flatnonzero(mask.to_numpy(zero_copy_only=False).astype(bool)).astype(np.int64)
+    """Row positions (0..count-1, the offsets `take` accepts) of the rows matching `where`, in canonical
+    (shard, triplet_id) order."""
+    import pyarrow.compute as pc
+
+    keys = [k for k in _ORDER_KEYS if k in ds.schema.names]
+    cols = {k: k for k in keys}
+    if where is not None:
+        cols["m"] = f"({where})"  # a projected boolean column keeps every row in order: positions are offsets
+    if not cols:
+        return np.arange(ds.count_rows(), dtype=np.int64)
+    table = ds.to_table(columns=cols)
+    pos = np.arange(table.num_rows, dtype=np.int64)
+    if where is not None:
+        keep = table.column("m").to_numpy(zero_copy_only=False).astype(bool)
+        pos, table = pos[keep], table.filter(pa.array(keep))
+    if not keys:
+        return pos
+    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys], null_placement="at_end")
+    return pos[order.to_numpy()]
 
 
 def latent_shape_of(ds: Any) -> tuple[int, ...]:

@@ -16,8 +16,11 @@ SHAPE = (4, 4, 4)
 SOLVER = SolverSpec(steps=2, guidance=5.0)
 
 
-def make_table(storage_cfg, n_prompts=50, images=2, solver=SOLVER, name="triplets", store_noise=True):
-    """A triplets table whose x1 is a known function of X0 (x1 = 2 * x0 + 1), metadata as the flow writes it."""
+def make_table(
+    storage_cfg, n_prompts=50, images=2, solver=SOLVER, name="triplets", store_noise=True, commit_order=None
+):
+    """A triplets table whose x1 is a known function of X0 (x1 = 2 * x0 + 1), metadata as the flow writes it.
+    Shards of 32 rows, committed in `commit_order` (shard indices; default: in order)."""
     store = Store(storage_cfg)
     schema = triplet_schema(SHAPE, store_noise=store_noise)
     table = create_table(store, name, schema, metadata={"filter": run_filter("t", solver), "teacher": "t"})
@@ -28,11 +31,12 @@ def make_table(storage_cfg, n_prompts=50, images=2, solver=SOLVER, name="triplet
         teacher="t",
         solver=solver,
     )
-    for start in range(0, len(jobs), 32):  # several fragments, as shard batches make
-        batch = jobs[start : start + 32]
+    shards = [jobs[start : start + 32] for start in range(0, len(jobs), 32)]  # several fragments
+    for shard in commit_order or range(len(shards)):
+        batch = shards[shard]
         x0 = noise_from_seeds([j.seed for j in batch], SHAPE).numpy()
         rows = build_rows(
-            batch, 2 * x0 + 1, schema=schema, teacher="t", solver=solver, shard=0, run_id="r", x0=x0
+            batch, 2 * x0 + 1, schema=schema, teacher="t", solver=solver, shard=shard, run_id="r", x0=x0
         )
         merge_rows(table, rows, "triplet_id")
     return table_ref(store, name), {j.triplet_id for j in jobs}
@@ -74,10 +78,9 @@ def test_shuffle_per_epoch_and_sharding(local_storage_cfg):
     ds.set_epoch(1)
     e1 = _ids(ds)
     assert e0 != e1 and sorted(e0) == sorted(e1) == sorted(ids)
-    in_table_order = (
-        Store(local_storage_cfg).db().open_table("triplets").to_arrow().column("triplet_id").to_pylist()
-    )
-    assert _ids(TripletDataset(ref, local_storage_cfg, shuffle=False, **kw)) == in_table_order
+    rows = Store(local_storage_cfg).db().open_table("triplets").to_arrow()
+    canonical = rows.sort_by([("shard", "ascending"), ("triplet_id", "ascending")]).column("triplet_id")
+    assert _ids(TripletDataset(ref, local_storage_cfg, shuffle=False, **kw)) == canonical.to_pylist()
     # 2 ranks x 3 workers: disjoint shares covering every position
     shares = []
     for rank in range(2):
@@ -88,6 +91,24 @@ def test_shuffle_per_epoch_and_sharding(local_storage_cfg):
     r0 = _ids(TripletDataset(ref, local_storage_cfg, rank=0, world_size=2, **kw))
     r1 = _ids(TripletDataset(ref, local_storage_cfg, rank=1, world_size=2, **kw))
     assert not set(r0) & set(r1) and sorted(r0 + r1) == sorted(ids)
+
+
+def test_the_same_rows_committed_in_another_order_give_the_same_batches(tmp_path):
+    """Concurrent shard writers commit in any order; the batches of a seed depend on the rows alone."""
+    from instaflow_core.config import StorageConfig
+
+    a_cfg, b_cfg = StorageConfig(root=str(tmp_path / "a")), StorageConfig(root=str(tmp_path / "b"))
+    a, ids = make_table(a_cfg, n_prompts=60)  # 120 rows, shards 0..3
+    b, _ = make_table(b_cfg, n_prompts=60, commit_order=[3, 1, 0, 2])
+    order = lambda cfg: Store(cfg).db().open_table("triplets").to_arrow().column("triplet_id").to_pylist()  # noqa: E731
+    assert order(a_cfg) != order(b_cfg)  # the tables differ in row order ...
+    kw = dict(batch_size=10, seed=5, block_rows=8, window_blocks=2)
+    for epoch in (0, 1):
+        got_a = list(TripletDataset(a, a_cfg, epoch=epoch, **kw))
+        got_b = list(TripletDataset(b, b_cfg, epoch=epoch, **kw))
+        assert [x["triplet_id"] for x in got_a] == [x["triplet_id"] for x in got_b]  # ... not the batches
+        torch.testing.assert_close(torch.cat([x["x1"] for x in got_a]), torch.cat([x["x1"] for x in got_b]))
+    assert sorted(t for x in got_a for t in x["triplet_id"]) == sorted(ids)
 
 
 def test_spawned_workers_with_lance_opened_in_parent(local_storage_cfg):

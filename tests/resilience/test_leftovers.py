@@ -25,13 +25,18 @@ def _find(parent: psutil.Process, mark: str) -> psutil.Process | None:
     return None
 
 
-def test_sigkill_of_the_cli_stops_its_embedded_prefect_server(tmp_path, faults) -> None:
+def _cli_env(home) -> dict[str, str]:
+    """A CLI's environment without an API URL: it starts its own embedded Prefect server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {
+    return env | {
         "PYTHONPATH": str(REPO),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_HOME": str(tmp_path),
+        "PREFECT_HOME": str(home),
     }
+
+
+def test_sigkill_of_the_cli_stops_its_embedded_prefect_server(tmp_path, faults) -> None:
+    env = _cli_env(tmp_path)
     caps = tmp_path / "caps.txt"
     caps.write_text("a photo of a cat on a sofa\n" * 3)
     cmd = [sys.executable, "-m", "flows.cli", "curate", "--set", f"storage.root={tmp_path / 'store'}"]
@@ -82,12 +87,7 @@ start_embedded_api()
 
 
 def test_a_cli_killed_as_its_server_spawns_leaves_no_server(tmp_path, faults) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {
-        "PYTHONPATH": str(REPO),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_HOME": str(tmp_path),
-    }
+    env = _cli_env(tmp_path)
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with (
         out.open("wb") as fout,
