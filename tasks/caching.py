@@ -155,8 +155,15 @@ def _s3_result_block(basepath: str, storage: StorageConfig) -> str:
         "key": os.environ.get(storage.access_key_env),
         "secret": os.environ.get(storage.secret_key_env),
         "client_kwargs": client_kwargs,
-        # botocore's own backoff (about a minute in all) for a result written during a short outage
-        "config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}},
+        # Short, as the store's own client: s3fs retries each call 5 times over botocore's attempts, so botocore's
+        # longer backoff made each cache lookup of a task wait minutes on a dead endpoint before Prefect called it
+        # a miss, whatever orchestration.retry_window_s said. Outages are the task retries' job (tasks/retries.py):
+        # a result that cannot be written fails the attempt, and the retry finds the shard's committed rows.
+        "config_kwargs": {
+            "connect_timeout": 5,
+            "read_timeout": 120,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        },
     }
     name = "instaflow-results-" + stable_hash({"base": basepath, "endpoint": storage.s3_endpoint})[:10]
     RemoteFileSystem(basepath=basepath, settings=settings).save(name, overwrite=True)

@@ -6,7 +6,7 @@ import typer
 
 from instaflow_core.config import InstaflowConfig, load
 
-PresetOpt = typer.Option("tiny", "--preset", "-p", help="Preset name (tiny, sd15) or a YAML file.")
+PresetOpt = typer.Option("tiny", "--preset", "-p", help="Preset name (tiny, digits, sd15) or a YAML file.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value (repeatable).")
 
 
