@@ -132,6 +132,12 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def disconnect_ray() -> None:
+    """Drop this process's Ray connection (a later `connect_ray` makes a fresh one); a no-op when not connected."""
+    _RAY.pop("want", None)
+    _shutdown()
+
+
 def _shutdown() -> None:
     with contextlib.suppress(Exception):
         import ray

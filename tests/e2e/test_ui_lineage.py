@@ -79,7 +79,7 @@ def test_lineage_prints_the_chain_back_to_the_prompts(registry: str) -> None:
 
     # by version, and as JSON
     res = _lineage("instaflow-tiny@1", "--tracking-uri", registry, "--json")
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     assert info["refs"]["prompts"] == LINEAGE["prompts"] and info["table_versions"]["triplets"] == "7"
     assert set(info["config_hashes"]) >= {"curation", "generation", "reflow", "distillation"}
 
@@ -201,7 +201,7 @@ def test_prefect_ui_shows_the_lineage_artifact(local_stack, tmp_path: Path) -> N
     # the same chain from MLflow tags alone, against the stack's registry
     res = _lineage("instaflow-tiny@champion", "--tracking-uri", env["MLFLOW_TRACKING_URI"], "--json")
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)
     # tags hold store-relative refs (a moved store still resolves them); the summary shows them resolved
     assert (
         info["refs"]["prompts"] == f"store://lance/{prompts_table}@v{summary['refs']['prompts']['version']}"

@@ -152,7 +152,7 @@ def test_cli_query_search_stats_export_show(local_storage_cfg, runner, tmp_path)
     assert "3 row(s)" in r.output and "tiny-b" in r.output and "<256 values>" not in r.output
 
     r = runner(["triplets", "query", "-n", "2", "--json", "-c", "triplet_id,x1,latent_shape", *sets])
-    lines = [json.loads(x) for x in r.output.strip().splitlines()]
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert len(lines) == 2 and len(lines[0]["x1"]) == 256 and lines[0]["latent_shape"] == [4, 8, 8]
 
     r = runner(["triplets", "search", "sofa", *sets])
@@ -162,7 +162,7 @@ def test_cli_query_search_stats_export_show(local_storage_cfg, runner, tmp_path)
     assert r.exit_code == 1 and "no prompt embedding column" in str(r.exception)
 
     r = runner(["triplets", "stats", "--json", *sets])
-    s = json.loads(r.output)
+    s = json.loads(r.stdout)
     assert s["rows"] == 18 and dict(s["per_teacher"]) == {"tiny-a": 12, "tiny-b": 6}
     r = runner(["triplets", "stats", *sets])
     assert "per teacher" in r.output and "tiny-a: 12" in r.output and "versions" in r.output
@@ -209,8 +209,31 @@ def test_cli_vector_search(local_storage_cfg, runner):
         ]
     )
     assert r.exit_code == 0, r.output
-    rows = [json.loads(x) for x in r.output.strip().splitlines()]
+    rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert [x["prompt"] for x in rows] == ["a blue boat at sea"] * 2 and EMBEDDING_COLUMN not in rows[0]
+
+
+def test_json_stays_on_stdout_while_something_else_prints(local_storage_cfg, runner, monkeypatch):
+    """`--json` output is for a pipe (`| jq`): whatever else prints while the command runs (a library's warning,
+    a Ray raylet's disk-space line forwarded to a connected driver) goes to stderr and leaves stdout parseable."""
+    import logging
+    import sys as _sys
+
+    from instaflow_core.store import query
+
+    _make_table(local_storage_cfg)
+    real = query.table_stats
+
+    def noisy(*args, **kwargs):
+        print("(raylet) file_system_monitor.cc:116: /tmp/ray is over 95% full", file=_sys.stderr)
+        logging.getLogger("instaflow").warning("a warning while the stats are read")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(query, "table_stats", noisy)
+    r = runner(["triplets", "stats", "--json", *_sets(local_storage_cfg)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows"] == 18
+    assert "over 95% full" in r.stderr and "over 95% full" not in r.stdout
 
 
 def test_cli_user_mistakes_are_one_line(local_storage_cfg, tmp_path):
@@ -256,10 +279,10 @@ def test_cli_on_s3(s3_storage_cfg, runner, tmp_path):
     sets = _sets(s3_storage_cfg)
     r = runner(["triplets", "query", "-w", "run_id = 'run-a'", "-n", "100", "--json", *sets])
     assert r.exit_code == 0, r.output
-    assert len(r.output.strip().splitlines()) == 12
+    assert len(r.stdout.strip().splitlines()) == 12
     r = runner(["triplets", "search", "lighthouse", "--json", *sets])
-    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 3
-    s = json.loads(runner(["triplets", "stats", "--json", *sets]).output)
+    assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 3
+    s = json.loads(runner(["triplets", "stats", "--json", *sets]).stdout)
     assert s["rows"] == 18 and s["uri"].startswith("s3://") and s["disk_bytes"] >= s["data_bytes"] > 0
     r = runner(["triplets", "export", *sets])
     assert r.exit_code == 0, r.output

@@ -38,3 +38,15 @@ def ray_cluster(s3_server) -> Iterator[object]:
                 ray.shutdown()  # this process's driver connection first, then the cluster
         finally:
             cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def _ray_driver_disconnected_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that used the cluster leaves this process connected to it as a driver (`connect_ray` keeps the
+    connection for the next stage); drop that after the test, so the raylets' lines forwarded to a connected
+    driver (say, a disk-space warning) do not land in later tests' output while the cluster stays up."""
+    yield
+    if "ray_cluster" in request.fixturenames:
+        from tasks.runners import disconnect_ray
+
+        disconnect_ray()
