@@ -2,7 +2,7 @@
 
 Reading plan, per epoch:
 - the table's row positions (those matching `where`; by default the teacher + solver that wrote the version,
-  from the table metadata), in (shard, triplet_id) order whatever order the writers committed in, are cut into
+  from the table metadata), in (shard, prompt_id, seed) order whatever order the writers committed in, are cut into
   blocks of `block_rows` rows;
 - blocks are shuffled with `seed + epoch`, then dealt round-robin to `world_size * num_workers` readers, so each
   (rank, DataLoader worker) reads a disjoint share and together they cover every row once;
@@ -68,14 +68,16 @@ def default_filter(ds: Any) -> str | None:
 
 # The plan's row order is canonical, not the table's: shards commit in whatever order their writers finish (and
 # a resumed shard appends late), so in table order the same seed would give other batches on every rebuild of
-# the same triplets. Sorting by (shard, triplet_id) fixes the order by content alone; rows of a shard are
-# written together, so blocks of it still read mostly sequential ranges.
-_ORDER_KEYS = ("shard", "triplet_id")
+# the same triplets. Sorting by (shard, prompt_id, seed) fixes the order by content alone; rows of a shard are
+# written together, so blocks of it still read mostly sequential ranges. Not by triplet_id first: it hashes the
+# teacher's name, and a trained teacher's name is its model key, which holds the store's location, so the same
+# rebuild in another folder or bucket would read its batches in another order (triplet_id only breaks ties).
+_ORDER_KEYS = ("shard", "prompt_id", "seed", "triplet_id")
 
 
 def _positions(ds: Any, where: str | None) -> np.ndarray:
     """Row positions (0..count-1, the offsets `take` accepts) of the rows matching `where`, in canonical
-    (shard, triplet_id) order."""
+    (shard, prompt_id, seed) order."""
     import pyarrow.compute as pc
 
     keys = [k for k in _ORDER_KEYS if k in ds.schema.names]

@@ -17,18 +17,19 @@ SOLVER = SolverSpec(steps=2, guidance=5.0)
 
 
 def make_table(
-    storage_cfg, n_prompts=50, images=2, solver=SOLVER, name="triplets", store_noise=True, commit_order=None
+    storage_cfg, n_prompts=50, images=2, solver=SOLVER, name="triplets", store_noise=True, commit_order=None,
+    teacher="t",
 ):
     """A triplets table whose x1 is a known function of X0 (x1 = 2 * x0 + 1), metadata as the flow writes it.
     Shards of 32 rows, committed in `commit_order` (shard indices; default: in order)."""
     store = Store(storage_cfg)
     schema = triplet_schema(SHAPE, store_noise=store_noise)
-    table = create_table(store, name, schema, metadata={"filter": run_filter("t", solver), "teacher": "t"})
+    table = create_table(store, name, schema, metadata={"filter": run_filter(teacher, solver), "teacher": teacher})
     jobs = expand_jobs(
         [(f"p{i:03d}", f"prompt {i}") for i in range(n_prompts)],
         images_per_prompt=images,
         base_seed=0,
-        teacher="t",
+        teacher=teacher,
         solver=solver,
     )
     shards = [jobs[start : start + 32] for start in range(0, len(jobs), 32)]  # several fragments
@@ -36,7 +37,7 @@ def make_table(
         batch = shards[shard]
         x0 = noise_from_seeds([j.seed for j in batch], SHAPE).numpy()
         rows = build_rows(
-            batch, 2 * x0 + 1, schema=schema, teacher="t", solver=solver, shard=shard, run_id="r", x0=x0
+            batch, 2 * x0 + 1, schema=schema, teacher=teacher, solver=solver, shard=shard, run_id="r", x0=x0
         )
         merge_rows(table, rows, "triplet_id")
     return table_ref(store, name), {j.triplet_id for j in jobs}
@@ -79,7 +80,7 @@ def test_shuffle_per_epoch_and_sharding(local_storage_cfg):
     e1 = _ids(ds)
     assert e0 != e1 and sorted(e0) == sorted(e1) == sorted(ids)
     rows = Store(local_storage_cfg).db().open_table("triplets").to_arrow()
-    canonical = rows.sort_by([("shard", "ascending"), ("triplet_id", "ascending")]).column("triplet_id")
+    canonical = rows.sort_by([(k, "ascending") for k in ("shard", "prompt_id", "seed")]).column("triplet_id")
     assert _ids(TripletDataset(ref, local_storage_cfg, shuffle=False, **kw)) == canonical.to_pylist()
     # 2 ranks x 3 workers: disjoint shares covering every position
     shares = []
@@ -109,6 +110,25 @@ def test_the_same_rows_committed_in_another_order_give_the_same_batches(tmp_path
         assert [x["triplet_id"] for x in got_a] == [x["triplet_id"] for x in got_b]  # ... not the batches
         torch.testing.assert_close(torch.cat([x["x1"] for x in got_a]), torch.cat([x["x1"] for x in got_b]))
     assert sorted(t for x in got_a for t in x["triplet_id"]) == sorted(ids)
+
+
+def test_the_same_rows_under_another_teacher_name_give_the_same_batches(tmp_path):
+    """A trained teacher's name is its model key, which holds the store's location (the 1-RF of a rebuild in
+    another folder or bucket is `1rf-<another hash>`), and triplet ids hash the teacher's name: the same prompts,
+    seeds and latents then have other ids. The batches depend on (shard, prompt, seed), not on those ids."""
+    from instaflow_core.config import StorageConfig
+
+    a_cfg, b_cfg = StorageConfig(root=str(tmp_path / "a")), StorageConfig(root=str(tmp_path / "b"))
+    a, ids_a = make_table(a_cfg, n_prompts=60, teacher="1rf-366bbd01781f7f86")
+    b, ids_b = make_table(b_cfg, n_prompts=60, teacher="1rf-30e8f58d1ffcafcc")
+    assert not ids_a & ids_b  # other ids for the same rows
+    kw = dict(batch_size=10, seed=5, block_rows=8, window_blocks=2)
+    for epoch in (0, 1):
+        got_a = list(TripletDataset(a, a_cfg, epoch=epoch, **kw))
+        got_b = list(TripletDataset(b, b_cfg, epoch=epoch, **kw))
+        assert [x["prompt"] for x in got_a] == [x["prompt"] for x in got_b]
+        torch.testing.assert_close(torch.cat([x["x0"] for x in got_a]), torch.cat([x["x0"] for x in got_b]))
+        torch.testing.assert_close(torch.cat([x["x1"] for x in got_a]), torch.cat([x["x1"] for x in got_b]))
 
 
 def test_spawned_workers_with_lance_opened_in_parent(local_storage_cfg):
