@@ -17,14 +17,22 @@ SOLVER = SolverSpec(steps=2, guidance=5.0)
 
 
 def make_table(
-    storage_cfg, n_prompts=50, images=2, solver=SOLVER, name="triplets", store_noise=True, commit_order=None,
+    storage_cfg,
+    n_prompts=50,
+    images=2,
+    solver=SOLVER,
+    name="triplets",
+    store_noise=True,
+    commit_order=None,
     teacher="t",
 ):
     """A triplets table whose x1 is a known function of X0 (x1 = 2 * x0 + 1), metadata as the flow writes it.
     Shards of 32 rows, committed in `commit_order` (shard indices; default: in order)."""
     store = Store(storage_cfg)
     schema = triplet_schema(SHAPE, store_noise=store_noise)
-    table = create_table(store, name, schema, metadata={"filter": run_filter(teacher, solver), "teacher": teacher})
+    table = create_table(
+        store, name, schema, metadata={"filter": run_filter(teacher, solver), "teacher": teacher}
+    )
     jobs = expand_jobs(
         [(f"p{i:03d}", f"prompt {i}") for i in range(n_prompts)],
         images_per_prompt=images,
