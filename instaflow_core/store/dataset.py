@@ -2,7 +2,7 @@
 
 Reading plan, per epoch:
 - the table's row positions (those matching `where`; by default the teacher + solver that wrote the version,
-  from the table metadata), in (shard, prompt_id, seed) order whatever order the writers committed in, are cut into
+  from the table metadata), in (shard, seed) order whatever order the writers committed in, are cut into
   blocks of `block_rows` rows;
 - blocks are shuffled with `seed + epoch`, then dealt round-robin to `world_size * num_workers` readers, so each
   (rank, DataLoader worker) reads a disjoint share and together they cover every row once;
@@ -68,16 +68,17 @@ def default_filter(ds: Any) -> str | None:
 
 # The plan's row order is canonical, not the table's: shards commit in whatever order their writers finish (and
 # a resumed shard appends late), so in table order the same seed would give other batches on every rebuild of
-# the same triplets. Sorting by (shard, prompt_id, seed) fixes the order by content alone; rows of a shard are
-# written together, so blocks of it still read mostly sequential ranges. Not by triplet_id first: it hashes the
-# teacher's name, and a trained teacher's name is its model key, which holds the store's location, so the same
-# rebuild in another folder or bucket would read its batches in another order (triplet_id only breaks ties).
-_ORDER_KEYS = ("shard", "prompt_id", "seed", "triplet_id")
+# the same triplets. Sorting by (shard, seed) fixes the order by content alone; rows of a shard are written
+# together, so blocks of it still read mostly sequential ranges. The noise seed is a 63-bit hash of (base seed,
+# prompt, index), so within a shard this order mixes the shard's prompts (a block is not one prompt's rows). Not
+# by triplet_id: it hashes the teacher's name, and a trained teacher's name is its model key, which holds the
+# store's location, so the same rebuild in another folder or bucket would read its batches in another order.
+_ORDER_KEYS = ("shard", "seed", "prompt_id", "triplet_id")  # the last two only break ties
 
 
 def _positions(ds: Any, where: str | None) -> np.ndarray:
     """Row positions (0..count-1, the offsets `take` accepts) of the rows matching `where`, in canonical
-    (shard, prompt_id, seed) order."""
+    (shard, seed) order."""
     import pyarrow.compute as pc
 
     keys = [k for k in _ORDER_KEYS if k in ds.schema.names]
@@ -126,7 +127,8 @@ def _f32(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> torch.Tens
 
 
 class TripletDataset(IterableDataset):
-    """Batches `{"x0": (B,4,h,w) f32, "x1": (B,4,h,w) f32, "prompt": list[str], "triplet_id": list[str]}`.
+    """Batches `{"x0": (B,4,h,w) f32, "x1": (B,4,h,w) f32, "prompt": list[str], "triplet_id": list[str],
+    "seed": list[int]}`.
 
     Use with `DataLoader(ds, batch_size=None)` (the dataset batches) or `make_loader(ds, num_workers)`.
     Call `set_epoch(e)` between epochs for a new shuffle. `where=AUTO` selects the rows of the teacher + solver
@@ -275,6 +277,7 @@ class TripletDataset(IterableDataset):
             "x1": x1,
             "prompt": table.column("prompt").to_pylist(),
             "triplet_id": table.column("triplet_id").to_pylist(),
+            "seed": seeds,
         }
         for c in self.columns:
             if c not in out:

@@ -28,7 +28,7 @@ def reflow_batch_loss(
     unconditional model).
 
     The times (and dropped captions) come from a CPU generator seeded per micro-batch from `seed` and the
-    batch's triplet ids, so a resumed run draws the same t for the same batch as the uninterrupted run would.
+    batch's (prompt, noise seed) rows, so a resumed run draws the same t for the same batch as the uninterrupted run would.
     """
 
     def loss_fn(model: nn.Module, batch: dict) -> Tensor:
@@ -79,6 +79,12 @@ def _loss_kind(batch: dict) -> str:
 
 
 def _batch_seed(seed: int, batch: dict) -> int:
-    ids = batch.get("triplet_id")
-    key = "|".join(map(str, ids)) if ids is not None else str(batch["x0"].flatten()[:4].tolist())
+    # The rows' own identity, (prompt, noise seed), not their triplet ids: those hash the teacher's name, which for
+    # a trained teacher holds the store's location, so the same rebuild elsewhere would draw other times.
+    if "seed" in batch:
+        key = "|".join(f"{p}\x1f{s}" for p, s in zip(batch["prompt"], batch["seed"], strict=True))
+    elif batch.get("triplet_id") is not None:
+        key = "|".join(map(str, batch["triplet_id"]))
+    else:
+        key = str(batch["x0"].flatten()[:4].tolist())
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") & ((1 << 63) - 1)

@@ -88,7 +88,7 @@ def test_shuffle_per_epoch_and_sharding(local_storage_cfg):
     e1 = _ids(ds)
     assert e0 != e1 and sorted(e0) == sorted(e1) == sorted(ids)
     rows = Store(local_storage_cfg).db().open_table("triplets").to_arrow()
-    canonical = rows.sort_by([(k, "ascending") for k in ("shard", "prompt_id", "seed")]).column("triplet_id")
+    canonical = rows.sort_by([("shard", "ascending"), ("seed", "ascending")]).column("triplet_id")
     assert _ids(TripletDataset(ref, local_storage_cfg, shuffle=False, **kw)) == canonical.to_pylist()
     # 2 ranks x 3 workers: disjoint shares covering every position
     shares = []
@@ -123,7 +123,8 @@ def test_the_same_rows_committed_in_another_order_give_the_same_batches(tmp_path
 def test_the_same_rows_under_another_teacher_name_give_the_same_batches(tmp_path):
     """A trained teacher's name is its model key, which holds the store's location (the 1-RF of a rebuild in
     another folder or bucket is `1rf-<another hash>`), and triplet ids hash the teacher's name: the same prompts,
-    seeds and latents then have other ids. The batches depend on (shard, prompt, seed), not on those ids."""
+    seeds and latents then have other ids. The batches depend on (shard, seed), not on those ids, and mix a shard's
+    prompts (a batch is not one prompt's rows)."""
     from instaflow_core.config import StorageConfig
 
     a_cfg, b_cfg = StorageConfig(root=str(tmp_path / "a")), StorageConfig(root=str(tmp_path / "b"))
@@ -135,6 +136,8 @@ def test_the_same_rows_under_another_teacher_name_give_the_same_batches(tmp_path
         got_a = list(TripletDataset(a, a_cfg, epoch=epoch, **kw))
         got_b = list(TripletDataset(b, b_cfg, epoch=epoch, **kw))
         assert [x["prompt"] for x in got_a] == [x["prompt"] for x in got_b]
+        assert [x["seed"] for x in got_a] == [x["seed"] for x in got_b]
+        assert all(len(set(x["prompt"])) > 1 for x in got_a)
         torch.testing.assert_close(torch.cat([x["x0"] for x in got_a]), torch.cat([x["x0"] for x in got_b]))
         torch.testing.assert_close(torch.cat([x["x1"] for x in got_a]), torch.cat([x["x1"] for x in got_b]))
 
