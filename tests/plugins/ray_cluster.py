@@ -31,11 +31,10 @@ def ray_cluster(s3_server) -> Iterator[object]:
     try:
         yield cluster
     finally:
-        try:
-            import ray
+        from tasks.runners import disconnect_ray
 
-            if ray.is_initialized():
-                ray.shutdown()  # this process's driver connection first, then the cluster
+        try:
+            disconnect_ray()  # this process's driver connection first, then the cluster
         finally:
             cluster.stop()
 
