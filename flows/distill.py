@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.pairs import run_pairs
+from flows.generate import pairs_flow
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.generation.triplets import PairsJob
-from instaflow_core.refs import ModelKind, ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, Stage, TableRef
 from tasks.artifacts import publish_markdown
 from tasks.training import stage_report, train_distill
 
@@ -28,31 +28,17 @@ def distill_flow(
 ) -> ModelRef:
     """2-RF + prompts -> distill_pairs -> the one-step InstaFlow diffusers folder (ModelRef kind "instaflow")."""
     job = PairsJob.from_distill_pairs(cfg.distillation.pairs, table=PAIRS_TABLE)
-    pairs = run_pairs(
-        job,
-        prompts,
-        rf,
-        cfg.storage,
-        cfg.orchestration,
-        cfg.models,
-        artifact_key="instaflow-distill-pairs",
-        stage="distill pairs",
-    )
+    pairs = pairs_flow(job, prompts, rf, cfg.storage, cfg.orchestration, cfg.models, stage=Stage.DISTILL)
     ref = train_distill(
         cfg.distillation, cfg.storage, pairs, rf, cfg.registration, mlflow_parent_run_id, models=cfg.models
     )
-    report = stage_report(
-        cfg,
-        "distill",
-        {
-            ModelKind.RF2: rf,
-            "prompts": prompts,
-            "distill_pairs": pairs,
-            "distill config": cfg.section_hash("distillation"),
-        },
-        ref,
-        (cfg.distillation, pairs, rf),
-    )
+    inputs = {
+        ModelKind.RF2: rf,
+        "prompts": prompts,
+        PAIRS_TABLE: pairs,
+        "distill config": cfg.section_hash(Stage.DISTILL.section),
+    }
+    report = stage_report(cfg, Stage.DISTILL, inputs, ref, pairs, rf)
     publish_markdown(
         "instaflow-distill", report, description="Distillation: inputs, the model, summary, samples"
     )

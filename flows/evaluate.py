@@ -11,10 +11,10 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.evaluation.paper_table import paper_checks, paper_table
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.evaluation.stage import input_identity
+from instaflow_core.refs import ModelRef, Stage, TableRef
 from tasks.artifacts import lineage_markdown, publish_markdown, publish_table
-from tasks.evaluation import evaluate_model, input_identity, log_evaluation, reference_stats, write_results
-from tasks.evaluation_grid import comparison_grid
+from tasks.evaluation import comparison_grid, evaluate_model, log_evaluation, reference_stats, write_results
 from tasks.runners import fans_out, make_task_runner
 
 
@@ -40,11 +40,11 @@ def evaluate_flow(
     if fans_out(cfg.orchestration):
         rows, ref = _sample_on_cluster(cfg, todo, teacher, prompts, inputs)
     else:  # one machine: one model at a time, so latencies are not measured against each other
-        ref = reference_stats(cfg.evaluation, cfg.models, cfg.storage, prompts, teacher, inputs)
+        ref = reference_stats(cfg.evaluation, cfg.models, cfg.storage, prompts, teacher, inputs, cfg.digits)
         rows = []
         for label, model in todo.items():
             rows += evaluate_model(
-                cfg.evaluation, cfg.models, cfg.storage, label, model, prompts, ref, inputs
+                cfg.evaluation, cfg.models, cfg.storage, label, model, prompts, ref, inputs, cfg.digits
             )
     results = write_results(cfg.storage, rows, ref)
     run = log_evaluation(cfg.registration, cfg.storage, results, parent_run_id)
@@ -60,7 +60,7 @@ def evaluate_flow(
         consumed["prompts"] = prompts
     publish_markdown(
         "instaflow-evaluate-lineage",
-        lineage_markdown("evaluate", consumed, {"results": results["uri"], "mlflow run": run["run_id"]}),
+        lineage_markdown(Stage.EVALUATE, consumed, {"results": results["uri"], "mlflow run": run["run_id"]}),
         description="What the evaluation consumed and produced",
     )
     for row in results["table"]:
@@ -112,6 +112,7 @@ def _sample_on_cluster(
         "models_cfg": cfg.models,
         "storage_cfg": cfg.storage,
         "prompts": prompts,
+        "experiment": cfg.digits,
     }
     with make_task_runner(cfg.orchestration) as runner:
         ref_params = {**common, "teacher": teacher, "inputs": inputs}

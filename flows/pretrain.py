@@ -5,7 +5,7 @@ teacher, a text-conditioned 1-Rectified Flow, on the curated (image, caption) ta
     -> pretrain-train (reflow's loss on independent noise, `pretraining.caption_dropout` of captions dropped
     for guidance; checkpoints, resume, MLflow run) -> models/1rf-<key>/  (ModelRef kind "1rf")
 
-Reads `pretraining` (the schedule, optimiser, EMA), `models` (models.digits: the architecture), `storage` and
+Reads `pretraining` (the schedule, optimiser, EMA), `digits.model` (the architecture), `storage` and
 `registration` (where the MLflow run goes). Cached like reflow: an unchanged rebuild does not train again.
 """
 
@@ -15,10 +15,10 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import ConfigError
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.refs import ModelRef, Stage, TableRef
 from tasks.artifacts import publish_markdown
-from tasks.pretrain import pretrain_init, train_pretrain
-from tasks.training import stage_report
+from tasks.pretrain import pretrain_init
+from tasks.training import stage_report, train_pretrain
 
 
 @flow(name="instaflow-pretrain")
@@ -28,15 +28,18 @@ def pretrain_flow(
     """Prompts (curated from an image source) -> the pretrained 1-RF teacher (ModelRef kind "1rf")."""
     if cfg.pretraining is None:
         raise ConfigError("no `pretraining` section: teacher pretraining needs a training schedule")
-    base = pretrain_init(cfg.models, cfg.storage)
+    if cfg.digits is None:
+        raise ConfigError(
+            "no `digits` section: teacher pretraining builds the model `digits.model` describes"
+        )
+    base = pretrain_init(cfg.digits.model, cfg.storage)
     ref = train_pretrain(cfg.pretraining, cfg.storage, prompts, base, cfg.registration, mlflow_parent_run_id)
-    report = stage_report(
-        cfg,
-        "pretrain",
-        {"prompts": prompts, "initial model": base, "pretraining config": cfg.section_hash("pretraining")},
-        ref,
-        (cfg.pretraining, prompts, base),
-    )
+    inputs = {
+        "prompts": prompts,
+        "initial model": base,
+        "pretraining config": cfg.section_hash("pretraining"),
+    }
+    report = stage_report(cfg, Stage.PRETRAIN, inputs, ref, prompts, base)
     publish_markdown(
         "instaflow-pretrain", report, description="Teacher pretraining: inputs, the 1-RF, summary, samples"
     )

@@ -21,11 +21,10 @@ from flows.generate import generate_flow
 from flows.pretrain import pretrain_flow
 from flows.reflow import reflow_flow
 from flows.register import register_flow
-from instaflow_core.config import InstaflowConfig
-from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
+from instaflow_core.config import PRETRAINED_TEACHER, InstaflowConfig
+from instaflow_core.evaluation.stage import CONTROL
 from instaflow_core.refs import ModelKind, Stage, parse_stages
 from tasks.caching import stage_settings
-from tasks.evaluation import CONTROL
 from tasks.lineage import finish_rebuild, save_resolved_config
 from tasks.teacher import teacher_model
 from tasks.tracking.runs import start_rebuild_run

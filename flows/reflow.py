@@ -1,4 +1,4 @@
-"""Stage 3: reflow. The teacher's UNet, trained on the teacher's own triplets, becomes the 2-Rectified Flow.
+"""Stage 3: reflow. The teacher's denoiser, trained on the teacher's own triplets, becomes the 2-Rectified Flow.
 
     triplets table version + teacher -> reflow-train (checkpoints, resume, MLflow run) -> models/2rf-<key>/
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.refs import ModelRef, Stage, TableRef
 from tasks.artifacts import publish_markdown
 from tasks.training import stage_report, train_reflow
 
@@ -28,13 +28,8 @@ def reflow_flow(
     ref = train_reflow(
         cfg.reflow, cfg.storage, triplets, teacher, cfg.registration, mlflow_parent_run_id, models=cfg.models
     )
-    report = stage_report(
-        cfg,
-        "reflow",
-        {"triplets": triplets, "teacher": teacher, "reflow config": cfg.section_hash("reflow")},
-        ref,
-        (cfg.reflow, triplets, teacher),
-    )
+    inputs = {"triplets": triplets, "teacher": teacher, "reflow config": cfg.section_hash("reflow")}
+    report = stage_report(cfg, Stage.REFLOW, inputs, ref, triplets, teacher)
     publish_markdown(
         "instaflow-reflow", report, description="Reflow: inputs, the 2-RF, training summary, samples"
     )

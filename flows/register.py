@@ -5,72 +5,17 @@ Reads `registry`, `eval` (the 2-RF's default steps/guidance), `models` (dtype) a
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
-from instaflow_core.errors import DataError
-from instaflow_core.refs import ModelKind, ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, Stage
+from instaflow_core.registration.rules import lineage_tags, pick_metrics
 from tasks.artifacts import lineage_markdown, publish_markdown
 from tasks.caching import code_version, git_sha
 from tasks.registration import promote, register_model
 from tasks.tracking.promotion import CANDIDATE, CHAMPION
-
-_VERSION_RE = re.compile(r"@v(\d+)$")
-
-
-def pick_metrics(metrics: dict[str, Any], kind: str, *, most_steps: bool) -> dict[str, float]:
-    """The gate metrics of one model from an evaluation result ({"metrics": {setting: {...}}}) or a flat dict.
-
-    A one-step model takes its fewest-step setting, a 2-RF its most-step one (its intended use).
-    """
-    per_setting = metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else None
-    if per_setting is None:
-        return {
-            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-    rows = [r for r in per_setting.values() if r.get("model_kind") == kind]
-    if not rows:
-        raise DataError(
-            f"the evaluation has no results for a {kind!r} model (settings: {sorted(per_setting)})"
-        )
-    row = max(rows, key=lambda r: r["steps"]) if most_steps else min(rows, key=lambda r: r["steps"])
-    return {
-        k: float(row[k]) for k in ("fid", "clip_score", "latency_s", "straightness") if row.get(k) is not None
-    }
-
-
-def lineage_tags(cfg: InstaflowConfig, lineage: dict[str, Any], metrics: dict[str, Any]) -> dict[str, str]:
-    """Tags that trace a version back to its prompts, triplets, teacher, configs, code and Prefect run."""
-    tags: dict[str, str] = {}
-    for name, ref in lineage.items():
-        key = ref.key() if hasattr(ref, "key") else str(ref)
-        tags[f"lineage.{name}"] = key[:5000]
-        version = ref.version if isinstance(ref, TableRef) else None
-        match = _VERSION_RE.search(key) if version is None else None
-        if version is not None or match:
-            tags[f"instaflow.{name}_version"] = str(version if version is not None else match.group(1))
-    if "teacher" in lineage:
-        t = lineage["teacher"]
-        tags["instaflow.teacher"] = (t.source or t.key()) if isinstance(t, ModelRef) else str(t)
-    else:
-        tags["instaflow.teacher"] = cfg.models.teacher
-    for section, h in cfg.hashes().items():
-        if section != "storage":  # where the store is: not lineage, and a moved store keeps its cache hits
-            tags[f"instaflow.config_hash.{section}"] = h
-    tags["instaflow.preset"] = cfg.preset
-    tags["instaflow.code_version"] = code_version()
-    tags["instaflow.git_sha"] = git_sha()
-    for k in ("uri", "run_id"):
-        if metrics.get(k):
-            tags[f"instaflow.eval_{k}"] = str(metrics[k])
-    networks = metrics.get("networks") or {}
-    for k in ("fid_features", "clip_model"):
-        if k in networks:
-            tags[f"instaflow.{k}"] = str(networks[k])
-    return tags
 
 
 def _after_gate(reg: dict[str, Any], gate: dict[str, Any] | None) -> dict[str, Any]:
@@ -100,7 +45,7 @@ def register_flow(
     """
     log = get_run_logger()
     reg_cfg = cfg.registration
-    tags = lineage_tags(cfg, lineage, metrics)
+    tags = lineage_tags(cfg, lineage, metrics, code_version=code_version(), git_sha=git_sha())
     one_step = pick_metrics(metrics, model.kind, most_steps=False)
     inference = {"num_inference_steps": 1, "guidance_scale": 1.0, "dtype": cfg.models.dtype}
     reg = register_model(
@@ -143,7 +88,7 @@ def register_flow(
     publish_markdown(
         "instaflow-register-lineage",
         lineage_markdown(
-            "register", {"model": model, **({ModelKind.RF2: rf_model} if rf_model else {})}, outputs
+            Stage.REGISTER, {"model": model, **({ModelKind.RF2: rf_model} if rf_model else {})}, outputs
         ),
         description="What was registered, and its aliases",
     )

@@ -7,6 +7,7 @@ so changing `distill.*` leaves the hashes of `curation`, `generation` and `reflo
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,18 +18,29 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializeAsAny,
     ValidationError,
     field_validator,
     model_validator,
 )
 
 from instaflow_core.errors import ConfigError
-from instaflow_core.experiments import digits_config as dig  # the digits sections (pure pydantic: no cycle)
 from instaflow_core.overrides import apply_override, format_validation, parse_override
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found by wheel installs too
 # Sections that were renamed (one word per stage): a preset or override using the old name gets told the new one.
 RENAMED_SECTIONS = {"eval": "evaluation", "registry": "registration", "distill": "distillation"}
+# Keys that moved into an experiment's own section: old path -> new path (one line tells the user).
+MOVED_KEYS = {
+    "models.digits": "digits.model",
+    "evaluation.digits": "digits.classifier (grid_prompts / grid_labels: evaluation.grid_prompts / grid_labels)",
+}
+# models.teacher: the pretrain stage trains the teacher (section `pretraining`) instead of resolving one
+PRETRAINED_TEACHER = "pretrain"
+# Experiments' own sections: the section name -> "module:Class". The vocabulary names where a known-answer
+# experiment keeps its settings and imports that module only when a config has the section, so config.py
+# depends on no experiment (the experiment imports `Section` from here).
+EXPERIMENT_SECTIONS = {"digits": "instaflow_core.experiments.digits.config:DigitsConfig"}
 
 
 def _no_is_no(value: Any) -> Any:
@@ -118,14 +130,27 @@ class ModelsConfig(Section):
     # saved 2-RF / InstaFlow folders hold the full-precision safetensors only; true adds *.fp16.safetensors
     save_variants: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
-    digits: dig.DigitsModelConfig = Field(default_factory=dig.DigitsModelConfig)
 
 
 # -------------------------------------------------------------------------------------------- curation
 class CaptionSource(Section):
     path: str  # local path or store URI
-    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco", "digits"] = "auto"  # digits: sklearn
+    # a caption file format, or an image source (curation/images.py: IMAGE_SOURCES, e.g. digits: scikit-learn's)
+    format: Literal["auto", "parquet", "jsonl", "csv", "txt", "coco", "digits"] = "auto"
     column: str = "TEXT"  # caption column for parquet/jsonl/csv
+
+
+class ImageSetConfig(Section):
+    """`curation.images`: the (image, caption) table an image source becomes (curation/images.py). A fixed
+    stratified train/holdout split of the images (`split_seed`, independent of every experiment seed); each
+    image captioned by `captions_per_image` of the templates (fields the source fills, e.g. digits' {word} and
+    {digit}); no templates: the source's own."""
+
+    table: str = "images"
+    holdout_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    captions_per_image: int | None = Field(None, ge=1)  # None = every template
+    templates: list[str] = Field(default_factory=list)
 
 
 class CurationConfig(Section):
@@ -142,7 +167,7 @@ class CurationConfig(Section):
     # refuse a curation whose bad rows exceed this share of the rows read (binary files: always refused)
     max_bad_fraction: float = Field(0.2, ge=0.0, le=1.0)
     max_prompts: int | None = Field(None, ge=1)
-    images: dig.ImageSetConfig = Field(default_factory=dig.ImageSetConfig)  # image sources (format digits)
+    images: ImageSetConfig = Field(default_factory=ImageSetConfig)  # image sources (format digits)
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -258,7 +283,10 @@ class EvaluationConfig(Section):
     rf_guidance: float = Field(1.5, ge=0.0)
     straightness_steps: int = Field(25, ge=2)
     latency_repeats: int = Field(5, ge=1)
-    digits: dig.DigitsEvalConfig = Field(default_factory=dig.DigitsEvalConfig)
+    # the labelled comparison grid: one column per prompt (e.g. one per digit), one row per model at its key
+    # setting (teacher at its steps, 1-RF / 2-RF / InstaFlow at one step); empty: no grid
+    grid_prompts: list[str] = Field(default_factory=list)
+    grid_labels: list[str] | None = None  # column labels (default: the prompts)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -280,7 +308,7 @@ class RegistrationConfig(Section):
     @field_validator("model_name", "rf_model_name")
     @classmethod
     def _names(cls, v: str | None) -> str | None:
-        from instaflow_core.evaluation.gate import check_model_name
+        from instaflow_core.registration.rules import check_model_name
 
         return check_model_name(v)
 
@@ -298,17 +326,48 @@ class InstaflowConfig(Section):
     distillation: DistillationConfig
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+    # an experiment's own section (EXPERIMENT_SECTIONS): the digits pixel model and classifier
+    digits: SerializeAsAny[Section] | None = None
+
+    @field_validator("digits", mode="before")
+    @classmethod
+    def _experiment(cls, value: Any, info: Any) -> Any:
+        if value is None or isinstance(value, Section):
+            return value
+        return experiment_section(info.field_name).model_validate(value)
 
     @model_validator(mode="after")
     def _check(self) -> InstaflowConfig:
         if self.generation.split == "holdout" and self.curation.holdout_fraction == 0:
             raise ValueError("generation.split=holdout needs curation.holdout_fraction > 0")
-        dig.check_pretraining(self)
+        if self.models.teacher == PRETRAINED_TEACHER:
+            if self.pretraining is None:
+                raise ValueError(
+                    "models.teacher=pretrain needs a `pretraining` section (a training schedule)"
+                )
+            if self.generation.scheduler != "euler":
+                raise ValueError(
+                    "models.teacher=pretrain is a rectified flow, solved by Euler steps: set "
+                    "generation.scheduler=euler"
+                )
+            if self.digits is None:
+                raise ValueError(
+                    "models.teacher=pretrain needs the architecture to pretrain: a `digits` section "
+                    "(digits.model; see the digits preset)"
+                )
         return self
 
+    def section(self, path: str) -> Any:
+        """A section or a nested part of one by dotted path (`reflow`, `digits.model`)."""
+        value: Any = self
+        for part in path.split("."):
+            value = getattr(value, part, None) if value is not None else None
+        return value
+
     def section_hash(self, section: str) -> str:
-        """A stable 16-hex hash of one section's values (the stage's cache key material)."""
-        value = getattr(self, section)
+        """A stable 16-hex hash of one section's values, or of a nested part (`digits.model`): the cache key
+        material of the stage that reads it."""
+        value = self.section(section)
         return stable_hash(value.model_dump(mode="json") if value is not None else None)
 
     def hashes(self) -> dict[str, str]:
@@ -339,12 +398,22 @@ def preset_path(preset: str | Path) -> Path:
     return candidate
 
 
+def experiment_section(name: str) -> type[Section]:
+    """The section class an experiment registered under `name` (EXPERIMENT_SECTIONS), imported on first use."""
+    module, cls = EXPERIMENT_SECTIONS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def from_dict(data: dict[str, Any]) -> InstaflowConfig:
     for old, new in RENAMED_SECTIONS.items():
         if old in data:
             raise ConfigError(
                 f"config section {old!r} is now called {new!r}: rename it in the preset / --set"
             )
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(f"config key {old!r} is now {new}: move it in the preset / --set")
     try:
         return InstaflowConfig.model_validate(data)
     except ValidationError as err:

@@ -7,18 +7,22 @@ Time convention (the one place it is defined; everything else imports it from he
 
     X_t      = t * X1 + (1 - t) * X0          interpolation
     target   = X1 - X0                        the velocity the network predicts
-    tau      = (1 - t) * 1000                 the timestep an SD UNet sees ("1000 = noise", as in SD)
     Euler    t_i = i / N,  x <- x + v(x, t_i) / N,  i = 0 .. N-1
     one step X1_hat = X0 + v(X0, 0)
 
+Each model family maps this convention to its network's own (an SD UNet's timestep (1 - t) * 1000, SD3's and
+FLUX's sigma = 1 - t with the opposite velocity) in its module under models/, and nowhere else.
+
 A velocity model is any callable `model(x_t, t, cond) -> v` with x_t (B, ...), t (B,) in [0, 1] and v shaped
-like x_t. `cond` is whatever the model understands: text embeddings (B, 77, D), class ids (B,), a list, a dict.
+like x_t. `cond` is whatever the model understands: a family's `Condition` (a dataclass of batch-first tensors),
+text embeddings (B, 77, D), class ids (B,), a list, a dict.
 Classifier-free guidance needs an `uncond` of the same kind (batch 1 or B); it is concatenated in front of
 `cond` along dim 0 so that one forward evaluates both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -32,7 +36,6 @@ VelocityModel = Callable[[Tensor, Tensor, Any], Tensor]
 TSchedule = Literal["uniform", "logit_normal", "cosmap", "u_shaped"]
 LossKind = Literal["l2", "pseudo_huber", "lpips"]
 
-UNET_TIMESTEPS = 1000.0
 U_SHAPED_A = 4.0  # 2-rectified flow++'s U-shaped density exp(a t) + exp(a (1 - t)), a = 4 (Lee et al. 2024)
 
 
@@ -72,14 +75,6 @@ def velocity_target(x0: Tensor, x1: Tensor) -> Tensor:
     return x1 - x0
 
 
-def unet_timestep(t: Tensor | float) -> Tensor:
-    """Our t in [0, 1] (0 = noise) -> the SD UNet timestep (1 - t) * 1000 as a float (1000 = noise)."""
-    t = torch.as_tensor(t)
-    if not t.is_floating_point():
-        t = t.float()
-    return (1.0 - t) * UNET_TIMESTEPS
-
-
 def sample_t(
     n: int,
     schedule: TSchedule = "uniform",
@@ -113,36 +108,54 @@ def sample_t(
 
 
 # ------------------------------------------------------------------------------------------- guidance
+def _is_record(c: Any) -> bool:
+    """A dataclass instance (a family's `Condition`): handled field by field like a dict."""
+    return dataclasses.is_dataclass(c) and not isinstance(c, type)
+
+
+def _fields(c: Any) -> dict[str, Any]:
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+
+
 def _batch_size(cond: Any) -> int | None:
     if isinstance(cond, Tensor):
         return cond.shape[0] if cond.ndim > 0 else None
     if isinstance(cond, (list, tuple)):
         return len(cond)
+    if _is_record(cond):
+        cond = {k: v for k, v in _fields(cond).items() if v is not None}
     if isinstance(cond, dict) and cond:
         return _batch_size(next(iter(cond.values())))
     return None
 
 
 def _expand(c: Any, n: int) -> Any:
-    """Broadcast a batch-1 condition to n rows (tensor, list/tuple or dict of those)."""
+    """Broadcast a batch-1 condition to n rows (tensor, list/tuple, dict or dataclass of those; None stays)."""
     if isinstance(c, Tensor):
         return c.expand(n, *c.shape[1:]) if c.shape[0] == 1 and n != 1 else c
     if isinstance(c, (list, tuple)):
         return type(c)(list(c) * n) if len(c) == 1 and n != 1 else c
     if isinstance(c, dict):
         return {k: _expand(v, n) for k, v in c.items()}
+    if _is_record(c):
+        return dataclasses.replace(c, **{k: _expand(v, n) for k, v in _fields(c).items()})
     return c
 
 
 def concat_cond(uncond: Any, cond: Any, batch: int) -> Any:
     """[uncond; cond] along dim 0, uncond broadcast to `batch` rows first: (2B, ...)."""
     uncond, cond = _expand(uncond, batch), _expand(cond, batch)
+    if cond is None:
+        return None
     if isinstance(cond, Tensor):
         return torch.cat([uncond.to(device=cond.device, dtype=cond.dtype), cond], dim=0)
     if isinstance(cond, (list, tuple)):
         return type(cond)(list(uncond) + list(cond))
     if isinstance(cond, dict):
         return {k: concat_cond(uncond[k], cond[k], batch) for k in cond}
+    if _is_record(cond):
+        u = _fields(uncond)
+        return dataclasses.replace(cond, **{k: concat_cond(u[k], v, batch) for k, v in _fields(cond).items()})
     raise TypeError(f"cannot batch conditions of type {type(cond).__name__} for guidance")
 
 

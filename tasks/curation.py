@@ -26,13 +26,12 @@ from typing import Any
 
 from prefect import task
 
-from instaflow_core.config import CurationConfig, ModelsConfig, StorageConfig, stable_hash
+from instaflow_core.config import PRETRAINED_TEACHER, CurationConfig, ModelsConfig, StorageConfig, stable_hash
 from instaflow_core.curation.filters import token_counter
 from instaflow_core.curation.prompts import PROMPTS_SCHEMA, CurationReport, Curator, TokenCounter
 from instaflow_core.curation.readers import curated_batches
 from instaflow_core.errors import DataError
-from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
-from instaflow_core.refs import TableRef
+from instaflow_core.refs import Stage, TableRef
 from instaflow_core.store import Store, create_table, open_table, set_metadata, table_ref
 from instaflow_core.store.query import ensure_indexes
 from tasks.artifacts import publish_table
@@ -50,26 +49,33 @@ def teacher_tokenizer(models: ModelsConfig) -> tuple[Any, str]:
     """The teacher's tokenizer and a short name for it, loading as little as possible.
 
     tiny: the committed CLIP BPE files; a diffusers folder: its tokenizer/ only; anything else: the full
-    teacher (a hub id from the local cache, a single-file checkpoint).
+    teacher (a single-file checkpoint). A hub id reads its configs and tokenizer files from the cache only.
     """
     if models.teacher == "tiny":
         from instaflow_core.models.tokenizer import tiny_tokenizer
 
         return tiny_tokenizer(models.tiny.vocab_merges), f"tiny-clip-{models.tiny.vocab_merges}"
-    if (
-        models.teacher == PRETRAINED_TEACHER
-    ):  # models/digits.py builds its text encoder on the full tiny vocab
+    if models.teacher == PRETRAINED_TEACHER:  # the digits model's text encoder reads the full tiny vocab
         from instaflow_core.models.tokenizer import TINY_CLIP_MERGES, tiny_tokenizer
 
         return tiny_tokenizer(), f"tiny-clip-{TINY_CLIP_MERGES}"
+    from instaflow_core.models.sources import hub_snapshot, is_hub_id
+
     folder = Path(models.teacher.removeprefix("file://")).expanduser()
+    if is_hub_id(
+        models.teacher
+    ):  # configs and tokenizer files only: never a teacher's weights for a tokenizer
+        folder = hub_snapshot(
+            models.teacher, revision=models.teacher_revision, local_files_only=models.local_files_only,
+            configs_only=True,
+        )  # fmt: skip
     if (folder / "tokenizer").is_dir():
-        from transformers import CLIPTokenizer
+        from transformers import AutoTokenizer
 
-        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"), f"{models.teacher}/tokenizer"
-    from instaflow_core.models.loading import teacher_components
+        return AutoTokenizer.from_pretrained(folder, subfolder="tokenizer"), f"{models.teacher}/tokenizer"
+    from instaflow_core.models.loading import teacher_parts
 
-    return teacher_components(models).tokenizer, models.teacher
+    return teacher_parts(models)["tokenizer"], models.teacher
 
 
 def curate_into_table(
@@ -239,7 +245,7 @@ def curate_images(
         return None
     if len(sources) > 1:
         raise DataError("curation.sources: one image source (format digits) at most")
-    meta = {"stage": "curate", "config_hash": stable_hash(curation.images.model_dump(mode="json"))}
+    meta = {"stage": str(Stage.CURATE), "config_hash": stable_hash(curation.images.model_dump(mode="json"))}
     ref = write_image_table(
         Store(storage), sources[0], curation.images, {**meta, "code_version": code_version()}
     )

@@ -42,14 +42,14 @@ def _lazy(load: Any) -> Any:
 
 
 def flow_model(resolved: ResolvedModel, dtype: str) -> Any:
-    """A DemoModel over a rectified-flow folder (the InstaFlowPipeline's Euler loop)."""
+    """A DemoModel over a rectified-flow folder of any family (Euler steps along its velocity)."""
     from instaflow_core.inference.demo_app import DemoModel
-    from instaflow_core.inference.generate import generate, load_pipeline
+    from instaflow_core.inference.generate import flow_images, load_model_folder
 
-    pipe = _lazy(lambda: load_pipeline(resolved.folder, dtype=dtype))
+    pipe = _lazy(lambda: load_model_folder(resolved.folder, dtype=dtype))
 
     def run(prompts: list[str], seeds: list[int], steps: int, guidance: float) -> Any:
-        return generate(pipe(), prompts, seeds, steps, guidance)
+        return flow_images(pipe(), prompts, seeds, steps, guidance)
 
     return DemoModel(
         label=resolved.label,
@@ -62,12 +62,12 @@ def flow_model(resolved: ResolvedModel, dtype: str) -> Any:
 
 
 def teacher_model(cfg: InstaflowConfig) -> Any:
-    """A DemoModel over the config's teacher: its DPM-Solver++ path with CFG, as evaluation runs it."""
+    """A DemoModel over the config's teacher: its own sampler with guidance, as evaluation runs it."""
     from instaflow_core.evaluation.sampling import Sampler, SamplerSpec
     from instaflow_core.inference.demo_app import DemoModel
-    from instaflow_core.models.loading import teacher_components
+    from instaflow_core.models.loading import teacher_parts
 
-    components = _lazy(lambda: teacher_components(cfg.models))
+    components = _lazy(lambda: teacher_parts(cfg.models))
 
     def run(prompts: list[str], seeds: list[int], steps: int, guidance: float) -> Any:
         spec = SamplerSpec(f"teacher_{steps}step", ModelKind.TEACHER.value, "dpmsolver++", steps, guidance)

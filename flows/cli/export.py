@@ -23,20 +23,18 @@ app = typer.Typer(help="Export a model for other runtimes.", no_args_is_help=Tru
 CHECK_PROMPTS = ["a red car", "a photo of a cat"]
 
 
-def check_against_torch(pipe: object, onnx_dir: Path, guidance: float = 1.0) -> float:
-    """Max abs error between onnxruntime's and the pipeline's one-step images (float, [0, 1]), same noise."""
+def check_against_torch(model: object, onnx_dir: Path, guidance: float = 1.0) -> float:
+    """Max abs error between onnxruntime's and PyTorch's one-step images (float, [0, 1]), same noise."""
     import numpy as np
 
-    from instaflow_core.inference.generate import latent_shape
+    from instaflow_core.inference.generate import flow_images
     from instaflow_core.inference.onnx_export import OnnxOneStep
     from instaflow_core.rectified_flow import noise_from_seeds
 
-    x0 = noise_from_seeds([0, 1], latent_shape(pipe))
-    reference = pipe(
-        CHECK_PROMPTS, num_inference_steps=1, guidance_scale=guidance, latents=x0, output_type="np"
-    )
+    x0 = noise_from_seeds([0, 1], model.latent_shape())
+    reference = flow_images(model, CHECK_PROMPTS, [0, 1], 1, guidance).astype(np.float32) / 255.0
     got = OnnxOneStep(onnx_dir)(CHECK_PROMPTS, x0.numpy(), guidance)
-    return float(np.abs(np.asarray(reference.images) - got).max())
+    return float(np.abs(reference - got).max())
 
 
 @app.command("onnx")
@@ -66,14 +64,16 @@ def onnx_cmd(
         )
     import torch
 
-    from instaflow_core.inference.generate import load_pipeline
+    from instaflow_core.inference.generate import load_model_folder
     from instaflow_core.inference.onnx_export import export_onnx
 
-    pipe = load_pipeline(resolved.folder, dtype="float32", device="cpu")
+    loaded = load_model_folder(resolved.folder, dtype="float32", device="cpu")
     typer.echo(f"exporting {resolved.label} to {out} (opset {opset}; a few minutes on a CPU)")
     with torch.no_grad():
-        paths = export_onnx(pipe, out, opset=opset, on_graph=lambda g, sec: typer.echo(f"  {g}: {sec:.0f} s"))
-    error = check_against_torch(pipe, out)
+        paths = export_onnx(
+            loaded, out, opset=opset, on_graph=lambda g, sec: typer.echo(f"  {g}: {sec:.0f} s")
+        )
+    error = check_against_torch(loaded, out)
     if error > tolerance:
         raise DataError(f"the ONNX images differ from PyTorch's by {error:.2e} (> --tolerance {tolerance:g})")
     for name in ("text_encoder", "one_step", "vae_decoder"):

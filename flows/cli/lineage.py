@@ -38,7 +38,7 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
 
     The name must be one MLflow can hold (no '/', ':', quotes, '..'): `../../etc@champion` is refused, not
     misread as model '..'."""
-    from instaflow_core.evaluation.gate import model_name_problem
+    from instaflow_core.registration.rules import model_name_problem
 
     usage = f"{ref!r}: expected <model-name>@<alias|version>, e.g. instaflow-tiny@champion"
     text = ref.strip().removeprefix("models:/")

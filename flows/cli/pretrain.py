@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from flows.cli.options import PresetOpt, SetOpt
 from flows.cli.run import PrefectApiOpt, _need, _prepare, _remember, _run, console
+from instaflow_core.config import PRETRAINED_TEACHER
 from instaflow_core.errors import ConfigError
-from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import Stage
 
 

@@ -15,9 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli.options import PresetOpt, SetOpt, load_config
-from instaflow_core.config import InstaflowConfig
+from instaflow_core.config import PRETRAINED_TEACHER, InstaflowConfig
 from instaflow_core.errors import InstaflowError
-from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 from instaflow_core.refs import ModelKind, Stage
 
 console = Console()

@@ -89,18 +89,23 @@ def sample(
     cfg = load_config(preset, set_)
     resolved = resolve_model(model, preset, set_, tracking_uri)
     steps, guidance = _settings(resolved, steps, guidance)
-    from instaflow_core.inference.generate import apply_options, generate, load_control_image, load_pipeline
+    from instaflow_core.inference.generate import (
+        apply_options,
+        flow_images,
+        load_control_image,
+        load_model_folder,
+    )
     from instaflow_core.inference.media import write_images
 
     storage = cfg.storage
-    pipe = load_pipeline(
+    loaded = load_model_folder(
         resolved.folder,
         dtype=cfg.models.dtype,
         controlnet=local_file(controlnet, storage, "--controlnet") if controlnet else None,
     )
     base, finetuned = delta or (None, None)
     apply_options(
-        pipe,
+        loaded,
         lora=local_file(lora, storage, "--lora") if lora else None,
         lora_scale=lora_scale,
         delta=(local_file(base, storage, "--delta BASE"), local_file(finetuned, storage, "--delta FINETUNED"))
@@ -113,8 +118,8 @@ def sample(
     )
     seeds = [seed + i for i in range(num)]
     start = time.perf_counter()
-    images = generate(
-        pipe, [prompt] * num, seeds, steps, guidance, control_image=image, control_scale=control_scale
+    images = flow_images(
+        loaded, [prompt] * num, seeds, steps, guidance, control_image=image, control_scale=control_scale
     )
     per_image = (time.perf_counter() - start) / num
     files = write_images(images, out, [f"{i:03d}-seed{s}" for i, s in enumerate(seeds)], min_side=min_side)
@@ -143,7 +148,7 @@ def interpolate(
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
 ) -> None:
-    """An animation from prompt A to prompt B: the noise slerped, the text embeddings lerped."""
+    """An animation from prompt A to prompt B: the noise slerped, the conditions lerped."""
     _check_prompt(prompt_a, "first prompt")
     _check_prompt(prompt_b, "second prompt")
     if out.suffix.lower() not in (".gif", ".mp4"):
@@ -153,13 +158,13 @@ def interpolate(
     cfg = load_config(preset, set_)
     resolved = resolve_model(model, preset, set_, tracking_uri)
     steps, guidance = _settings(resolved, steps, guidance)
-    from instaflow_core.inference.generate import interpolation_frames, load_pipeline
+    from instaflow_core.inference.generate import interpolation_frames, load_model_folder
     from instaflow_core.inference.media import upscale, write_animation
 
-    pipe = load_pipeline(resolved.folder, dtype=cfg.models.dtype)
+    loaded = load_model_folder(resolved.folder, dtype=cfg.models.dtype)
     seeds = (seed, seed + 1 if seed_b is None else seed_b)
     start = time.perf_counter()
-    video = interpolation_frames(pipe, (prompt_a, prompt_b), seeds, frames, steps, guidance)
+    video = interpolation_frames(loaded, (prompt_a, prompt_b), seeds, frames, steps, guidance)
     seconds = time.perf_counter() - start
     write_animation(upscale(video, min_side), out, fps)
     typer.echo(

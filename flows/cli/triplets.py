@@ -163,11 +163,11 @@ def search(
 
 
 def _embed(cfg: Any, prompt: str) -> Any:
-    from instaflow_core.models.loading import teacher_components
+    from instaflow_core.models.loading import teacher_parts
     from instaflow_core.store.query import embed_prompts
 
-    comps = teacher_components(cfg.models)
-    return embed_prompts(comps.text_encoder, comps.tokenizer, [prompt])[0]
+    model = teacher_parts(cfg.models)
+    return embed_prompts(model["text_encoder"], model["tokenizer"], [prompt])[0]
 
 
 # ------------------------------------------------------------------------------------------- stats
@@ -283,14 +283,14 @@ def _table_teacher(tbl: Any, cfg: Any) -> Any:
     """The model that made the table's latents (its VAE decodes them), from the table's lineage metadata;
     None when the table does not record one that can still be loaded (then the configured teacher is used)."""
     from instaflow_core.models.loading import load_model
-    from instaflow_core.refs import ModelRef
+    from instaflow_core.refs import ModelKind, ModelRef
     from instaflow_core.store import get_metadata
 
     uri = get_metadata(tbl).get("teacher_uri")
     if not uri:
         return None
     try:
-        return load_model(ModelRef(uri=uri, kind="teacher"), cfg.storage, cfg.models)
+        return load_model(ModelRef(uri=uri, kind=ModelKind.TEACHER), cfg.storage, cfg.models)
     except Exception as err:  # moved or deleted since: say so, fall back to the configured teacher
         console.print(
             f"[yellow]the table's teacher {uri} could not be loaded ({err}); using models.teacher[/]"
@@ -318,7 +318,7 @@ def show(
     import torch
 
     from instaflow_core.inference.images import decode_latents, image_grid, png_bytes
-    from instaflow_core.models.loading import teacher_components
+    from instaflow_core.models.loading import teacher_parts
     from instaflow_core.store import from_tensor_column
     from instaflow_core.store.query import query_rows, rows_by_id, text_column
 
@@ -334,10 +334,10 @@ def show(
     shape = rows.column("latent_shape")[0].as_py() if "latent_shape" in rows.column_names else None
     x1 = from_tensor_column(rows.column("x1"), shape).astype(np.float32)
     if x1.ndim != 4:
-        raise DataError(f"x1 has shape {x1.shape[1:]}: expected (4, h, w) latents")
-    comps = _table_teacher(tbl, cfg) or teacher_components(cfg.models)
+        raise DataError(f"x1 has shape {x1.shape[1:]}: expected (C, h, w) latents")
+    model = _table_teacher(tbl, cfg) or teacher_parts(cfg.models)
     with torch.inference_mode():
-        images = decode_latents(comps.vae, torch.from_numpy(x1))
+        images = decode_latents(model, torch.from_numpy(x1))
     grid = image_grid(images, cols, captions=rows.column(text).to_pylist(), min_side=128, background=255)
     png = png_bytes(grid)
     if "://" in out:

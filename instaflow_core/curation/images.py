@@ -1,38 +1,46 @@
 """Image sources: an (image, caption) table in the store, for teacher pretraining and real-image evaluation.
 
-One source today, `format: digits`: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`,
-1,797 real 8x8 images, grey levels 0..16, ten classes, shipped inside the package: no download).
+An image source is a `curation.sources` entry whose format names an image dataset instead of a caption file.
+Each lives in its experiment's package and registers here (`IMAGE_SOURCES`: format -> module path, imported on
+first use); today `format: digits`, scikit-learn's bundled handwritten digits (experiments/digits/images.py).
+The module provides
 
-    load_digits -> images (N, 1, 8, 8) in [-1, 1] -> a fixed stratified train/holdout split (`split_seed`)
-    -> each image x `captions_per_image` templates ("a handwritten digit seven", "the number 7, written by hand")
-    -> one row per (image, caption), keyed by pair_id = hash(image id, caption)
+    load_image_set(source, images_cfg) -> ImageSet     images (N, C, H, W) in [-1, 1], labels, ids, a fixed split
+    caption_pairs(image_set, images_cfg)               (image index, raw caption) per table row, in order
+    source_identity(source)                            the cache-key identity of the dataset
+    eval_set(store, images, num_samples, seed)         the evaluation set of prompts curated from it
+
+and this module turns it into the table:
+
+    images -> a fixed stratified train/holdout split (`curation.images.split_seed`) -> each image x its
+    captions -> one row per (image, caption), keyed by pair_id = hash(image id, caption)
 
 The same captions, in table order, are what the curation stage reads from the source (`source_captions`):
-they go through the usual Curator (normalise, filter, dedupe, split) into the `prompts` table, so the 14,376
-captions of the default table become its 80 distinct prompts. Each image row carries the `prompt_id` of its
-normalised caption; pretraining trains on the train rows whose prompt the curation kept (`read_images`).
-The prompts table's metadata names the image table version it was curated with (`images_of`): lineage as data,
-and how the pretrain and evaluation stages find the images that go with a prompts version.
+they go through the usual Curator (normalise, filter, dedupe, split) into the `prompts` table. Each image row
+carries the `prompt_id` of its normalised caption; pretraining trains on the train rows whose prompt the
+curation kept (`read_images`). The prompts table's metadata names the image table version it was curated with
+(`images_of`): lineage as data, and how the pretrain and evaluation stages find the images of a prompts version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from instaflow_core.config import ImageSetConfig
 from instaflow_core.curation.prompts import normalize, prompt_id
 from instaflow_core.errors import DataError
-from instaflow_core.experiments.digits_config import ImageSetConfig
 from instaflow_core.refs import TableRef
 
-IMAGE_FORMATS = ("digits",)
-DIGITS_SOURCE = "sklearn.datasets.load_digits"
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# format -> the module of an image source (experiments register theirs here)
+IMAGE_SOURCES = {"digits": "instaflow_core.experiments.digits.images"}
 IMAGES_META_KEY = "images"  # in the prompts table's metadata: the image table ref (JSON) it was curated with
 
 
@@ -51,16 +59,14 @@ class ImageSet:
 
 
 def is_image_source(source: Any) -> bool:
-    return getattr(source, "format", None) in IMAGE_FORMATS
+    return getattr(source, "format", None) in IMAGE_SOURCES
 
 
-def _check_source(source: Any) -> None:
-    if source.format != "digits":
-        raise DataError(f"curation source {source.path!r}: image format {source.format!r} is not supported")
-    if source.path not in (DIGITS_SOURCE, "digits"):
-        raise DataError(
-            f"format digits reads {DIGITS_SOURCE}: set the source's path to it (got {source.path!r})"
-        )
+def source_module(fmt: str) -> ModuleType:
+    """The module of the image source `fmt`."""
+    if fmt not in IMAGE_SOURCES:
+        raise DataError(f"image format {fmt!r} is not supported (known: {', '.join(sorted(IMAGE_SOURCES))})")
+    return importlib.import_module(IMAGE_SOURCES[fmt])
 
 
 def stratified_split(labels: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
@@ -74,59 +80,26 @@ def stratified_split(labels: np.ndarray, holdout_fraction: float, seed: int) -> 
     return split
 
 
-def load_image_set(source: Any, images_cfg: ImageSetConfig) -> ImageSet:
-    """The source's images with the fixed split. digits: grey levels 0..16 -> [-1, 1] (v / 8 - 1)."""
-    _check_source(source)
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (np.asarray(d.images, np.float32)[:, None] / 8.0 - 1.0).astype(np.float32)  # (N, 1, 8, 8)
-    labels = np.asarray(d.target, np.int64)
-    ids = [f"digits-{i:04d}" for i in range(len(labels))]
-    return ImageSet(
-        images, labels, ids, stratified_split(labels, images_cfg.holdout_fraction, images_cfg.split_seed)
+def templates_of(image_id: str, templates: list[str], per_image: int | None) -> list[str]:
+    """The templates one image is captioned with: all of them, or `per_image` chosen by its id."""
+    if per_image is None or per_image >= len(templates):
+        return list(templates)
+    start = int.from_bytes(hashlib.sha256(f"captions:{image_id}".encode()).digest()[:4], "big") % len(
+        templates
     )
-
-
-def caption(label: int, template: str) -> str:
-    """A template filled for one class: {word} the class name, {digit} the numeral."""
-    try:
-        return template.format(word=DIGIT_WORDS[label], digit=label)
-    except (KeyError, IndexError, ValueError) as err:
-        raise DataError(f"curation.images.templates: {template!r} is not a valid template ({err})") from err
-
-
-def templates_of(image_id: str, images_cfg: ImageSetConfig) -> list[str]:
-    """The templates one image is captioned with: all of them, or `captions_per_image` chosen by its id."""
-    t = images_cfg.templates
-    k = images_cfg.captions_per_image
-    if k is None or k >= len(t):
-        return list(t)
-    start = int.from_bytes(hashlib.sha256(f"captions:{image_id}".encode()).digest()[:4], "big") % len(t)
-    return [t[(start + j) % len(t)] for j in range(k)]
-
-
-def caption_pairs(image_set: ImageSet, images_cfg: ImageSetConfig) -> list[tuple[int, str]]:
-    """(image index, raw caption) for every row of the table, in table order."""
-    return [
-        (i, caption(int(label), tpl))
-        for i, (image_id, label) in enumerate(zip(image_set.image_ids, image_set.labels, strict=True))
-        for tpl in templates_of(image_id, images_cfg)
-    ]
+    return [templates[(start + j) % len(templates)] for j in range(per_image)]
 
 
 def source_captions(source: Any, images_cfg: ImageSetConfig) -> list[str]:
     """What curation reads from an image source: every row's raw caption, in table order."""
-    image_set = load_image_set(source, images_cfg)
-    return [c for _, c in caption_pairs(image_set, images_cfg)]
+    mod = source_module(source.format)
+    image_set = mod.load_image_set(source, images_cfg)
+    return [c for _, c in mod.caption_pairs(image_set, images_cfg)]
 
 
 def source_identity(source: Any) -> list[dict[str, Any]]:
-    """The cache-key identity of an image source: the dataset and the scikit-learn version that ships it."""
-    _check_source(source)
-    import sklearn
-
-    return [{"path": DIGITS_SOURCE, "size": 1797, "stamp": f"scikit-learn {sklearn.__version__}"}]
+    """The cache-key identity of an image source."""
+    return source_module(source.format).source_identity(source)
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -147,11 +120,10 @@ def images_schema(shape: tuple[int, ...]) -> pa.Schema:
     )
 
 
-def image_rows(image_set: ImageSet, images_cfg: ImageSetConfig, source: str) -> pa.Table:
-    """The table's rows: one per (image, caption); 8x8 grey levels v/8 - 1 are exact in float16."""
+def image_rows(image_set: ImageSet, pairs: list[tuple[int, str]], source: str) -> pa.Table:
+    """The table's rows: one per (image, caption) pair; 8x8 grey levels v/8 - 1 are exact in float16."""
     from instaflow_core.store import to_tensor_column
 
-    pairs = caption_pairs(image_set, images_cfg)
     idx = np.array([i for i, _ in pairs], dtype=np.int64)
     texts = [normalize(c) for _, c in pairs]
     ids = [image_set.image_ids[i] for i in idx]
@@ -178,8 +150,9 @@ def write_image_table(
     rows this configuration no longer makes deleted); returns the reference to the version written."""
     from instaflow_core.store import create_table, open_table, set_metadata, table_ref
 
-    image_set = load_image_set(source, images_cfg)
-    rows = image_rows(image_set, images_cfg, DIGITS_SOURCE)
+    mod = source_module(source.format)
+    image_set = mod.load_image_set(source, images_cfg)
+    rows = image_rows(image_set, mod.caption_pairs(image_set, images_cfg), mod.SOURCE)
     table = create_table(store, images_cfg.table, rows.schema)
     with store.guard(f"commit table {images_cfg.table!r}"):
         (
@@ -194,9 +167,23 @@ def write_image_table(
     splits = {s: int(n) for s, n in zip(*np.unique(image_set.split, return_counts=True), strict=True)}
     set_metadata(
         open_table(store, images_cfg.table),
-        {**metadata, "source": DIGITS_SOURCE, "images": len(image_set.labels), "image_splits": splits},
+        {
+            **metadata,
+            "source": mod.SOURCE,
+            "format": source.format,
+            "images": len(image_set.labels),
+            "image_splits": splits,
+        },  # fmt: skip
     )
     return table_ref(store, images_cfg.table, config_hash=metadata.get("config_hash", ""))
+
+
+def image_source_of(store: Any, images: TableRef) -> ModuleType:
+    """The source module that made an image table (its metadata's `format`; tables from before it was recorded
+    are digits tables)."""
+    from instaflow_core.store import get_metadata, open_ref
+
+    return source_module(get_metadata(open_ref(store, images)).get("format") or "digits")
 
 
 def images_of(store: Any, prompts: TableRef) -> TableRef | None:

@@ -26,6 +26,7 @@ from instaflow_core.errors import DataError
 
 HOLDOUT_SET = "holdout-prompts"
 TEACHER_REFERENCE = "teacher-generations"
+IMAGE_TABLE_REFERENCE = "image-table"  # an image source's held-out real images (curation/images.py)
 
 
 def derived_seed(*parts: Any) -> int:
@@ -292,13 +293,11 @@ def build_eval_set(eval_cfg: Any, store: Any, prompts_ref: Any = None) -> EvalSe
         )
     if prompts_ref is None:
         raise DataError("no evaluation captions: set evaluation.coco_captions or pass the prompts table")
-    from instaflow_core.curation.images import images_of
+    from instaflow_core.curation.images import image_source_of, images_of  # curation imports no evaluation
 
     images = images_of(store, prompts_ref)
-    if images is not None:  # prompts curated from images (format digits): the held-out real images
-        from instaflow_core.evaluation.digits import image_table_eval_set
-
-        return image_table_eval_set(store, images, eval_cfg.num_samples, eval_cfg.seed)
+    if images is not None:  # prompts curated from an image source: its own set (the held-out real images)
+        return image_source_of(store, images).eval_set(store, images, eval_cfg.num_samples, eval_cfg.seed)
     return holdout_eval_set(
         holdout_prompts(store, prompts_ref),
         source=prompts_ref.key(),

@@ -12,6 +12,10 @@ from typing import Any
 
 STAND_IN_MARK = "not paper-comparable"
 
+# evaluation.fid_features / clip_model names an experiment provides -> its module (`networks(store, eval_set,
+# section)`): networks the evaluation trains itself, so there are no weights to find (the preflight skips them)
+EXPERIMENT_NETWORKS = {"digits-classifier": "instaflow_core.experiments.digits.classifier"}
+
 
 def short_name(label: str) -> str:
     """A network label (feature_nets: 'tiny-random CLIP (seed 0; stand-in, ...)') -> 'tiny-CLIP'."""

@@ -1,4 +1,4 @@
-"""Running a model under evaluation: the teacher's DPM-Solver path or a rectified flow's Euler path, from fixed seeds."""
+"""Running a model under evaluation: the teacher's own sampler or a rectified flow's Euler path, from fixed seeds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from instaflow_core.evaluation.metrics import (
     fid_from_stats,
     measure_latency,
 )
+from instaflow_core.inference.generate import flow_images, teacher_images
 from instaflow_core.inference.images import image_grid
+from instaflow_core.models.family import Model
 
 
 @dataclass(frozen=True)
@@ -40,61 +42,38 @@ def _device() -> torch.device:
 class Sampler:
     """Prompts + seeds -> uint8 images (B, H, W, 3) for one SamplerSpec: text encode + sampler + VAE decode.
 
-    The teacher runs its scheduler (teacher.solve_teacher, CFG when guidance > 1); rectified flows run the
-    InstaFlowPipeline's Euler loop (the same path a user of the pipeline or the registered model gets), from
-    X0 = noise_from_seeds(seeds) in both cases.
+    The teacher runs its own sampler (its family's scheduler, guidance as the family takes it); rectified flows
+    run `inference.generate.flow_images` (the Euler path a user of `instaflow sample` or the registered model
+    gets), from X0 = noise_from_seeds(seeds) in both cases.
     """
 
-    def __init__(self, components: Any, spec: SamplerSpec, resolution: int | None = None) -> None:
-        from instaflow_core.models.loading import latent_shape
-
-        self.components = components.to(_device())
+    def __init__(self, model: Model, spec: SamplerSpec, resolution: int | None = None) -> None:
+        self.model = model.to(_device())
         self.spec = spec
         self.resolution = resolution  # px; None = the model's native size
-        self.shape = latent_shape(components, resolution)  # (4, h, w); ConfigError when it does not fit
-        self.pipe = None
-        if spec.solver == "euler":
-            from instaflow_core.inference.pipeline import InstaFlowPipeline
-
-            self.pipe = InstaFlowPipeline.from_components(components)
-            self.pipe.set_progress_bar_config(disable=True)
+        self.shape = model.latent_shape(resolution)  # (C, h, w); ConfigError when it does not fit
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        from instaflow_core.generation.teacher import solve_teacher
-        from instaflow_core.inference.images import decode_latents
-        from instaflow_core.rectified_flow import noise_from_seeds
-
         spec = self.spec
-        if self.pipe is None:
-            x1 = solve_teacher(
-                self.components, list(prompts), list(seeds), steps=spec.steps, guidance=spec.guidance,
-                scheduler=spec.solver, device=_device(), resolution=self.resolution,
+        if spec.solver != "euler":
+            return teacher_images(
+                self.model, list(prompts), list(seeds), spec.steps, spec.guidance, spec.solver,
+                resolution=self.resolution,
             )  # fmt: skip
-            return decode_latents(self.components.vae, x1, batch_size=max(1, len(prompts)))
-        from instaflow_core.inference.images import to_uint8
-
-        x0 = noise_from_seeds(list(seeds), self.shape)  # (B, 4, h, w) from CPU generators
-        side = self.shape[-1] * self.pipe.vae_scale_factor
-        out = self.pipe(
-            list(prompts),
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance,
-            latents=x0,
-            output_type="np",
-            height=side,
-            width=side,
-        )
-        return to_uint8(out.images)
+        return flow_images(
+            self.model, list(prompts), list(seeds), spec.steps, spec.guidance, resolution=self.resolution,
+            batch_size=max(1, len(prompts)),
+        )  # fmt: skip
 
 
 def generate_images(
-    components: Any, spec: SamplerSpec, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 16
+    model: Model, spec: SamplerSpec, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 16
 ) -> np.ndarray:
     """uint8 images (B, H, W, 3) for the prompts, `batch_size` at a time."""
     if len(prompts) != len(seeds):
         raise DataError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    sampler = Sampler(components, spec)
+    sampler = Sampler(model, spec)
     out = [
         sampler(prompts[i : i + batch_size], seeds[i : i + batch_size])
         for i in range(0, len(prompts), batch_size)
@@ -104,36 +83,33 @@ def generate_images(
     return np.concatenate(out)
 
 
-def image_latency(components: Any, spec: SamplerSpec, prompt: str, seed: int, repeats: int) -> Latency:
-    """Seconds per image at batch 1: text encode + UNet passes (CFG included) + VAE decode, warm, median."""
-    sampler = Sampler(components, spec)
+def image_latency(model: Model, spec: SamplerSpec, prompt: str, seed: int, repeats: int) -> Latency:
+    """Seconds per image at batch 1: text encode + denoiser passes (CFG included) + VAE decode, warm, median."""
+    sampler = Sampler(model, spec)
     return measure_latency(lambda: sampler([prompt], [seed]), repeats=repeats)
 
 
 @torch.no_grad()
 def flow_straightness(
-    components: Any,
+    model: Model,
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int,
     guidance: float = 1.0,
     resolution: int | None = None,
 ) -> float:
-    """rectified_flow.straightness of a velocity UNet along its own Euler path (0 = straight).
+    """rectified_flow.straightness of a velocity model along its own Euler path (0 = straight).
 
-    Meaningful for rectified-flow models only (the UNet predicts velocity); a diffusion teacher predicts noise.
+    Meaningful for rectified-flow models only (the denoiser predicts velocity); an SD teacher predicts noise.
     """
-    from instaflow_core.models.loading import latent_shape
-    from instaflow_core.models.velocity import UNetVelocity
     from instaflow_core.rectified_flow import noise_from_seeds, straightness
 
     dev = _device()
-    components.to(dev)
-    velocity = UNetVelocity(components.unet, components.text_encoder, components.tokenizer)
-    x0 = noise_from_seeds(list(seeds), latent_shape(components, resolution)).to(dev)
-    cond = velocity.encode(list(prompts))
-    uncond = velocity.encode([""]) if guidance > 1.0 else None
-    return straightness(velocity, x0, cond, steps, guidance=guidance, uncond=uncond)
+    model.to(dev)
+    x0 = noise_from_seeds(list(seeds), model.latent_shape(resolution)).to(dev)
+    cond, weight = model.family.with_guidance(model.encode(list(prompts)), guidance)
+    uncond = model.negative([""]) if weight > 1.0 else None
+    return straightness(model.velocity(), x0, cond, steps, guidance=weight, uncond=uncond)
 
 
 @dataclass
@@ -168,7 +144,7 @@ def batched_features(batches: Iterable[np.ndarray], net: Any, image_size: int) -
 
 
 def evaluate_sampler(
-    components: Any,
+    model: Model,
     spec: SamplerSpec,
     prompts: Sequence[str],
     seeds: Sequence[int],
@@ -190,7 +166,7 @@ def evaluate_sampler(
 
     if len(prompts) != len(seeds) or len(prompts) < 2:
         raise DataError(f"evaluation needs >= 2 prompts with one seed each ({len(prompts)} / {len(seeds)})")
-    sampler = Sampler(components, spec, resolution)
+    sampler = Sampler(model, spec, resolution)
     if text_emb is None:
         text_emb = clip_net.text_features(list(prompts))  # (N, D)
     fid_feats, img_emb, grid = [], [], []
@@ -210,7 +186,7 @@ def evaluate_sampler(
     if spec.solver == "euler":
         k = min(n, batch_size)
         straight = flow_straightness(
-            components, prompts[:k], seeds[:k], straightness_steps, spec.guidance, resolution
+            model, prompts[:k], seeds[:k], straightness_steps, spec.guidance, resolution
         )
     return SamplerResult(
         fid=fid_from_stats(stats, reference),

@@ -7,7 +7,6 @@ two writers from solving the same shard twice.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -139,151 +138,148 @@ def existing_ids(table: Any, where: str) -> set[str]:
     return set(got.column("triplet_id").to_pylist())
 
 
-def run_shard(
-    *,
-    jobs: Sequence[TripletJob],
-    table: Any,
-    solve: Solver,
-    batch_size: int,
-    teacher: str,
-    solver: SolverSpec,
-    shard: int,
-    run_id: str,
-    done_filter: str,
-    write: Callable[[Any, pa.Table], Any],
-    noise: NoiseFn | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-    claim: ShardClaim | None = None,
-    rows_per_commit: int | None = None,
-    async_write: bool = False,
-) -> ShardResult:
-    """Make the triplets of one shard that the table does not hold yet, merged in commits of whole batches.
+@dataclass
+class ShardWorker:
+    """Makes the triplets of one shard that the table does not hold yet, merged in commits of whole batches.
 
-    `done_filter` selects this shard's rows in `table` (by prompt-id range, independent of shard numbering) so a
-    rerun skips ids already written; `write(table, rows)` must merge on the table's declared key (triplet_id).
-    `on_batch(done, total)` reports progress in triplets. X0 is stored only when the table has an x0 column and
-    `noise` is given. With a `claim`, the shard is solved under its lease: a shard another live writer holds is
-    waited for (and its rows skipped), the ids are re-read at the latest version once the lease is ours, and
-    the lease is checked before every commit. `rows_per_commit` (default: one commit per batch) buffers batches
-    into fewer, larger commits: what keeps a table's commit rate low with many writers.
-    `async_write`: `write` runs on a worker thread while the next batch is solved (generation/writer.py); each
-    fill waits for its last write to land before the shard is marked done.
+    table     the pairs table (it must declare triplet_id its key: `PairGeneration.prepare_table`)
+    solve     solve(prompts, seeds) -> X1 (B, C, h, w): `solvers.make_solver`
+    noise     seeds -> X0, only needed when the table stores x0
+    teacher / solver   the identity columns every row carries (and the ids are made of)
+    write     write(table, rows): must merge on the table's declared key (`store.merge_rows`)
+    rows_per_commit    None: a commit per batch; more: batches buffered into fewer, larger commits (what keeps a
+                       table's commit rate low with many writers)
+    async_write        `write` runs on a worker thread while the next batch is solved (generation/writer.py);
+                       each fill waits for its last write to land before the shard is marked done
+    on_batch  on_batch(done, total): progress in triplets
     """
-    t0 = time.perf_counter()
-    if not has_declared_key(table, "triplet_id"):
-        raise DataError(
-            f"table {table.name!r} has no declared key on triplet_id: prepare it first (prepare_pairs_table)"
-        )
-    if "x0" in table.schema.names and noise is None:
-        raise ValueError("the table stores x0: pass noise=")
-    fill_batches = functools.partial(
-        _fill, table=table, solve=solve, batch_size=batch_size, teacher=teacher, solver=solver, shard=shard,
-        run_id=run_id, noise=noise, on_batch=on_batch, rows_per_commit=rows_per_commit, total=len(jobs),
-    )  # fmt: skip
 
-    def fill(todo: Sequence[TripletJob], **kw: Any) -> None:
-        # async: a drop-in for `write` (same calls, same order, on one worker thread), closed per fill so the
-        # shard is marked done only once its last write has landed
-        writer = AsyncLatentWriter(write) if async_write and todo else None
+    table: Any
+    solve: Solver
+    teacher: str
+    solver: SolverSpec
+    batch_size: int
+    run_id: str
+    write: Callable[[Any, pa.Table], Any]
+    noise: NoiseFn | None = None
+    rows_per_commit: int | None = None
+    async_write: bool = False
+    on_batch: Callable[[int, int], None] | None = None
+
+    def run(
+        self, jobs: Sequence[TripletJob], shard: int, done_filter: str, claim: ShardClaim | None = None
+    ) -> ShardResult:
+        """Fill the shard. `done_filter` selects this shard's rows in the table (by prompt-id range, independent of
+        shard numbering), so a rerun skips ids already written. With a `claim`, the shard is solved under its
+        lease: a shard another live writer holds is waited for (and its rows skipped), the ids are re-read at
+        the latest version once the lease is ours, and the lease is checked before every commit."""
+        t0 = time.perf_counter()
+        table = self.table
+        if not has_declared_key(table, "triplet_id"):
+            raise DataError(
+                f"table {table.name!r} has no declared key on triplet_id: prepare it first (prepare_table)"
+            )
+        if "x0" in table.schema.names and self.noise is None:
+            raise ValueError("the table stores x0: give the worker noise=")
+        total = len(jobs)
+        tally = [0]  # rows written by this call, also when a lost lease interrupts a fill
+        have = existing_ids(table, done_filter)
+        if self.on_batch:
+            self.on_batch(sum(j.triplet_id in have for j in jobs), total)
+
+        def result(status: str, written: int) -> ShardResult:
+            return ShardResult(shard, total, total - written, written, time.perf_counter() - t0, status)
+
+        if claim is None or all(j.triplet_id in have for j in jobs):
+            todo = [j for j in jobs if j.triplet_id not in have]
+            self._fill(todo, shard=shard, done=total - len(todo), total=total, check=None, tally=tally)
+            return ShardResult(
+                shard, total, total - len(todo), tally[0], time.perf_counter() - t0,
+                "done" if todo else "already-done",
+            )  # fmt: skip
+        while True:
+            written = tally[0]
+            lease = claim.claims.wait(claim.name, claim.info)
+            if lease is None:  # another writer finished it while we waited: the table must say so too
+                have = existing_ids(table, done_filter)
+                if all(j.triplet_id in have for j in jobs):
+                    return result("done-by-other" if not written else "done", written)
+                log.warning("shard %d: done marker but rows missing (table replaced?): making them", shard)
+                claim.claims.clear_done(claim.name)
+                continue
+            try:
+                with Holding(lease):
+                    have = existing_ids(table, done_filter)  # at the latest version, once the lease is ours
+                    todo = [j for j in jobs if j.triplet_id not in have]
+                    self._fill(
+                        todo, shard=shard, done=total - len(todo), total=total, check=lease.check, tally=tally
+                    )
+                    claim.claims.mark_done(
+                        claim.name, {"holder": lease.holder, "written": tally[0], "shard": shard}
+                    )
+            except (
+                LeaseLost
+            ) as err:  # only costs work: the rows merged so far stay, the new holder skips them
+                log.warning("shard %d: %s after %d rows; waiting for the new holder", shard, err, tally[0])
+                continue
+            written = tally[0]
+            return result("done" if written or total == 0 else "done-by-other", written)
+
+    def _fill(
+        self,
+        todo: Sequence[TripletJob],
+        *,
+        shard: int,
+        done: int,
+        total: int,
+        check: Callable[[], None] | None,
+        tally: list[int],
+    ) -> None:
+        """Solve `todo` in batches and write them (after `check()`, when given), counting rows in `tally[0]`.
+
+        With `async_write` the writes go through one AsyncLatentWriter (a drop-in for `write`: same calls, same
+        order, one worker thread), closed here so the shard is marked done only once its last write has landed."""
+        writer = AsyncLatentWriter(self.write) if self.async_write and todo else None
+        write = writer or self.write
+        schema = self.table.schema
+        store_x0 = "x0" in schema.names
+        pending: list[pa.Table] = []
+        written = 0
+
+        def flush() -> None:
+            nonlocal written
+            if not pending:
+                return
+            rows = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            if check is not None:
+                check()  # best-effort fencing: stop before committing once the lease may be someone else's
+            write(self.table, rows)
+            written += rows.num_rows
+            tally[0] += rows.num_rows
+            pending.clear()
+            if self.on_batch:
+                self.on_batch(done + written, total)
+
         try:
-            fill_batches(todo, write=writer or write, **kw)
+            for start in range(0, len(todo), self.batch_size):
+                batch = todo[start : start + self.batch_size]
+                seeds = [j.seed for j in batch]
+                x1 = _to_numpy(self.solve([j.prompt for j in batch], seeds))
+                if not np.isfinite(x1).all() or np.abs(x1).max(initial=0.0) > FP16_MAX:
+                    raise DataError(
+                        f"shard {shard}: the solver produced latents that are not finite in float16 "
+                        "(check the teacher's dtype / mixed precision)"
+                    )
+                x0 = _to_numpy(self.noise(seeds)) if store_x0 and self.noise is not None else None
+                pending.append(
+                    build_rows(
+                        batch, x1, schema=schema, teacher=self.teacher, solver=self.solver, shard=shard,
+                        run_id=self.run_id, x0=x0,
+                    )
+                )  # fmt: skip
+                if sum(t.num_rows for t in pending) >= (self.rows_per_commit or 1):
+                    flush()
+            flush()
         finally:
             if writer is not None:
                 writer.close()  # waits for the last write; a failed one raises here
-
-    tally = [0]  # rows written by this call, also when a lost lease interrupts a fill
-    have = existing_ids(table, done_filter)
-    if on_batch:
-        on_batch(sum(j.triplet_id in have for j in jobs), len(jobs))
-    if claim is None or all(j.triplet_id in have for j in jobs):
-        todo = [j for j in jobs if j.triplet_id not in have]
-        fill(todo, done=len(jobs) - len(todo), check=None, tally=tally)
-        status = "done" if todo else "already-done"
-        return ShardResult(
-            shard, len(jobs), len(jobs) - len(todo), tally[0], time.perf_counter() - t0, status
-        )
-    while True:
-        written = tally[0]
-        lease = claim.claims.wait(claim.name, claim.info)
-        if lease is None:  # another writer finished it while we waited: the table must say so too
-            have = existing_ids(table, done_filter)
-            if all(j.triplet_id in have for j in jobs):
-                return ShardResult(shard, len(jobs), len(jobs) - written, written, time.perf_counter() - t0,
-                                   "done-by-other" if not written else "done")  # fmt: skip
-            log.warning("shard %d: done marker but rows missing (table replaced?): making them", shard)
-            claim.claims.clear_done(claim.name)
-            continue
-        try:
-            with Holding(lease):
-                have = existing_ids(table, done_filter)  # at the latest version, read once the lease is ours
-                todo = [j for j in jobs if j.triplet_id not in have]
-                fill(todo, done=len(jobs) - len(todo), check=lease.check, tally=tally)
-                claim.claims.mark_done(
-                    claim.name, {"holder": lease.holder, "written": tally[0], "shard": shard}
-                )
-        except LeaseLost as err:  # only costs work: the rows merged so far stay, the new holder skips them
-            log.warning("shard %d: %s after %d rows; waiting for the new holder", shard, err, tally[0])
-            continue
-        written = tally[0]
-        status = "done" if written or len(jobs) == 0 else "done-by-other"
-        return ShardResult(shard, len(jobs), len(jobs) - written, written, time.perf_counter() - t0, status)
-
-
-def _fill(
-    todo: Sequence[TripletJob],
-    *,
-    done: int,
-    total: int,
-    table: Any,
-    solve: Solver,
-    batch_size: int,
-    teacher: str,
-    solver: SolverSpec,
-    shard: int,
-    run_id: str,
-    write: Callable[[Any, pa.Table], Any],
-    noise: NoiseFn | None,
-    on_batch: Callable[[int, int], None] | None,
-    check: Callable[[], None] | None,
-    rows_per_commit: int | None,
-    tally: list[int],
-) -> None:
-    """Solve `todo` in batches and write them (after `check()`, when given), counting rows in `tally[0]`."""
-    schema = table.schema
-    store_x0 = "x0" in schema.names
-    pending: list[pa.Table] = []
-    written = 0
-
-    def flush() -> None:
-        nonlocal written
-        if not pending:
-            return
-        rows = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
-        if check is not None:
-            check()  # best-effort fencing: stop before committing once the lease may be someone else's
-        write(table, rows)
-        written += rows.num_rows
-        tally[0] += rows.num_rows
-        pending.clear()
-        if on_batch:
-            on_batch(done + written, total)
-
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        prompts = [j.prompt for j in batch]
-        seeds = [j.seed for j in batch]
-        x1 = _to_numpy(solve(prompts, seeds))
-        if not np.isfinite(x1).all() or np.abs(x1).max(initial=0.0) > FP16_MAX:
-            raise DataError(
-                f"shard {shard}: the solver produced latents that are not finite in float16 "
-                "(check the teacher's dtype / mixed precision)"
-            )
-        x0 = _to_numpy(noise(seeds)) if store_x0 and noise is not None else None
-        pending.append(
-            build_rows(
-                batch, x1, schema=schema, teacher=teacher, solver=solver, shard=shard, run_id=run_id, x0=x0
-            )
-        )
-        if sum(t.num_rows for t in pending) >= (rows_per_commit or 1):
-            flush()
-    flush()

@@ -1,7 +1,7 @@
 """The one-step generator's speed switches: SDPA, channels_last and torch.compile with CUDA graphs.
 
-    pipe = InstaFlowPipeline.from_pretrained(folder, torch_dtype=torch.float16).to("cuda")
-    speed_up(pipe)  # on CUDA: channels_last + compile(mode="reduce-overhead") of the UNet and VAE decoder
+    model = load_model_folder(folder, dtype="float16")  # inference.generate; or an InstaFlowPipeline
+    speed_up(model)  # on CUDA: channels_last + compile(mode="reduce-overhead") of the denoiser and VAE decoder
 
 A one-step image at batch 1 is launch-bound, not FLOP-bound: ~1,340 small kernels (UNet ~890, text encoder
 ~310, VAE decoder ~140) for ~3.3 TFLOP, so eager PyTorch spends more time launching than computing.
@@ -27,19 +27,21 @@ def speed_up(
     mode: str | None = "reduce-overhead",
     backend: str = "inductor",
 ) -> dict[str, dict[str, Any]]:
-    """Set the switches on `pipe.unet` and `pipe.vae` ("auto": on when the pipeline runs on CUDA).
+    """Set the switches on the denoiser and the VAE of `pipe` (a loaded Model, or a pipeline with .unet / .vae)
+    ("auto": on when it runs on CUDA).
 
     compile covers the UNet and the VAE decoder (the two networks of a one-step image that cost); `mode` is
     torch.compile's (None = default, "reduce-overhead" = CUDA graphs, "max-autotune" = also tune GEMMs).
     compile=False drops an earlier compilation. Returns the flags read back per module.
     """
-    device = pipe.unet.device
+    net = pipe.denoiser if hasattr(pipe, "denoiser") else pipe.unet
+    device = next(net.parameters()).device
     cl, comp = switch_on(channels_last, device), switch_on(compile, device)
     kw: dict[str, Any] = dict(compile_mode=mode, compile_backend=backend)
-    set_switches(pipe.unet, sdpa=sdpa, channels_last=cl, compile=comp, **kw)
+    set_switches(net, sdpa=sdpa, channels_last=cl, compile=comp, **kw)
     set_switches(pipe.vae, sdpa=sdpa, channels_last=cl)
     set_switches(pipe.vae.decoder, compile=comp, **kw)
     return {
-        "unet": perf_flags(pipe.unet),
+        "unet": perf_flags(net),
         "vae": perf_flags(pipe.vae) | {"compile": perf_flags(pipe.vae.decoder)["compile"]},
     }

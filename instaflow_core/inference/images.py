@@ -13,51 +13,16 @@ import torch
 from torch import Tensor
 
 from instaflow_core.errors import DataError
-from instaflow_core.models.components import SDComponents
-from instaflow_core.models.loading import latent_shape
+from instaflow_core.models.family import Model
 
 
 @torch.no_grad()
-def sample_images(
-    components: SDComponents,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    steps: int,
-    guidance: float = 1.0,
-    device: str | torch.device = "cpu",
-    resolution: int | None = None,
-) -> np.ndarray:
-    """N-step Euler generations through `InstaFlowPipeline`, uint8 (B, H, W, 3); X0 from `noise_from_seeds`
-    at `resolution` px (None: the UNet's native size)."""
-    from instaflow_core.inference.pipeline import InstaFlowPipeline
-    from instaflow_core.rectified_flow import noise_from_seeds
-
-    pipe = InstaFlowPipeline.from_components(components).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    shape = latent_shape(components, resolution)
-    x0 = noise_from_seeds(list(seeds), shape)  # (B, 4, h, w), CPU generators
-    side = shape[-1] * pipe.vae_scale_factor
-    images = pipe(
-        list(prompts),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        latents=x0,
-        output_type="np",
-        height=side,
-        width=side,
-    ).images  # (B, H, W, 3) float in [0, 1]
-    return (np.asarray(images) * 255).round().astype(np.uint8)
-
-
-@torch.no_grad()
-def decode_latents(vae: torch.nn.Module, x1: Tensor, batch_size: int = 8) -> np.ndarray:
-    """Scaled latents X1 (B, 4, h, w) -> uint8 RGB images (B, H, W, 3), as SD pipelines post-process."""
-    sf = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+def decode_latents(model: Model, x1: Tensor, batch_size: int = 8) -> np.ndarray:
+    """Our latents X1 (B, C, h, w) -> uint8 RGB images (B, H, W, 3), through the family's VAE decode (scaling
+    and shift), post-processed as diffusers' pipelines do ((x / 2 + 0.5) clamped, x 255, rounded)."""
     out = []
     for chunk in x1.split(batch_size):
-        z = chunk.to(device=vae.device, dtype=vae.dtype) / sf + shift
-        img = vae.decode(z).sample.float()  # (b, 3, H, W) in [-1, 1]
+        img = model.family.decode(model, chunk)  # (b, 3, H, W) in [-1, 1]
         img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         out.append((img * 255).round().astype(np.uint8))
     if not out:

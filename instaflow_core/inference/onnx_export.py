@@ -6,8 +6,8 @@ Three graphs, each with a dynamic batch axis:
     one_step.onnx       x0 (B, C, h, w), ehs (B, T, D)      -> x1 = X0 + v(X0, t=0 | ehs)
     vae_decoder.onnx    x1 (B, C, h, w) scaled latent        -> image (B, H, W, 3) float in [0, 1]
 
-The one-step graph is `rectified_flow.one_step` over the project's velocity adapter (so the t -> UNet timestep
-mapping is traced from `models/velocity.py`, not restated); the decoder divides by the VAE scaling factor inside
+The one-step graph is `rectified_flow.one_step` over the model family's velocity (so the t -> timestep mapping is
+traced from the family's module under models/, not restated); the decoder divides by the VAE scaling factor inside
 the graph, as `InstaFlowPipeline` does before `vae.decode`. Classifier-free guidance needs no extra graph:
 with one Euler step, X0 + v_u + w (v_c - v_u) = x1_u + w (x1_c - x1_u), so cond and uncond run as one batch of 2B.
 
@@ -28,14 +28,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from instaflow_core.errors import DataError
-from instaflow_core.models.velocity import StudentVelocity
+from instaflow_core.models.family import Condition, Model, Velocity
 from instaflow_core.rectified_flow import one_step
 
 logger = logging.getLogger("instaflow.inference.onnx")
@@ -48,7 +47,7 @@ DEFAULT_OPSET = 18  # onnxruntime 1.18+ runs it; the dynamo exporter's own defau
 
 # ------------------------------------------------------------------------------------------ wrappers
 class TextEncoderGraph(nn.Module):
-    """input_ids (B, T) -> last_hidden_state (B, T, D), what the pipeline feeds the UNet (models/velocity.py)."""
+    """input_ids (B, T) -> last_hidden_state (B, T, D), what the SD family feeds its UNet (models/sd.py)."""
 
     def __init__(self, text_encoder: nn.Module) -> None:
         super().__init__()
@@ -59,26 +58,26 @@ class TextEncoderGraph(nn.Module):
 
 
 class OneStepGraph(nn.Module):
-    """x0, encoder_hidden_states -> X0 + v(X0, t=0): `rectified_flow.one_step` over the UNet's velocity."""
+    """x0, encoder_hidden_states -> X0 + v(X0, t=0): `rectified_flow.one_step` over the family's velocity."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, velocity: Velocity) -> None:
         super().__init__()
-        self.velocity = StudentVelocity(unet)  # holds the UNet only; forward is UNetVelocity.forward
+        self.velocity = velocity  # holds the denoiser only
 
     def forward(self, x0: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return one_step(self.velocity, x0, encoder_hidden_states)
+        return one_step(self.velocity, x0, Condition(embeds=encoder_hidden_states))
 
 
 class VaeDecoderGraph(nn.Module):
-    """Scaled latent (B, C, h, w) -> image (B, H, W, 3) in [0, 1]: the pipeline's decode and post-processing."""
+    """Our latent (B, C, h, w) -> image (B, H, W, 3) in [0, 1]: the family's decode and the post-processing."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, model: Model) -> None:
         super().__init__()
-        self.vae = vae
-        self.scale = float(vae.config.scaling_factor)
+        self.model = model
+        self.vae = model.vae  # registered, so the export sees the weights
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        img = self.vae.decode(latent / self.scale, return_dict=False)[0]
+        img = self.model.family.decode(self.model, latent)
         return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
 
@@ -118,30 +117,33 @@ def _export_graph(
         registration.setLevel(level)
 
 
+ONNX_FAMILIES = ("sd", "digits")  # one CLIP text encoder, a condition of sequence embeddings alone
+
+
 def export_onnx(
-    model: Any,
+    model: Model,
     out_dir: str | Path,
     *,
     opset: int = DEFAULT_OPSET,
     on_graph: Callable[[str, float], None] | None = None,
 ) -> dict[str, Path]:
-    """Export `model` (an InstaFlowPipeline or SDComponents: .unet, .vae, .text_encoder, .tokenizer) in fp32.
+    """Export a one-step model (a loaded `Model` of a family in ONNX_FAMILIES) in fp32.
 
     Writes text_encoder / one_step / vae_decoder .onnx, tokenizer/ and manifest.json into `out_dir`; returns
     {graph name: path} plus "tokenizer" and "manifest". The export seconds per graph go into the manifest;
     `on_graph(name, seconds)` is called after each graph (progress).
     """
-    for part in ("unet", "vae", "text_encoder", "tokenizer"):
-        if getattr(model, part, None) is None:
-            raise DataError(f"ONNX export needs a text-to-image model with a {part}; this one has none")
-    unet, vae, text_encoder, tokenizer = model.unet, model.vae, model.text_encoder, model.tokenizer
-    if next(unet.parameters()).dtype != torch.float32:
+    if model.family.name not in ONNX_FAMILIES:
+        raise DataError(
+            f"ONNX export covers the {', '.join(ONNX_FAMILIES)} families (one text encoder); a "
+            f"{model.family.name} model's conditions need more graphs than this exporter writes"
+        )
+    net, vae, text_encoder, tokenizer = model.denoiser, model.vae, model["text_encoder"], model["tokenizer"]
+    if next(net.parameters()).dtype != torch.float32:
         raise DataError("ONNX export runs in float32: load the model with dtype float32")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    c = int(unet.config.in_channels)
+    c, h, w = model.latent_shape()
     d = int(text_encoder.config.hidden_size)
     n_tok = int(tokenizer.model_max_length)
     b = EXPORT_BATCH
@@ -155,12 +157,17 @@ def export_onnx(
             "last_hidden_state",
         ),
         "one_step": (
-            OneStepGraph(unet),
+            OneStepGraph(model.velocity()),
             (torch.randn(b, c, h, w, generator=gen), torch.randn(b, n_tok, d, generator=gen)),
             ["x0", "encoder_hidden_states"],
             "x1",
         ),
-        "vae_decoder": (VaeDecoderGraph(vae), (torch.randn(b, c, h, w, generator=gen),), ["latent"], "image"),
+        "vae_decoder": (
+            VaeDecoderGraph(model),
+            (torch.randn(b, c, h, w, generator=gen),),
+            ["latent"],
+            "image",
+        ),
     }
     paths: dict[str, Path] = {}
     seconds: dict[str, float] = {}
@@ -180,6 +187,7 @@ def export_onnx(
         "latent_shape": [c, int(h), int(w)],
         "text_tokens": n_tok,
         "text_hidden_size": d,
+        "family": model.family.name,
         "vae_scaling_factor": float(vae.config.scaling_factor),
         "opset": opset,
         "exporter": "torch.onnx dynamo",
@@ -218,7 +226,7 @@ class OnnxOneStep:
         self.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
 
     def encode(self, prompts: list[str]) -> np.ndarray:
-        """Prompts -> (B, T, D) float32, tokenized as `models/velocity.encode_prompts` does."""
+        """Prompts -> (B, T, D) float32, tokenized as the SD family's `clip_hidden_states` does."""
         ids = self.tokenizer(
             list(prompts),
             padding="max_length",

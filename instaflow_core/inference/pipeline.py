@@ -1,34 +1,43 @@
-"""The one-step / N-step rectified-flow pipeline: a diffusers `DiffusionPipeline` with the Euler loop written out.
+"""The SD family's one-step / N-step rectified-flow pipeline: a diffusers `DiffusionPipeline` with the Euler loop
+written out, for users who want a diffusers pipeline object over an SD-family student.
 
 Loads any SD-layout diffusers folder, including the released `XCLiu/instaflow_0_9B_from_sd_1_5` and
 `XCLiu/2_rectified_flow_from_sd_1_5` (whose model_index.json says StableDiffusionPipeline):
 `InstaFlowPipeline.from_pretrained(folder)`. The scheduler is kept for folder compatibility; sampling is Euler on
-the velocity the UNet predicts (t = 0 noise, UNet timestep (1 - t) * 1000, see rectified_flow.py):
+the velocity the UNet predicts, through the SD family's mapping (models/sd.py, the one place it is applied):
 
     x <- x + dt * v(x, t_i),  t_i = i / N, dt = 1 / N      (N = 1: X1 = X0 + v(X0, 0))
+
+Every other family's students load as diffusers folders of the teacher's own pipeline class; the project's own
+stages sample every family through `inference.generate` (the same Euler loop over the family's velocity).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
-from torch import Tensor
-from transformers import CLIPTextModel, PreTrainedTokenizerBase
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from instaflow_core.errors import DataError
-from instaflow_core.models.components import SDComponents
 
-# imported, so diffusers finds the digits classes a folder's model_index.json names (it looks in sys.modules only)
-from instaflow_core.models.digits import DigitsPixelVAE, DigitsVelocityNet
+# imported, so diffusers finds the digits classes a folder's model_index.json names (it looks in sys.modules
+# only); folders saved before the digits experiment had its own package name the old module path
+from instaflow_core.experiments.digits import model as _digits_model
+from instaflow_core.inference.generate import slerp
+from instaflow_core.models.family import Condition, Model, Velocity
 from instaflow_core.models.lora import load_lora, merge_weight_delta, weight_delta
-from instaflow_core.models.velocity import UNetVelocity
+from instaflow_core.models.sd import FAMILY as SD
 from instaflow_core.rectified_flow import euler_sample
+
+sys.modules.setdefault("instaflow_core.models.digits", _digits_model)
 
 __all__ = ["InstaFlowPipeline", "load_lora", "merge_weight_delta", "slerp", "weight_delta"]
 
@@ -41,10 +50,10 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def __init__(
         self,
-        vae: AutoencoderKL | DigitsPixelVAE,
-        text_encoder: CLIPTextModel,
+        vae: nn.Module,
+        text_encoder: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
-        unet: UNet2DConditionModel | DigitsVelocityNet,
+        unet: nn.Module,
         scheduler: SchedulerMixin,
         controlnet: Any = None,
         safety_checker: Any = None,
@@ -69,19 +78,26 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
 
     @classmethod
-    def from_components(cls, components: SDComponents, controlnet: Any = None) -> InstaFlowPipeline:
+    def from_model(cls, model: Model, controlnet: Any = None) -> InstaFlowPipeline:
+        """The pipeline over a loaded SD-family model's own modules (shared, not copied)."""
         return cls(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=components.unet,
-            scheduler=components.scheduler,
+            vae=model.vae,
+            text_encoder=model["text_encoder"],
+            tokenizer=model["tokenizer"],
+            unet=model.denoiser,
+            scheduler=model.scheduler,
             controlnet=controlnet,
         )
 
-    def velocity_model(self) -> UNetVelocity:
-        """The pipeline's UNet as `v(x_t, t, cond)` (what training and rectified_flow.py consume)."""
-        return UNetVelocity(self.unet, self.text_encoder, self.tokenizer, controlnet=self.controlnet)
+    def velocity_model(self, control_scale: float = 1.0) -> Velocity:
+        """The pipeline's UNet as `v(x_t, t, cond)` through the SD family (what rectified_flow.py consumes)."""
+        return Velocity(SD, self.unet, controlnet=self.controlnet, control_scale=control_scale)
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """Prompts -> CLIP hidden states (B, 77, D), as the SD family encodes them."""
+        model = Model(SD, {"text_encoder": self.text_encoder, "tokenizer": self.tokenizer})
+        with torch.no_grad():
+            return SD.encode(model, prompts).embeds
 
     def _control_image(self, image: Any, batch: int, height: int, width: int, device: torch.device) -> Tensor:
         """A control image (PIL, array or tensor in [0, 1]) -> (batch, 3, H, W) float32."""
@@ -121,14 +137,14 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if image is not None and self.controlnet is None:
             raise DataError("a controlnet image was given but the pipeline has no controlnet component")
         device = self._execution_device
-        velocity = self.velocity_model()
+        velocity = self.velocity_model(controlnet_conditioning_scale)
 
         # 1. text embeddings (B, 77, D); the unconditional ones only when guiding
         if prompt_embeds is None:
             if prompt is None:
                 raise DataError("give a prompt or prompt_embeds")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = velocity.encode(prompts)
+            prompt_embeds = self.encode(prompts)
         n_prompts = prompt_embeds.shape[0]
         batch = n_prompts * num_images_per_prompt
         cond: dict[str, Tensor] = {
@@ -141,7 +157,7 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 neg = [neg] * n_prompts if isinstance(neg, str) else list(neg)
                 if len(neg) != n_prompts:
                     raise DataError(f"{len(neg)} negative prompts for {n_prompts} prompts")
-                negative_prompt_embeds = velocity.encode(neg)
+                negative_prompt_embeds = self.encode(neg)
             uncond = {"text": negative_prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, 0)}
 
         # 2. noise X0 (B, 4, h, w): N(0, I), no init_noise_sigma (a flow starts from unit noise)
@@ -167,10 +183,8 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 uncond["control"] = cond["control"]
 
         def v(x: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
-            out = velocity(
-                x, t, c["text"], control_image=c.get("control"), control_scale=controlnet_conditioning_scale
-            )
-            return out.float()
+            extra = {"control": c["control"]} if "control" in c else {}
+            return velocity(x, t, Condition(embeds=c["text"], extra=extra)).float()
 
         # 3. Euler from t = 0 (noise) to t = 1 (image latent), guidance in one doubled forward: rectified_flow's
         with self.progress_bar(total=num_inference_steps) as progress:
@@ -195,25 +209,3 @@ class InstaFlowPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
-
-
-def slerp(x0_a: Tensor, x0_b: Tensor, alpha: float | Tensor, eps: float = 1e-7) -> Tensor:
-    """Spherical interpolation between noises, row by row: x0_a, x0_b (B, ...), alpha scalar or (B,).
-
-    Keeps the norm of Gaussian noise (a straight lerp shrinks it toward the middle); falls back to lerp when
-    the two rows are (nearly) parallel. alpha = 0 gives x0_a, 1 gives x0_b.
-    """
-    if x0_a.shape != x0_b.shape:
-        raise DataError(f"slerp: shapes {tuple(x0_a.shape)} and {tuple(x0_b.shape)} differ")
-    a, b = x0_a.flatten(1).double(), x0_b.flatten(1).double()  # (B, D)
-    alpha_t = torch.as_tensor(alpha, dtype=torch.float64, device=a.device).reshape(-1, 1)  # (1 or B, 1)
-    cos = (a * b).sum(1, keepdim=True) / (
-        a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True)
-    ).clamp_min(eps)
-    theta = torch.arccos(cos.clamp(-1.0, 1.0))  # (B, 1)
-    sin = torch.sin(theta)
-    parallel = sin.abs() < 1e-4
-    safe_sin = torch.where(parallel, torch.ones_like(sin), sin)
-    wa = torch.where(parallel, 1.0 - alpha_t, torch.sin((1.0 - alpha_t) * theta) / safe_sin)
-    wb = torch.where(parallel, alpha_t, torch.sin(alpha_t * theta) / safe_sin)
-    return (wa * a + wb * b).reshape(x0_a.shape).to(x0_a.dtype)

@@ -1,47 +1,31 @@
-"""Models: load the teacher/student SD components, build the tiny ones, and the velocity adapter around a UNet.
+"""Loading: a model reference -> a `Model` of its family, once per process.
 
-Everything on disk is a diffusers folder with safetensors (model_index.json, unet/, vae/, text_encoder/,
-tokenizer/, scheduler/), the layout the released InstaFlow / 2-RF folders use too. `UNetVelocity` is the one
-place that turns the project's time `t` in [0, 1] (t=0 noise) into the SD UNet's timestep and prompts into text
-embeddings; everything else (training, sampling) sees a plain `v(x_t, t, cond)`.
+Everything on disk is a diffusers folder with safetensors (model_index.json + one subfolder per component), the
+layout the released InstaFlow / 2-RF folders and every teacher repo use. The family that reads a folder is the
+one that claims its model_index.json (`models.family.family_of`); a single original-format checkpoint file is
+read by the family diffusers' single-file loader infers from its keys; `tiny` is built from config by the SD
+family. Every stage loads through `load_model` (a ModelRef) or `load_source` (a path / hub id / file).
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    SchedulerMixin,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
-from instaflow_core.models.components import COMPONENT_NAMES, SDComponents, to_dtype
-from instaflow_core.models.geometry import Geometry
-from instaflow_core.models.sources import (
-    CONFIG_FILES,
-    PICKLE_SUFFIXES,
-    hub_snapshot,
-    is_hub_id,
-    local_model_path,
-    model_geometry,
-)
-from instaflow_core.models.tiny import build_tiny
+from instaflow_core.models.family import Model, family_of, get_family, to_dtype
+from instaflow_core.models.sources import PICKLE_SUFFIXES, hub_snapshot, is_hub_id, local_model_path
 from instaflow_core.refs import ModelRef
 
-# ------------------------------------------------------------------------------------------- the tiny model
+# diffusers' single-file model types (`infer_diffusers_model_type`) -> the family that reads them
+SINGLE_FILE_FAMILIES = {"v1": "sd", "v2": "sd", "xl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 
-# ---------------------------------------------------------------------------------------------- loading
-def load_components(
+def load_source(
     source: str | Path,
     *,
     allow_pickle: bool = False,
@@ -49,24 +33,21 @@ def load_components(
     revision: str | None = None,
     dtype: str | torch.dtype = "float32",
     config: str | None = None,
-) -> SDComponents:
-    """Load SD components from a local diffusers folder, a single .safetensors checkpoint, or a hub id.
-
-    Pickle checkpoints (.ckpt/.bin/.pt) execute code when loaded: refused unless `allow_pickle`. A hub id is
-    looked up in the local cache only, unless `local_files_only=False`. `config` (single files only) is a local
-    diffusers folder or hub id whose component configs describe the checkpoint (default: inferred by diffusers).
-    """
-    torch_dtype = to_dtype(dtype)
+) -> Model:
+    """Load a model from a local diffusers folder, a single checkpoint file, or a hub id (cached unless
+    `local_files_only=False`). Pickle checkpoints (.ckpt/.bin/.pt) execute code when loaded: refused unless
+    `allow_pickle`. `config` (single files only): a local folder or hub id whose component configs describe the
+    checkpoint (default: the repo diffusers infers, from the local cache)."""
     src = str(source)
     if src.startswith("file://"):
         src = src[len("file://") :]
     elif "://" in src:
         raise DataError(
-            f"model source {src!r}: copy remote folders locally first (Store.local_copy), then load"
+            f"model source {src!r}: copy remote folders locally first (local_model_path), then load"
         )
     path = Path(src).expanduser()
     if path.is_dir():
-        return _load_folder(path, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+        return family_of(path).load(path, dtype=dtype, allow_pickle=allow_pickle)
     if path.suffix in (".safetensors", *PICKLE_SUFFIXES):
         if not path.is_file():
             raise DataError(f"model checkpoint not found: {path}")
@@ -75,143 +56,56 @@ def load_components(
                 f"{path.name}: pickle checkpoints can run arbitrary code when loaded; convert it to "
                 ".safetensors or set models.allow_pickle=true if you trust it"
             )
-        return _load_single_file(
-            path, local_files_only=local_files_only, torch_dtype=torch_dtype, config=config
-        )
+        return load_single_file(path, local_files_only=local_files_only, dtype=dtype, config=config)
     if not is_hub_id(src):
         raise DataError(
             f"model source {src!r} is neither a diffusers folder, a .safetensors file nor a hub id (owner/name)"
         )
-    return _load_hub(
-        src,
-        allow_pickle=allow_pickle,
-        local_files_only=local_files_only,
-        revision=revision,
-        torch_dtype=torch_dtype,
+    folder = hub_snapshot(
+        src, revision=revision, local_files_only=local_files_only, allow_pickle=allow_pickle
     )
+    return family_of(folder).load(folder, dtype=dtype, allow_pickle=allow_pickle)
 
 
-def _load_folder(path: Path, *, allow_pickle: bool, torch_dtype: torch.dtype) -> SDComponents:
-    """Load each component from its subfolder (works whatever pipeline class model_index.json names)."""
-    missing = [name for name in COMPONENT_NAMES if not (path / name).is_dir()]
-    if missing:
-        raise DataError(f"{path}: not a diffusers SD folder (missing {', '.join(missing)}/)")
-    # use_safetensors=True makes loading fail instead of silently unpickling a .bin
-    safe = None if allow_pickle else True
-    try:
-        unet = _model_class(path / "unet", UNet2DConditionModel).from_pretrained(
-            path, subfolder="unet", torch_dtype=torch_dtype, use_safetensors=safe
-        )
-        vae = _model_class(path / "vae", AutoencoderKL).from_pretrained(
-            path, subfolder="vae", torch_dtype=torch_dtype, use_safetensors=safe
-        )
-        text_encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", dtype=torch_dtype, use_safetensors=safe
-        )
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        scheduler = load_scheduler(path / "scheduler")
-    except (OSError, ValueError) as err:
-        hint = (
-            "" if allow_pickle else " (only .safetensors weights are loaded unless models.allow_pickle=true)"
-        )
-        raise DataError(f"{path}: cannot load the model: {str(err).splitlines()[0]}{hint}") from err
-    for module in (unet, vae, text_encoder):
-        module.eval()
-    return SDComponents(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+def load_single_file(
+    path: Path, *, local_files_only: bool, dtype: str | torch.dtype, config: str | None = None
+) -> Model:
+    """An original-format checkpoint: its family from its keys (diffusers' inference), the component configs
+    from `config` or the inferred repo's cached configs (never a silent download)."""
+    from diffusers.loaders.single_file_utils import (
+        fetch_diffusers_config,
+        infer_diffusers_model_type,
+        load_single_file_checkpoint,
     )
-
-
-def _model_class(folder: Path, default: type) -> type:
-    """The SD class, or one of the project's own (models/digits.py) when the folder's config.json names it."""
-    from instaflow_core.models.digits import CUSTOM_CLASSES
-
-    cfg_file = folder / "config.json"
-    name = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
-    return CUSTOM_CLASSES.get(name, default)
-
-
-def load_scheduler(folder: str | Path) -> SchedulerMixin:
-    """Instantiate the scheduler class that scheduler_config.json names."""
-    import diffusers
-
-    cfg_file = Path(folder) / "scheduler_config.json"
-    if not cfg_file.is_file():
-        raise DataError(f"{cfg_file} not found")
-    name = json.loads(cfg_file.read_text()).get("_class_name", "PNDMScheduler")
-    cls = getattr(diffusers, name, None)
-    if cls is None or not issubclass(cls, SchedulerMixin):
-        raise DataError(f"{cfg_file}: unknown scheduler class {name!r}")
-    return cls.from_pretrained(folder)
-
-
-def _load_single_file(
-    path: Path, *, local_files_only: bool, torch_dtype: torch.dtype, config: str | None
-) -> SDComponents:
-    """An original-format (LDM/A1111) SD checkpoint via diffusers' single-file loader."""
-    if config is None and local_files_only:
-        # diffusers would silently download the inferred config repo when it is not cached: look it up ourselves.
-        config = _cached_single_file_config(path)
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=config,
-            local_files_only=local_files_only,
-            torch_dtype=torch_dtype,
-            safety_checker=None,
-            feature_extractor=None,  # a config folder without feature_extractor/ is fine: it is never used
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise DataError(f"{path.name}: not a loadable SD checkpoint: {str(err).splitlines()[0]}") from err
-    return SDComponents(
-        unet=pipe.unet.eval(),
-        vae=pipe.vae.eval(),
-        text_encoder=pipe.text_encoder.eval(),
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-    )
-
-
-def _cached_single_file_config(path: Path) -> str:
-    """The local snapshot of the diffusers config repo a single-file checkpoint needs, or a clear error."""
-    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
-    from huggingface_hub import snapshot_download
 
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise DataError(f"{path.name}: unreadable checkpoint ({str(err).splitlines()[0]})") from err
-    repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
-    try:
-        # The five components' configs only: a cache filled with the component patterns (hub_patterns) lacks
-        # safety_checker/ and feature_extractor/, and an offline snapshot asking for them would fail.
-        return snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES)
-    except Exception as err:
-        raise DataError(
-            f"{path.name} needs the component configs of {repo!r}, which are not cached: download them "
-            f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
-        ) from err
+    model_type = infer_diffusers_model_type(checkpoint)
+    family = get_family(SINGLE_FILE_FAMILIES.get(model_type.split("_")[0].split("-")[0], "sd"))
+    if config is None and local_files_only:
+        repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+        try:
+            config = str(hub_snapshot(repo, local_files_only=True, configs_only=True))
+        except DataError as err:
+            raise DataError(
+                f"{path.name} needs the component configs of {repo!r}, which are not cached: download them "
+                f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
+            ) from err
+    return family.load_single_file(path, config=config, local_files_only=local_files_only, dtype=dtype)
 
 
-def _load_hub(
-    repo: str, *, allow_pickle: bool, local_files_only: bool, revision: str | None, torch_dtype: torch.dtype
-) -> SDComponents:
-    """A hub repo, taken from the local cache (or downloaded when local_files_only=False), then loaded as a folder."""
-    folder = hub_snapshot(
-        repo, revision=revision, local_files_only=local_files_only, allow_pickle=allow_pickle
-    )
-    return _load_folder(folder, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
-
-
-def teacher_components(models_cfg: ModelsConfig) -> SDComponents:
-    """The teacher named by the config: `tiny` builds it, anything else is a source for `load_components`."""
+def teacher_parts(models_cfg: ModelsConfig) -> Model:
+    """The teacher the config names: `tiny` is built, anything else is a source for `load_source`."""
     if models_cfg.teacher == "tiny":
-        comps = build_tiny(models_cfg.tiny)
+        from instaflow_core.models.sd import build_tiny
+
+        model = build_tiny(models_cfg.tiny)
         if models_cfg.dtype != "float32":
-            comps.to(dtype=models_cfg.dtype)
-        return comps
-    return load_components(
+            model.to(dtype=models_cfg.dtype)
+        return model
+    return load_source(
         models_cfg.teacher,
         allow_pickle=models_cfg.allow_pickle,
         local_files_only=models_cfg.local_files_only,
@@ -220,49 +114,38 @@ def teacher_components(models_cfg: ModelsConfig) -> SDComponents:
     )
 
 
-def latent_shape(components: SDComponents, resolution: int | None = None) -> tuple[int, int, int]:
-    """(C, h, w) of the UNet's latents at `resolution` px: (4, 64, 64) for SD 1.5 at its native 512 (None),
-    (4, 32, 32) at 256; (4, 8, 8) for the tiny preset. ConfigError when the resolution does not fit the model."""
-    return Geometry.of(components).latent_shape(resolution)
-
-
-# ------------------------------------------------------------------------------------------ the adapter
-
-
-_cache: dict[tuple[str, str, str], Any] = {}
-
-
-_cache_lock = threading.Lock()
-_loads: dict[
-    tuple[str, str, str], int
-] = {}  # loads per model in this process (what Ray's worker reuse saves)
-
-
-def load_model(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> Any:
-    """SDComponents for a ModelRef, wherever it is (sources.local_model_path: hub id, s3:// folder, local path).
+def load_model(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> Model:
+    """The Model a ModelRef names, wherever it is (sources.local_model_path: hub id, s3:// folder, local path).
 
     `models_cfg` supplies dtype / revision / allow_pickle / local_files_only for external teachers; models
     saved by the pipeline are safetensors diffusers folders and load with the defaults.
     """
     cfg = models_cfg or ModelsConfig()
     source = local_model_path(ref.uri, storage_cfg, cfg, kind=str(ref.kind))
-    return load_components(
+    return load_source(
         source,
         allow_pickle=cfg.allow_pickle,
         local_files_only=cfg.local_files_only,
         revision=cfg.teacher_revision if ref.kind == "teacher" else None,
-        dtype=cfg.dtype,
+        dtype=to_dtype(cfg.dtype),
     )
+
+
+_cache: dict[tuple[str, str, str], Any] = {}
+_cache_lock = threading.Lock()
+_loads: dict[
+    tuple[str, str, str], int
+] = {}  # loads per model in this process (what Ray's worker reuse saves)
 
 
 def load_model_cached(
     ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None
-) -> Any:
+) -> Model:
     """`load_model`, once per process and reference: shard task runs on one worker share the networks."""
     key = _cache_key(ref, storage_cfg, models_cfg)
     with _cache_lock:
         if key not in _cache:
-            _cache.clear()  # one model per process at a time: SD-size models are GBs
+            _cache.clear()  # one model per process at a time: teacher-size models are GBs
             _cache[key] = load_model(ref, storage_cfg, models_cfg)
             _loads[key] = _loads.get(key, 0) + 1
         return _cache[key]
@@ -275,13 +158,3 @@ def _cache_key(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConf
 def times_loaded(ref: ModelRef, storage_cfg: StorageConfig, models_cfg: ModelsConfig | None = None) -> int:
     """How often this process has loaded the model through `load_model_cached` (1 on a reused Ray worker)."""
     return _loads.get(_cache_key(ref, storage_cfg, models_cfg), 0)
-
-
-def model_latent_shape(
-    ref: ModelRef,
-    storage_cfg: StorageConfig,
-    models_cfg: ModelsConfig | None = None,
-    resolution: int | None = None,
-) -> tuple:
-    """(C, h, w) of a model's latents at `resolution` px (None: native), from its configs (no weights loaded)."""
-    return model_geometry(ref.uri, storage_cfg, models_cfg, kind=str(ref.kind)).latent_shape(resolution)

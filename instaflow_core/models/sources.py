@@ -3,13 +3,18 @@
 A model reference (`ModelRef.uri`, `models.teacher`, `init_from`) is one of
 
 - `owner/name`: a Hugging Face hub id, taken from the local cache (`models.local_files_only`, the default) or
-  downloaded, with only the five component folders' full-precision files (`hub_snapshot`);
+  downloaded, with only what its pipeline loads (`hub_snapshot`): model_index.json, then the component folders
+  it names (the safety checker, feature extractor and image encoder left out), their configs, tokenizer files
+  and full-precision weights (shards and their index included), never fp16 / EMA variants, ONNX / OpenVINO
+  exports or the multi-GB root single-file checkpoints;
 - `s3://bucket/...`: a folder in the store, downloaded once per machine (`Store.local_copy`);
-- `file:///abs/path` or a plain path: a local folder (or, for loading only, a single checkpoint file).
+- `file:///abs/path` or a plain path: a local folder (or, for loading only, a single checkpoint file);
+- `store://models/x`: a folder the pipeline saved, relative to the store root.
 
-`local_model_path` resolves any of them; `component_configs` reads unet/ and vae/ config.json without touching
-the weights (latent shapes, preflight). Training, generation, evaluation and the preflight all go through
-these two, so a hub id means the same thing in every stage.
+`local_model_path` resolves any of them; `model_configs` reads model_index.json and every component's config
+without touching the weights, and `model_geometry` turns them into the family's latent geometry (preflight,
+table schemas). Training, generation, evaluation and the preflight all go through these, so a hub id means the
+same thing in every stage and for every family.
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
 from instaflow_core.models.geometry import Geometry
 
-COMPONENT_NAMES = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-NETWORKS = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-# SD repos also hold fp16 / non-EMA / EMA copies beside the full-precision weights: never fetch those.
-VARIANT_IGNORE = ["*.fp16.*", "*non_ema*", "*.ema.*"]
-CONFIG_FILES = ["model_index.json"] + [f"{c}/*.{ext}" for c in COMPONENT_NAMES for ext in ("json", "txt")]
+# Components a pipeline can hold that training and sampling never run: left out of downloads and saved folders.
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+# Repos also hold fp16 / non-EMA / EMA copies, ONNX / OpenVINO / Flax exports beside the full-precision weights.
+VARIANT_IGNORE = ["*.fp16.*", "*non_ema*", "*.ema.*", "*.onnx", "*.onnx_data", "*openvino*", "*.msgpack"]
+INDEX = "model_index.json"
+TEXT_FILES = ("json", "txt", "model")  # configs, BPE vocab / merges, sentencepiece models
 
 
 def is_hub_id(source: str) -> bool:
@@ -37,12 +43,29 @@ def is_hub_id(source: str) -> bool:
     return not Path(source).expanduser().exists()
 
 
-def hub_patterns(allow_pickle: bool = False, configs_only: bool = False) -> list[str]:
-    """What `snapshot_download` fetches of an SD repo: the component configs (+ their weights)."""
-    if configs_only:
-        return list(CONFIG_FILES)
-    weights = ["*.safetensors"] + (["*.bin"] if allow_pickle else [])
-    return CONFIG_FILES + [f"{c}/{w}" for c in NETWORKS for w in weights]
+def pipeline_components(index: dict[str, Any]) -> list[str]:
+    """The component folders a model_index.json names (non-null), without the ones never run."""
+    return sorted(
+        k
+        for k, v in index.items()
+        if not k.startswith("_")
+        and isinstance(v, list)
+        and len(v) == 2
+        and v[0] is not None
+        and k not in UNUSED_COMPONENTS
+    )
+
+
+def hub_patterns(
+    components: list[str] | tuple[str, ...], allow_pickle: bool = False, configs_only: bool = False
+) -> list[str]:
+    """What `snapshot_download` fetches of a repo: model_index.json and, per component, its configs and tokenizer
+    files (+ its full-precision weights unless `configs_only`)."""
+    out = [INDEX] + [f"{c}/*.{ext}" for c in components for ext in TEXT_FILES]
+    if not configs_only:
+        weights = ["*.safetensors"] + (["*.bin"] if allow_pickle else [])
+        out += [f"{c}/{w}" for c in components for w in weights]
+    return out
 
 
 def hub_snapshot(
@@ -53,7 +76,15 @@ def hub_snapshot(
     allow_pickle: bool = False,
     configs_only: bool = False,
 ) -> Path:
-    """The local snapshot folder of a hub repo's SD components (from the cache, or downloaded when allowed)."""
+    """The local snapshot folder of a hub repo's pipeline components (from the cache, or downloaded when allowed).
+
+    Two steps: model_index.json first (which components there are), then those components' files."""
+    index = json.loads((_snapshot(repo, [INDEX], revision, local_files_only) / INDEX).read_text())
+    patterns = hub_patterns(pipeline_components(index), allow_pickle, configs_only)
+    return _snapshot(repo, patterns, revision, local_files_only)
+
+
+def _snapshot(repo: str, patterns: list[str], revision: str | None, local_files_only: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
@@ -61,7 +92,7 @@ def hub_snapshot(
             repo,
             revision=revision,
             local_files_only=local_files_only,
-            allow_patterns=hub_patterns(allow_pickle, configs_only),
+            allow_patterns=patterns,
             ignore_patterns=VARIANT_IGNORE,
         )
     except Exception as err:  # noqa: BLE001 - hub errors have many types; each becomes one line
@@ -71,7 +102,10 @@ def hub_snapshot(
                 f"{repo}) or set models.local_files_only=false"
             ) from err
         raise DataError(f"cannot download model {repo!r}: {str(err).splitlines()[0]}") from err
-    return Path(folder)
+    folder = Path(folder)
+    if not (folder / INDEX).is_file():
+        raise DataError(f"model {repo!r}: the repo has no {INDEX} (not a diffusers pipeline repo)")
+    return folder
 
 
 def _hub_options(models_cfg: ModelsConfig | None, kind: str) -> dict[str, Any]:
@@ -119,24 +153,26 @@ def local_model_path(
     return path
 
 
-def component_configs(
+def model_configs(
     uri: str,
     storage_cfg: StorageConfig | None = None,
     models_cfg: ModelsConfig | None = None,
     kind: str = "teacher",
-) -> dict[str, dict[str, Any]]:
-    """{"unet": ..., "vae": ...}: the two configs that fix a model's geometry, read without any weights."""
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(model_index.json, {component: its config}) of a model, read without any weights (the scheduler's
+    config under "scheduler", tokenizers left out)."""
     src = _in_store(uri, storage_cfg)
     raw: dict[str, bytes] = {}
     if src.startswith("s3://"):
         from instaflow_core.store.uri import Store
 
         store = Store(storage_cfg)
-        for part in ("unet", "vae"):
-            cfg_uri = f"{src.rstrip('/')}/{part}/config.json"
-            if store.exists(cfg_uri):
-                raw[part] = store.read_bytes(cfg_uri)
+        base = src.rstrip("/")
         folder = src
+
+        def read(rel: str) -> bytes | None:
+            return store.read_bytes(f"{base}/{rel}") if store.exists(f"{base}/{rel}") else None
+
     else:
         local = src[len("file://") :] if src.startswith("file://") else src
         if is_hub_id(local):
@@ -147,14 +183,22 @@ def component_configs(
         else:
             path = Path(local).expanduser()
         folder = str(path)
-        for part in ("unet", "vae"):
-            f = path / part / "config.json"
-            if f.is_file():
-                raw[part] = f.read_bytes()
-    if "unet" not in raw:
-        raise DataError(f"{folder}: no unet/config.json (not a diffusers SD folder)")
+
+        def read(rel: str) -> bytes | None:
+            f = path / rel
+            return f.read_bytes() if f.is_file() else None
+
+    blob = read(INDEX)
+    if blob is None:
+        raise DataError(f"{folder}: no {INDEX} (not a diffusers model folder)")
     try:
-        return {part: json.loads(blob) for part, blob in raw.items()}
+        index = json.loads(blob)
+        for comp in pipeline_components(index):
+            for name in ("config.json", "scheduler_config.json"):
+                got = read(f"{comp}/{name}")
+                if got is not None and not comp.startswith("tokenizer"):
+                    raw[comp] = got
+        return index, {comp: json.loads(b) for comp, b in raw.items()}
     except ValueError as err:
         raise DataError(f"{folder}: unreadable component config ({err})") from err
 
@@ -166,23 +210,37 @@ def model_geometry(
     kind: str = "teacher",
 ) -> Geometry:
     """The model's Geometry (latent channels, native size, down-sampling) from its configs alone."""
-    cfgs = component_configs(uri, storage_cfg, models_cfg, kind)
-    return Geometry.from_configs(cfgs["unet"], cfgs.get("vae"))
+    from instaflow_core.models.family import family_of_index
+
+    index, configs = model_configs(uri, storage_cfg, models_cfg, kind)
+    return family_of_index(index, str(uri)).geometry(configs)
 
 
 def missing_files(folder: Path, allow_pickle: bool = False) -> list[str]:
-    """What a diffusers SD folder lacks to load: component folders, configs, full-precision weights."""
-    out = [f"{c}/" for c in COMPONENT_NAMES if not (folder / c).is_dir()]
-    for net in NETWORKS:
-        d = folder / net
+    """What a diffusers folder lacks to load: the components model_index.json names, their configs, their
+    full-precision weights (a sharded checkpoint's index counts)."""
+    index_file = folder / INDEX
+    if not index_file.is_file():
+        return [INDEX]
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError:
+        return [f"{INDEX} (not valid JSON)"]
+    out = []
+    suffixes = (".safetensors", ".bin") if allow_pickle else (".safetensors",)
+    for comp in pipeline_components(index):
+        d = folder / comp
         if not d.is_dir():
+            out.append(f"{comp}/")
+            continue
+        cls = str(index[comp][1])
+        if comp.startswith("scheduler") or "Tokenizer" in cls:
             continue
         if not (d / "config.json").is_file():
-            out.append(f"{net}/config.json")
-        suffixes = (".safetensors", ".bin") if allow_pickle else (".safetensors",)
+            out.append(f"{comp}/config.json")
         full = [p for p in d.iterdir() if p.suffix in suffixes and not is_variant(p.name)]
         if not full:
-            out.append(f"{net}/*{suffixes[0]}")
+            out.append(f"{comp}/*{suffixes[0]}")
     return out
 
 

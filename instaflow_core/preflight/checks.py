@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 from instaflow_core.config import (
+    PRETRAINED_TEACHER,
     CurationConfig,
     DistillationConfig,
     EvaluationConfig,
@@ -21,10 +22,9 @@ from instaflow_core.config import (
     StorageConfig,
 )
 from instaflow_core.errors import ConfigError, InstaflowError
-from instaflow_core.experiments.digits_config import DIGITS_NET, PRETRAINED_TEACHER
+from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
 from instaflow_core.models.geometry import Geometry, tiny_geometry
 from instaflow_core.models.sources import (
-    CONFIG_FILES,
     PICKLE_SUFFIXES,
     hub_snapshot,
     is_hub_id,
@@ -35,6 +35,8 @@ from instaflow_core.models.sources import (
 TINY = "tiny"  # the stand-in networks' name (training.lpips.TINY, evaluation's tiny CLIP / FID features)
 DINOV2 = "facebook/dinov2-large"  # evaluation.feature_nets.DEFAULT_DINOV2
 RESOLUTIONS = ("generation.resolution", "distillation.pairs.resolution", "evaluation.resolution")
+# key prefixes of original-format checkpoints: SD / SDXL / SD3 (LDM / SGM layouts), FLUX (BFL's)
+SINGLE_FILE_MARKERS = ("model.diffusion_model.", "double_blocks.", "single_blocks.")
 
 
 class PreflightError(ConfigError):
@@ -63,7 +65,7 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
     src = models.teacher
     if src == TINY:
         return [], tiny_geometry(models.tiny)
-    if src == PRETRAINED_TEACHER:  # trained by the pretrain stage from models.digits: nothing to resolve yet
+    if src == PRETRAINED_TEACHER:  # trained by the pretrain stage from digits.model: nothing to resolve yet
         return [], None
     what = f"models.teacher={src!r}"
     try:
@@ -81,7 +83,7 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
             return single_file_problems(path, models)
         missing = missing_files(path, models.allow_pickle)
         if missing:
-            return [f"{what}: not a diffusers SD folder (missing {', '.join(missing)})"], None
+            return [f"{what}: not a loadable diffusers folder (missing {', '.join(missing)})"], None
         return [], model_geometry(str(path))
     except InstaflowError as err:
         return [f"models.teacher: {_first_line(err)}"], None
@@ -120,7 +122,7 @@ class _LazyCheckpoint(dict):
 
 
 def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], Geometry | None]:
-    """A single checkpoint: readable, an SD UNet inside, and (offline) its config repo in the cache."""
+    """A single checkpoint: readable, a model type diffusers recognises, and (offline) its config repo cached."""
     what = f"models.teacher={str(path)!r}"
     if path.suffix in PICKLE_SUFFIXES:
         if not models.allow_pickle:
@@ -137,19 +139,17 @@ def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], G
 
         with safe_open(str(path), framework="pt") as handle:
             checkpoint = _LazyCheckpoint(handle)
-            if not any(k.startswith("model.diffusion_model.") for k in checkpoint):
+            if not any(k.startswith(SINGLE_FILE_MARKERS) for k in checkpoint):
                 return [
-                    f"{what}: no model.diffusion_model.* keys (not an original-format SD checkpoint)"
+                    f"{what}: no denoiser keys (not an original-format SD / SDXL / SD3 / FLUX checkpoint)"
                 ], None
             repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
     except Exception as err:  # noqa: BLE001 - a damaged file raises many error types
         return [f"{what}: unreadable checkpoint ({_first_line(err)})"], None
     if not models.local_files_only:
         return [], None
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = snapshot_download(repo, local_files_only=True, allow_patterns=CONFIG_FILES)
+        folder = hub_snapshot(repo, local_files_only=True, configs_only=True)
     except Exception:  # noqa: BLE001
         return [
             f"{what} needs the component configs of {repo!r}, which are not cached: download them "
@@ -244,9 +244,12 @@ def evaluation_problems(ev: EvaluationConfig, models: ModelsConfig, storage: Sto
             out.append(f"evaluation.inception_weights={ev.inception_weights!r}: file not found")
     elif fid == "dinov2":
         out += pretrained_problems(DINOV2, "evaluation.fid_features=dinov2 needs", lfo)
-    elif fid not in (TINY, "clip", DIGITS_NET):
+    elif fid not in (TINY, "clip", *EXPERIMENT_NETWORKS):
         out += pretrained_problems(fid, "evaluation.fid_features", lfo)
-    if ev.clip_model not in (TINY, DIGITS_NET):  # the digits classifier is trained by the evaluation itself
+    if ev.clip_model not in (
+        TINY,
+        *EXPERIMENT_NETWORKS,
+    ):  # the digits classifier is trained by the evaluation itself
         out += pretrained_problems(ev.clip_model, "evaluation.clip_model", lfo)
     return out
 

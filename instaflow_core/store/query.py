@@ -317,7 +317,12 @@ def embed_prompts(
                 truncation=True,
                 return_tensors="pt",
             )
-            pooled = text_encoder(tok.input_ids.to(device)).pooler_output.float()
+            out_ = text_encoder(tok.input_ids.to(device))
+            # CLIPTextModel's pooled state, or the projected one of CLIPTextModelWithProjection (SDXL, SD3)
+            pooled = (
+                getattr(out_, "pooler_output", None) if hasattr(out_, "pooler_output") else out_.text_embeds
+            )
+            pooled = pooled.float()
             out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
     if not out:
         return np.zeros((0, int(text_encoder.config.hidden_size)), np.float32)

@@ -1,6 +1,6 @@
 """The per-process entry of a distributed training stage: `accelerate launch ... -m instaflow_core.training.entry job.json`.
 
-The Prefect task (tasks/training.py) writes the stage's `TrainJob` as JSON and launches this module on every
+The training task (`TrainJob.launch`) writes the stage's `TrainJob` as JSON and launches this module on every
 process; each builds the same student and trains its shard of the data through `instaflow_core.training`.
 The main process prints its log records, its summary and any user-facing error as `INSTAFLOW_EVENT {json}`
 lines on stdout, which the launching task relays to MLflow and Prefect. The job file may also be a store URI
@@ -44,14 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=None, help="StorageConfig JSON to read a job from S3")
     args = parser.parse_args(argv)
 
-    from instaflow_core.training import make_accelerator
-    from instaflow_core.training.job import TrainJob, run_train_job
+    from instaflow_core.training.job import TrainJob
+    from instaflow_core.training.setup import make_accelerator
 
     job = TrainJob.model_validate_json(_read_job(args.job, args.storage))
     try:
-        acc = make_accelerator(job.train_cfg())
-        summary = run_train_job(
-            job,
+        acc = make_accelerator(job.section)
+        summary = job.run(
             accelerator=acc,
             on_log=lambda r: _emit({"type": "log", "record": r}),
             validate=not args.no_validate,

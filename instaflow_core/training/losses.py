@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from instaflow_core.rectified_flow import distill_loss, reflow_loss, sample_t
-from instaflow_core.training.student import PromptEmbeddings
+from instaflow_core.training.student import ConditionCache
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -17,7 +17,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def reflow_batch_loss(
-    embed: PromptEmbeddings,
+    embed: ConditionCache,
     t_schedule: str = "uniform",
     huber_c: float = 0.001,
     seed: int = 0,
@@ -32,17 +32,17 @@ def reflow_batch_loss(
     """
 
     def loss_fn(model: nn.Module, batch: dict) -> Tensor:
-        x0, x1 = batch["x0"], batch["x1"]  # (B, 4, h, w)
+        x0, x1 = batch["x0"], batch["x1"]  # (B, C, h, w)
         gen = torch.Generator().manual_seed(_batch_seed(seed, batch))
         t = sample_t(x0.shape[0], t_schedule, generator=gen, device=x0.device)  # (B,)
-        cond = embed(drop_captions(batch["prompt"], caption_dropout, gen), x0.device)  # (B, 77, D)
+        cond = embed(drop_captions(batch["prompt"], caption_dropout, gen), x0.device)  # B rows
         return reflow_loss(model, x0, x1, cond, t, kind=_loss_kind(batch), huber_c=huber_c)
 
     return loss_fn
 
 
 def distill_batch_loss(
-    embed: PromptEmbeddings,
+    embed: ConditionCache,
     huber_c: float = 0.001,
     decode: Callable[[Tensor], Tensor] | None = None,
     lpips: Callable[[Tensor, Tensor], Tensor] | None = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -125,18 +126,15 @@ def build_lpips(weights: str | None) -> nn.Module:
     return _real_lpips(Path(src).expanduser())
 
 
-def vae_decoder(vae: nn.Module, scaling_factor: float | None = None) -> Callable[[Tensor], Tensor]:
-    """latents (B, 4, h, w) (scaled by the VAE factor) -> images (B, 3, H, W) in [-1, 1], differentiable.
+def vae_decoder(model: Any) -> Callable[[Tensor], Tensor]:
+    """Our latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1] through the model family's decode, differentiable.
 
     The VAE stays frozen; gradients reach the latents (the student's one-step prediction) through it.
     """
-    vae.requires_grad_(False)
-    factor = float(scaling_factor if scaling_factor is not None else vae.config.scaling_factor)
+    model.vae.requires_grad_(False)
 
     def decode(latents: Tensor) -> Tensor:
-        dtype = next(vae.parameters()).dtype
-        images = vae.decode(latents.to(dtype) / factor).sample  # (B, 3, H, W)
-        return images.float().clamp(-1.0, 1.0)
+        return model.family.decode(model, latents).clamp(-1.0, 1.0)
 
     return decode
 

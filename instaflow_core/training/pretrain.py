@@ -1,8 +1,8 @@
 """Teacher pretraining: what the `pretrain` stage adds to the training core (the loop and loss are reflow's).
 
-    a fresh model (models/digits.py, seeded)  -> `save_initial_folder` -> the stage's base folder
+    a fresh model (the digits experiment's, seeded)  -> `save_initial_folder` -> the stage's base folder
     the prompts table version -> its image table (curation/images.py) -> the train images whose captions the
-    curation kept, encoded by the model's VAE (X1 = latent * scaling_factor)
+    curation kept, encoded by the model family's VAE encode (X1 = latent * scaling factor)
     -> `image_batches`: micro-batches (x0 ~ N(0, I) drawn fresh, x1, caption) -> reflow_batch_loss
     -> the 1-Rectified Flow (ModelKind.RF1), saved like the 2-RF and InstaFlow folders
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from instaflow_core.config import ModelsConfig, StorageConfig
+from instaflow_core.config import StorageConfig
 from instaflow_core.errors import DataError
 from instaflow_core.refs import TableRef
 from instaflow_core.store import Store
@@ -32,11 +32,12 @@ from instaflow_core.store import Store
 INITIAL_META = {"kind": "1rf-init", "source": "digits"}
 
 
-def save_initial_folder(models_cfg: ModelsConfig, folder: Path) -> str:
-    """Build the fresh digits model (models.digits, seeded) as a diffusers folder; returns its weights hash."""
-    from instaflow_core.models.digits import build_digits
+def save_initial_folder(family: str, model_cfg: Any, folder: Path) -> str:
+    """Build the fresh model of a family from its config section (`digits.model`, seeded) as a diffusers folder;
+    returns its weights hash."""
+    from instaflow_core.models.family import get_family
 
-    build_digits(models_cfg.digits).save(folder)
+    get_family(family).build(model_cfg).save(folder)
     h = hashlib.sha256()
     for rel in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
         h.update((folder / rel).read_bytes())
@@ -79,22 +80,21 @@ def check_pretrain_inputs(prompts: TableRef, storage: StorageConfig, need: int) 
 
 
 @torch.no_grad()
-def encode_images(vae: Any, pixels: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
-    """Pixels (N, C, H, W) in [-1, 1] -> X1 = vae.encode(x).latent_dist.sample() * scaling_factor, float32."""
-    sf = float(vae.config.scaling_factor)
+def encode_images(model: Any, pixels: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+    """Pixels (N, C, H, W) in [-1, 1] -> X1 (N, C, h, w) float32 on the CPU, through the family's VAE encode."""
     out = []
     for chunk in torch.from_numpy(pixels).split(batch_size):
-        out.append(vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.sample().float().cpu() * sf)
+        out.append(model.family.encode_images(model, chunk).cpu())
     return torch.cat(out)
 
 
 def image_batches(
-    prompts: TableRef, storage: StorageConfig, vae: Any, latent_shape: tuple[int, ...], seed: int = 0
+    prompts: TableRef, storage: StorageConfig, model: Any, latent_shape: tuple[int, ...], seed: int = 0
 ) -> Callable[[Any], Iterator[dict]]:
     """A batch factory for `training.train`: endless (x0 fresh noise, x1 a train image's latent, its caption)
     micro-batches, rows drawn with replacement, every draw from a generator seeded by the micro-batch index."""
     pixels, captions = _load_pairs(prompts, storage)
-    x1_all = encode_images(vae, pixels)  # (N, C, h, w)
+    x1_all = encode_images(model, pixels)  # (N, C, h, w)
     if tuple(x1_all.shape[1:]) != tuple(latent_shape):
         raise DataError(
             f"the images encode to latents {tuple(x1_all.shape[1:])}; the model takes {latent_shape}"

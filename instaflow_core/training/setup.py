@@ -99,9 +99,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 def switch_target(model: nn.Module) -> nn.Module:
-    """The module that owns the switches: `model.unet` for StudentVelocity / UNetVelocity, else `model`."""
-    unet = getattr(model, "unet", None)
-    return unet if isinstance(unet, nn.Module) else model
+    """The module that owns the switches: the denoiser of a family `Velocity` (`model.net`), else `model`."""
+    net = getattr(model, "net", None)
+    return net if isinstance(net, nn.Module) else model
 
 
 def apply_perf_switches(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:

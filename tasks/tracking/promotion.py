@@ -54,7 +54,7 @@ def _history(client: Any, name: str) -> list[str]:
 
 def check_name(name: str) -> str:
     """A ConfigError for a name MLflow cannot hold (or that would break a filter string)."""
-    from instaflow_core.evaluation.gate import model_name_problem
+    from instaflow_core.registration.rules import model_name_problem
 
     problem = model_name_problem(name)
     if problem:
@@ -122,7 +122,7 @@ def promote_version(
             "forced": False,
             "reasons": ["already the champion"],
         }
-    from instaflow_core.evaluation.gate import check_gate
+    from instaflow_core.registration.rules import check_gate
 
     decision = check_gate(
         version_metrics(mv),

@@ -60,7 +60,7 @@ class DiffusersPyfunc(mlflow.pyfunc.PythonModel):
     """Text in, uint8 images (B, H, W, 3) out, from the diffusers folder logged as the `diffusers` artifact."""
 
     def load_context(self, context: Any) -> None:
-        from instaflow_core.models.loading import load_components
+        from instaflow_core.models.loading import load_source
 
         config = dict(getattr(context, "model_config", None) or {})
         self.defaults = {
@@ -69,7 +69,7 @@ class DiffusersPyfunc(mlflow.pyfunc.PythonModel):
             "batch_size": int(config.get("batch_size", 8)),
         }
         self.kind = str(config.get("kind", ModelKind.INSTAFLOW.value))
-        self.components = load_components(
+        self.components = load_source(
             context.artifacts[DIFFUSERS_ARTIFACT], dtype=config.get("dtype", "float32")
         )
 

@@ -51,7 +51,7 @@ class StageTracker:
             Path(self.uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = ensure_experiment(self.client, registry.experiment)
-        self.total = sum(st.steps for st in job.train_cfg().stages)
+        self.total = sum(st.steps for st in job.section.stages)
         self.run_id = self._reuse() or self._create(_parent_ok(self.client, parent_run_id))
         self.progress = Progress(f"{job.stage} {job.key[:8]}: optimizer steps")
 
@@ -93,7 +93,7 @@ class StageTracker:
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, tags=tags)
-        flat = _flatten(job.section)
+        flat = _flatten(job.section.model_dump(mode="json"))
         params = [Param(k, str(v)[:500]) for k, v in sorted(flat.items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])

@@ -27,7 +27,7 @@ from instaflow_core.evaluation.feature_nets import (
     load_clip,
     tiny_clip,
 )
-from instaflow_core.evaluation.gate import check_gate
+from instaflow_core.registration.rules import check_gate
 from instaflow_core.evaluation.metrics import (
     FeatureStats,
     clip_score,

@@ -1,29 +1,29 @@
-"""Pixel-space models for small grey images (the digits preset), shaped like SD components so every SD code path
-runs them: the velocity adapter, the pipeline, the folder layout, training, sampling and evaluation.
+"""The digits model family: pixel-space models for small grey images, shaped like SD's components, so the SD
+family's velocity mapping, conditions and folder layout apply unchanged (`DigitsFamily(SDFamily)`).
 
-- `DigitsVelocityNet` stands in for `UNet2DConditionModel`: `forward(sample, timestep, encoder_hidden_states)`
-  with sample (B, 1, 8, 8), the SD timestep tau = (1 - t) * 1000 (B,) (1000 = noise, mapped by
-  `models/velocity.py`, the one place that applies it) and CLIP hidden states (B, 77, D); returns an output with
-  `.sample` (the velocity X1 - X0). A residual MLP over the pixels with DiT-style adaptive LayerNorm on
-  (time + pooled text): ~0.9M parameters, ~20x faster than a UNet at 8x8 on a CPU (STACK.md).
-- `DigitsPixelVAE` stands in for `AutoencoderKL`: the identity between [-1, 1] images and the "latent" (pixels
-  times `scaling_factor`), with `encode(x).latent_dist.sample()` and `decode(z).sample` (grey, repeated to
+- `DigitsVelocityNet` stands in for SD's UNet: `forward(sample, timestep, encoder_hidden_states)` with sample
+  (B, 1, 8, 8), the SD timestep tau = (1 - t) * 1000 (B,) (1000 = noise, mapped by the SD family's `velocity`,
+  the one place that applies it) and CLIP hidden states (B, 77, D); returns an output with `.sample` (the
+  velocity X1 - X0). A residual MLP over the pixels with DiT-style adaptive LayerNorm on (time + pooled text):
+  ~0.9M parameters, ~20x faster than a UNet at 8x8 on a CPU (STACK.md).
+- `DigitsPixelVAE` stands in for SD's VAE: the identity between [-1, 1] images and the "latent" (pixels times
+  `scaling_factor`), with `encode(x).latent_dist.sample()` and `decode(z).sample` (grey, repeated to
   `out_channels` = 3 so diffusers' image processor and PIL see RGB).
-- `build_digits(cfg)`: the five components of a fresh (random-init, seeded) model; the teacher-pretraining stage
-  saves them as a diffusers folder and trains the velocity net.
+- `build_digits(cfg)`: a fresh (random-init, seeded) model; the pretrain stage saves it as a diffusers folder and
+  trains the velocity net into a text-conditioned 1-rectified flow, which the family samples by Euler steps.
 
 Both classes are `diffusers.ModelMixin` + `ConfigMixin` (safetensors `save_pretrained` / `from_pretrained`). A
-saved pipeline folder names them as ["instaflow_core.models.digits", "DigitsVelocityNet"] in model_index.json;
-diffusers resolves such non-diffusers libraries from `sys.modules` only (it never imports a module a folder
-names), so `inference/pipeline.py` imports this module: `InstaFlowPipeline.from_pretrained(folder)` then loads
-digits folders in a fresh process. `models/loading.py` picks the class from each subfolder's config.json.
+saved folder names them as ["instaflow_core.experiments.digits.model", "DigitsVelocityNet"] in model_index.json;
+`models.family.CUSTOM_CLASSES` finds them by their config's `_class_name` when a folder is loaded, and
+`inference/pipeline.py` imports this module so diffusers' own `from_pretrained` finds them too (diffusers looks
+non-diffusers libraries up in `sys.modules` only).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from diffusers import ConfigMixin, ModelMixin
@@ -33,11 +33,19 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from instaflow_core.experiments.digits_config import DigitsModelConfig
-    from instaflow_core.models.components import SDComponents
+from instaflow_core.experiments.digits.config import DigitsModelConfig
+from instaflow_core.models.family import Model
+from instaflow_core.models.sd import SDFamily, clip_text_encoder, sd15_scheduler
+from instaflow_core.models.tokenizer import tiny_tokenizer
 
-__all__ = ["CUSTOM_CLASSES", "DigitsPixelVAE", "DigitsVelocityNet", "DigitsVelocityOutput", "build_digits"]
+__all__ = [
+    "FAMILY",
+    "DigitsFamily",
+    "DigitsPixelVAE",
+    "DigitsVelocityNet",
+    "DigitsVelocityOutput",
+    "build_digits",
+]
 
 
 @dataclass
@@ -219,36 +227,35 @@ class DigitsPixelVAE(ModelMixin, ConfigMixin):
         return self.decode(self.encode(sample).latent_dist.mode(), return_dict=return_dict)
 
 
-# The project's own component classes, by the `_class_name` their config.json carries (models/loading.py).
-CUSTOM_CLASSES: dict[str, type[ModelMixin]] = {
-    "DigitsVelocityNet": DigitsVelocityNet,
-    "DigitsPixelVAE": DigitsPixelVAE,
-}
+class DigitsFamily(SDFamily):
+    """SD's family for folders whose networks are the digits classes (model_index.json says
+    StableDiffusionPipeline for them too): the same conditions (CLIP hidden states), the same velocity mapping
+    (tau = (1 - t) * 1000), an identity VAE; the model the pretrain stage trains is a 1-rectified flow."""
+
+    name = "digits"
+
+    def claims(self, index: dict) -> bool:
+        return (index.get("unet") or [None, None])[1] == "DigitsVelocityNet"
+
+    def build(self, cfg: Any) -> Model:
+        """A fresh digits model from `digits.model` (`build_digits`)."""
+        return build_digits(cfg)
 
 
-def build_digits(cfg: DigitsModelConfig | None = None) -> SDComponents:
+FAMILY = DigitsFamily()
+
+
+def build_digits(cfg: DigitsModelConfig | None = None) -> Model:
     """A fresh digits model: velocity net (random init from `cfg.seed`), identity VAE, a small frozen random
     CLIP text encoder (from `cfg.text_seed`, the same for every experiment seed) over the tiny CLIP tokenizer,
     and an Euler scheduler (kept for folder compatibility: rectified flows are sampled by Euler steps)."""
-    from diffusers import EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from instaflow_core.experiments.digits_config import DigitsModelConfig
-    from instaflow_core.models.components import SD15_SCHEDULER, SDComponents
-    from instaflow_core.models.tokenizer import tiny_tokenizer
-
     cfg = cfg or DigitsModelConfig()
     tokenizer = tiny_tokenizer()  # the full tiny CLIP vocabulary (curation counts tokens with the same one)
     with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's RNG stream
         torch.manual_seed(cfg.text_seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=cfg.text_hidden_size,
-                intermediate_size=2 * cfg.text_hidden_size, num_hidden_layers=cfg.text_layers,
-                num_attention_heads=cfg.text_heads, max_position_embeddings=77,
-                projection_dim=cfg.text_hidden_size, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            )
+        text_encoder = clip_text_encoder(
+            tokenizer, hidden=cfg.text_hidden_size, layers=cfg.text_layers, heads=cfg.text_heads,
+            intermediate=2 * cfg.text_hidden_size, projection=cfg.text_hidden_size,
         )  # fmt: skip
         torch.manual_seed(cfg.seed)
         unet = DigitsVelocityNet(
@@ -258,10 +265,10 @@ def build_digits(cfg: DigitsModelConfig | None = None) -> SDComponents:
             text_pooling=cfg.text_pooling, text_norm=cfg.text_norm,
         )  # fmt: skip
     vae = DigitsPixelVAE(sample_size=cfg.sample_size)
-    scheduler = EulerDiscreteScheduler(**SD15_SCHEDULER)
     for module in (unet, vae, text_encoder):
         module.eval()
     text_encoder.requires_grad_(False)
-    return SDComponents(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
-    )
+    parts = {
+        "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": sd15_scheduler(),
+    }  # fmt: skip
+    return Model(FAMILY, parts, None)

@@ -1,21 +1,19 @@
 """Digits metrics with a real feature network: a classifier the evaluation trains on the real train images.
 
-`evaluation.fid_features: digits-classifier` and `evaluation.clip_model: digits-classifier` select them:
+`evaluation.fid_features: digits-classifier` and `evaluation.clip_model: digits-classifier` select them
+(registered in `evaluation.stage.EXPERIMENT_NETWORKS`; the settings are `digits.classifier`):
 
 - `DigitsFeatureNet`: the classifier's 64 penultimate activations. The Frechet distance in them, between
   generated and held-out real images, is a digits metric (feature FD): NOT FID, and labelled so everywhere.
 - `DigitsAlignmentNet`: prompt alignment, the CLIP-score analogue: image features are the one-hot class the
   classifier reads, text features the one-hot digit the prompt names, so the "CLIP score" (mean cosine of the
   pairs) is exactly the share of images classified as the prompt's digit.
-- `image_table_eval_set`: the evaluation set when the prompts were curated from an image table: `num_samples`
-  prompts balanced over the ten digits (holdout captions, fixed seeds); the reference set is the held-out real
-  images of the table.
 - `real_floor`: the FD of real train images against the same holdout reference, at the generated sets' size
   (the FD's small-sample bias depends on the set sizes): what a generator that reproduced real digits scores.
 
 The classifier (an MLP 64 -> 128 -> 64 -> 10, +-1 pixel shifts as augmentation) is trained once per image
 table version and settings, and kept in the store (eval/classifiers/); its holdout accuracy is reported and
-checked against `evaluation.digits.min_accuracy`.
+checked against `digits.classifier.min_accuracy`.
 """
 
 from __future__ import annotations
@@ -31,14 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from instaflow_core.config import stable_hash
-from instaflow_core.curation.images import DIGIT_WORDS, read_images
 from instaflow_core.errors import DataError
-from instaflow_core.evaluation.eval_set import EvalItem, EvalSet, derived_seed
-from instaflow_core.experiments.digits_config import DIGITS_NET  # noqa: F401 - one spelling, re-exported
+from instaflow_core.evaluation.eval_set import IMAGE_TABLE_REFERENCE, EvalSet
+from instaflow_core.experiments.digits.config import DIGITS_NET, DigitsClassifierConfig
+from instaflow_core.experiments.digits.images import DIGIT_WORDS, NOT_FID, unique_images
 from instaflow_core.refs import TableRef
-
-IMAGE_TABLE_REFERENCE = "image-table"
-NOT_FID = "a digits metric, not FID: not comparable with any paper's number"
 
 
 class DigitClassifier(nn.Module):
@@ -94,15 +89,6 @@ class TrainedClassifier:
     n_train: int
 
 
-def _unique_images(store: Any, images: TableRef, split: str) -> tuple[Tensor, Tensor]:
-    """One row per image of the split (the table repeats each image once per caption)."""
-    x, _, labels = read_images(store, images, split)
-    flat = x.reshape(len(x), -1)
-    _, first = np.unique(np.column_stack([flat, labels[:, None]]), axis=0, return_index=True)
-    keep = np.sort(first)
-    return torch.from_numpy(x[keep]), torch.from_numpy(labels[keep])
-
-
 def digits_classifier(store: Any, images: TableRef, steps: int, seed: int) -> TrainedClassifier:
     """The classifier of this image table version and settings: loaded from the store, or trained and kept."""
     from safetensors.torch import load, save
@@ -117,8 +103,8 @@ def digits_classifier(store: Any, images: TableRef, steps: int, seed: int) -> Tr
         return TrainedClassifier(
             clf.eval().requires_grad_(False), float(meta["accuracy"]), int(meta["n_train"])
         )
-    x_tr, y_tr = _unique_images(store, images, "train")
-    x_ho, y_ho = _unique_images(store, images, "holdout")
+    x_tr, y_tr = unique_images(store, images, "train")
+    x_ho, y_ho = unique_images(store, images, "holdout")
     clf = train_classifier(x_tr, y_tr, steps, seed)
     with torch.no_grad():
         acc = float((clf(x_ho).argmax(1) == y_ho).float().mean())
@@ -203,81 +189,25 @@ class DigitsAlignmentNet:
         return _one_hot([prompt_digit(p) for p in prompts])
 
 
-def digits_networks(
-    store: Any, images: TableRef, steps: int, seed: int, min_accuracy: float
-) -> DigitsAlignmentNet:
+def digits_networks(store: Any, images: TableRef, cfg: DigitsClassifierConfig) -> DigitsAlignmentNet:
     """The classifier-backed networks (alignment net; its `.features` is the feature net); DataError when the
     classifier reads fewer than `min_accuracy` of the holdout images right (its metrics would mean little)."""
-    clf = digits_classifier(store, images, steps, seed)
-    if clf.accuracy < min_accuracy:
+    clf = digits_classifier(store, images, cfg.steps, cfg.seed)
+    if clf.accuracy < cfg.min_accuracy:
         raise DataError(
             f"the digits classifier reads {clf.accuracy:.3f} of the holdout images right, below "
-            f"evaluation.digits.min_accuracy={min_accuracy}: raise evaluation.digits.classifier_steps"
+            f"digits.classifier.min_accuracy={cfg.min_accuracy}: raise digits.classifier.steps"
         )
     return DigitsAlignmentNet(DigitsFeatureNet(clf))
 
 
-# ------------------------------------------------------------------------------------------ the set
-def image_table_eval_set(store: Any, images: TableRef, num_samples: int, seed: int) -> EvalSet:
-    """`num_samples` prompts balanced over the classes, each a holdout caption of its class (cycling through
-    them), each with a fixed noise seed; the reference is every held-out real image of the table."""
-    _, captions, labels = read_images(store, images, "holdout")
-    by_class: dict[int, list[str]] = {}
-    for c, k in zip(captions, labels.tolist(), strict=True):
-        by_class.setdefault(int(k), [])
-        if c not in by_class[int(k)]:
-            by_class[int(k)].append(c)
-    classes = sorted(by_class)
-    items = []
-    for i in range(num_samples):
-        k = classes[i % len(classes)]
-        text = by_class[k][(i // len(classes)) % len(by_class[k])]
-        items.append(EvalItem(prompt=text, seed=derived_seed("noise", seed, i), key=f"{k}#{i}"))
-    return EvalSet(
-        name="digits-holdout",
-        items=items,
-        reference=IMAGE_TABLE_REFERENCE,
-        source=images.key(),
-        images_root=images.model_dump_json(),
-        note=(
-            f"{num_samples} prompts balanced over {len(classes)} digits (holdout captions); the reference is the "
-            f"held-out real images of {images.key()}: real images, but {NOT_FID}"
-        ),
-    )
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """(N, 1, H, W) in [-1, 1] -> uint8 (N, H, W, 3), as the pipeline's decoder output is converted."""
-    img = ((np.clip(x, -1, 1) / 2 + 0.5) * 255).round().astype(np.uint8)[:, 0]
-    return np.repeat(img[..., None], 3, axis=-1)
-
-
-def reference_images(store: Any, eval_set: EvalSet, split: str = "holdout") -> np.ndarray:
-    """The table's real images of a split, one per image, as uint8 (N, H, W, 3)."""
-    images = TableRef(**json.loads(eval_set.images_root or "{}"))
-    x, _ = _unique_images(store, images, split)
-    return _to_uint8(x.numpy())
-
-
-def real_floor(store: Any, eval_set: EvalSet, net: Any, reference: Any, n: int) -> float:
-    """FD of `n` real train images (balanced over classes, seeded) against the reference statistics."""
-    from instaflow_core.evaluation.metrics import feature_stats, fid_from_stats
-
-    images = TableRef(**json.loads(eval_set.images_root or "{}"))
-    x, y = _unique_images(store, images, "train")
-    g = torch.Generator().manual_seed(0)
-    classes = sorted(set(y.tolist()))
-    rows = []
-    for j, k in enumerate(classes):
-        idx = torch.nonzero(y == k).flatten()
-        want = n // len(classes) + (1 if j < n % len(classes) else 0)
-        rows.append(
-            idx[torch.randint(len(idx), (want,), generator=g)]
-            if want > len(idx)
-            else idx[torch.randperm(len(idx), generator=g)[:want]]
-        )
-    feats = net.image_features(_to_uint8(x[torch.cat(rows)].numpy()))
-    return fid_from_stats(feature_stats(feats), reference)
+def networks(store: Any, eval_set: EvalSet, section: Any) -> tuple[DigitsAlignmentNet, DigitsFeatureNet]:
+    """(the CLIP-score slot, the Frechet-distance slot) for an evaluation on an image table's holdout."""
+    if eval_set.reference != IMAGE_TABLE_REFERENCE:
+        raise DataError(f"{DIGITS_NET} metrics need prompts curated from an image source (format digits)")
+    cfg = section.classifier if section is not None else DigitsClassifierConfig()
+    align = digits_networks(store, TableRef.model_validate_json(eval_set.images_root or "{}"), cfg)
+    return align, align.features
 
 
 def stats_bytes(images: np.ndarray, net: Any) -> bytes:

@@ -1,0 +1,1 @@
+"""Registration: the domain rules of registering and promoting models (`rules`); MLflow itself is tasks/tracking/."""
