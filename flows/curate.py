@@ -6,9 +6,10 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.curation.prompts import CurationReport
-from instaflow_core.refs import TableRef
+from instaflow_core.curation.stage import curation_summary, source_files
+from instaflow_core.refs import Stage, TableRef
 from tasks.artifacts import lineage_markdown, publish_markdown
-from tasks.curation import curate_images, curate_prompts, curation_summary, source_files
+from tasks.curation import curate_images, curate_prompts
 
 
 @flow(name="instaflow-curate")
@@ -41,7 +42,7 @@ def curate_flow(cfg: InstaflowConfig) -> TableRef:
         extra += f"\n\nimage table `{images.key()}` ({images.rows} (image, caption) rows)"
     publish_markdown(
         "instaflow-curate",
-        lineage_markdown("curate", inputs, {"prompts": ref}, extra),
+        lineage_markdown(Stage.CURATE, inputs, {"prompts": ref}, extra),
         description="Prompt curation lineage",
     )
     get_run_logger().info(

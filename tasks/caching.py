@@ -22,6 +22,10 @@ from pydantic import BaseModel
 from instaflow_core.config import OrchestrationConfig, StorageConfig, stable_hash
 from instaflow_core.refs import Stage
 
+WINDOW_ENV = (
+    "INSTAFLOW_RETRY_WINDOW_S"  # the run's retry window (prefect_settings sets it; tasks/retries.py reads it)
+)
+
 logger = logging.getLogger("instaflow.tasks")
 
 _CODE_DIRS = ("instaflow_core", "tasks")
@@ -95,16 +99,6 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return f"{context.task.name}-{stable_hash(payload)}"
 
 
-def local_root(storage: StorageConfig) -> Path | None:
-    """The local folder behind a file:// or plain-path store root, or None for object stores."""
-    root = storage.root
-    if root.startswith("file://"):
-        return Path(root[len("file://") :]).expanduser().resolve()
-    if "://" not in root:
-        return Path(root).expanduser().resolve()
-    return None
-
-
 @contextlib.contextmanager
 def prefect_settings(storage: StorageConfig, orchestration: OrchestrationConfig) -> Iterator[None]:
     """Persist task results (needed for cross-run cache hits) next to the data, for the duration of a run.
@@ -131,8 +125,6 @@ def prefect_settings(storage: StorageConfig, orchestration: OrchestrationConfig)
         )
         path.mkdir(parents=True, exist_ok=True)
         updates[PREFECT_LOCAL_STORAGE_PATH] = path
-    from tasks.retries import WINDOW_ENV
-
     saved = os.environ.get(WINDOW_ENV)
     os.environ[WINDOW_ENV] = str(orchestration.retry_window_s)  # read by the retry condition of every task
     try:

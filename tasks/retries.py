@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from instaflow_core.config import OrchestrationConfig
+from tasks.artifacts import run_logger
+from tasks.caching import WINDOW_ENV
 
-WINDOW_ENV = "INSTAFLOW_RETRY_WINDOW_S"  # set for the duration of a run by tasks.caching.prefect_settings
 DELAYS_S = [1, 2, 4, 8, 16, 30]  # Prefect repeats the last delay
 MAX_ATTEMPTS = 500  # the window, not this count, ends the retries
 
@@ -80,10 +81,26 @@ def _transient_one(err: BaseException) -> bool:
     return False
 
 
+def is_unreachable(err: BaseException) -> bool:
+    """True when `err`, or an exception it was raised from or while handling, is a failed connection.
+
+    MLflow's REST client re-raises a requests ConnectionError as a plain MlflowException (no `from`), so the
+    original is found on the exception's context chain, by type.
+    """
+    import requests  # only when classifying a failure: keeps the retry condition's import light
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (requests.exceptions.ConnectionError, ConnectionError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def is_transient(err: BaseException | None) -> bool:
     """Is `err` (or what it was raised from) an outage, timeout or throttling worth retrying?"""
-    from tasks.tracking.client import is_unreachable
-
     if err is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
         return False
     if any(_transient_one(e) for e in _chain(err)):
@@ -111,8 +128,6 @@ def _exception(state: Any) -> BaseException | None:
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect `retry_condition_fn`: retry transient failures until the window is spent; one log line each."""
-    from tasks.artifacts import run_logger
-
     err = _exception(state)
     if not is_transient(err):
         return False

@@ -55,7 +55,8 @@ def run_stage(job: TrainJob, registry: RegistrationConfig, parent_run_id: str | 
     except InstaflowError:
         raise
     except Exception as err:
-        from tasks.tracking.client import is_unreachable, tracking_uri, unreachable
+        from tasks.retries import is_unreachable
+        from tasks.tracking.client import tracking_uri, unreachable
 
         if is_unreachable(err):
             raise unreachable(tracking_uri(registry, job.storage)) from err

@@ -30,11 +30,11 @@ _FAILED_STATES = ("Finished in state Failed", "Finished in state Crashed")
 
 
 def log_dir(storage: StorageConfig) -> Path:
-    from tasks.caching import local_root
+    from instaflow_core.store.schemes import local_root
 
     if os.environ.get("INSTAFLOW_LOG_DIR"):
         return Path(os.environ["INSTAFLOW_LOG_DIR"]).expanduser()
-    root = local_root(storage)
+    root = local_root(storage.root)
     return (root / "logs") if root is not None else Path.home() / ".cache" / "instaflow" / "logs"
 
 

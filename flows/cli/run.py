@@ -270,8 +270,8 @@ def curate(
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.CURATE])
     from flows.curate import curate_flow
     from instaflow_core.curation.prompts import CurationReport
+    from instaflow_core.curation.stage import curation_summary
     from instaflow_core.store import Store
-    from tasks.curation import curation_summary
 
     ref = _run(curate_flow, cfg)
     _remember(cfg, prompts=ref)

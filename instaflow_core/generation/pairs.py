@@ -54,8 +54,7 @@ from instaflow_core.generation.triplets import (
     triplet_schema,
     triplet_seed,
 )
-from instaflow_core.models.loading import load_model_cached, times_loaded
-from instaflow_core.models.sources import model_geometry
+from instaflow_core.models.loading import load_model_cached, model_geometry, times_loaded
 from instaflow_core.rectified_flow import noise_from_seeds
 from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table, set_metadata

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from instaflow_core.errors import ConfigError, DataError
+from instaflow_core.models.folder_layout import copy_components, write_fp16_variant
 from instaflow_core.models.geometry import Geometry
 
 # family name -> the module holding `FAMILY`; imported on first use (each pulls in its network classes)
@@ -342,6 +343,35 @@ class ModelFamily:
         """An original-format checkpoint file. Families that read one override this."""
         raise DataError(f"{path.name}: single-file checkpoints of the {self.name} family are not supported")
 
+    def from_configs(
+        self, folder: Path, *, dtype: torch.dtype | str = "float32", skip: tuple[str, ...] = ()
+    ) -> Model:
+        """A model of the folder's architecture with random weights: every network from its config.json alone
+        (diffusers' `from_config`, transformers' config class), tokenizers and the scheduler loaded. What the
+        footprint benchmarks build at real size without the real weights; `skip` leaves networks out (a T5)."""
+        index = read_index(folder)
+        torch_dtype = to_dtype(dtype)
+        parts: dict[str, Any] = {}
+        names = [
+            *self.required,
+            *(c for c in self.optional if (folder / c).is_dir() and index.get(c) != [None, None]),
+        ]
+        for name in names:
+            if name in skip:
+                continue
+            cls = component_class(folder, name, index)
+            if name.startswith("scheduler") or "Tokenizer" in cls.__name__:
+                parts[name] = self.load_component(folder, name, index, torch_dtype, False)
+            elif cls.__module__.startswith("transformers"):
+                config = cls.config_class.from_pretrained(folder / name)
+                parts[name] = cls(config).to(torch_dtype)
+            else:
+                parts[name] = cls.from_config(cls.load_config(folder / name)).to(torch_dtype)
+        for part in parts.values():
+            if isinstance(part, nn.Module):
+                part.eval().requires_grad_(False)
+        return Model(self, parts, folder)
+
     def build(self, cfg: Any) -> Model:
         """A fresh model from a config section (random init from its seed): the tiny SD teacher, the digits
         model teacher pretraining starts from. Families built only from checkpoints do not override this."""
@@ -437,8 +467,6 @@ class ModelFamily:
         """The trained denoiser as a folder of the base's layout: the base's other components (configs and
         full-precision weights only: `folder_layout`), `net` in the denoiser's subfolder, a meta file.
         `sample_size`: the latent side trained at, recorded in the denoiser's config when it has one."""
-        from instaflow_core.models.folder_layout import copy_components, write_fp16_variant
-
         if out.exists():
             shutil.rmtree(out)
         index = read_index(base_folder)

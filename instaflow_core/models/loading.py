@@ -17,8 +17,15 @@ import torch
 
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
-from instaflow_core.models.family import Model, family_of, get_family, to_dtype
-from instaflow_core.models.sources import PICKLE_SUFFIXES, hub_snapshot, is_hub_id, local_model_path
+from instaflow_core.models.family import Model, family_of, family_of_index, get_family, to_dtype
+from instaflow_core.models.geometry import Geometry
+from instaflow_core.models.sources import (
+    PICKLE_SUFFIXES,
+    hub_snapshot,
+    is_hub_id,
+    local_model_path,
+    model_configs,
+)
 from instaflow_core.refs import ModelRef
 
 # diffusers' single-file model types (`infer_diffusers_model_type`) -> the family that reads them
@@ -94,6 +101,17 @@ def load_single_file(
                 f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
             ) from err
     return family.load_single_file(path, config=config, local_files_only=local_files_only, dtype=dtype)
+
+
+def model_geometry(
+    uri: str,
+    storage_cfg: StorageConfig | None = None,
+    models_cfg: ModelsConfig | None = None,
+    kind: str = "teacher",
+) -> Geometry:
+    """The model's Geometry (latent channels, native size, down-sampling) from its configs alone."""
+    index, configs = model_configs(uri, storage_cfg, models_cfg, kind)
+    return family_of_index(index, str(uri)).geometry(configs)
 
 
 def teacher_parts(models_cfg: ModelsConfig) -> Model:

@@ -12,8 +12,8 @@ A model reference (`ModelRef.uri`, `models.teacher`, `init_from`) is one of
 - `store://models/x`: a folder the pipeline saved, relative to the store root.
 
 `local_model_path` resolves any of them; `model_configs` reads model_index.json and every component's config
-without touching the weights, and `model_geometry` turns them into the family's latent geometry (preflight,
-table schemas). Training, generation, evaluation and the preflight all go through these, so a hub id means the
+without touching the weights (`loading.model_geometry` turns them into the family's latent geometry for the
+preflight and table schemas). Training, generation, evaluation and the preflight all go through these, so a hub id means the
 same thing in every stage and for every family.
 """
 
@@ -25,7 +25,6 @@ from typing import Any
 
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
-from instaflow_core.models.geometry import Geometry
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 # Components a pipeline can hold that training and sampling never run: left out of downloads and saved folders.
@@ -201,19 +200,6 @@ def model_configs(
         return index, {comp: json.loads(b) for comp, b in raw.items()}
     except ValueError as err:
         raise DataError(f"{folder}: unreadable component config ({err})") from err
-
-
-def model_geometry(
-    uri: str,
-    storage_cfg: StorageConfig | None = None,
-    models_cfg: ModelsConfig | None = None,
-    kind: str = "teacher",
-) -> Geometry:
-    """The model's Geometry (latent channels, native size, down-sampling) from its configs alone."""
-    from instaflow_core.models.family import family_of_index
-
-    index, configs = model_configs(uri, storage_cfg, models_cfg, kind)
-    return family_of_index(index, str(uri)).geometry(configs)
 
 
 def missing_files(folder: Path, allow_pickle: bool = False) -> list[str]:

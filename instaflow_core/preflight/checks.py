@@ -24,12 +24,12 @@ from instaflow_core.config import (
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
 from instaflow_core.models.geometry import Geometry, tiny_geometry
+from instaflow_core.models.loading import model_geometry
 from instaflow_core.models.sources import (
     PICKLE_SUFFIXES,
     hub_snapshot,
     is_hub_id,
     missing_files,
-    model_geometry,
 )
 
 TINY = "tiny"  # the stand-in networks' name (training.lpips.TINY, evaluation's tiny CLIP / FID features)

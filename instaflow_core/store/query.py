@@ -318,7 +318,7 @@ def embed_prompts(
                 return_tensors="pt",
             )
             out_ = text_encoder(tok.input_ids.to(device))
-            # CLIPTextModel's pooled state, or the projected one of CLIPTextModelWithProjection (SDXL, SD3)
+            # a CLIP text model's pooled state, or the projected one of CLIP-with-projection encoders (SDXL, SD3)
             pooled = (
                 getattr(out_, "pooler_output", None) if hasattr(out_, "pooler_output") else out_.text_embeds
             )

@@ -26,3 +26,12 @@ def _split_scheme(uri: str) -> tuple[str, str]:
 
 def _file_uri(path: str) -> str:
     return "file://" + path
+
+
+def local_root(root: str) -> Path | None:
+    """The local folder behind a file:// or plain-path store root, or None for object stores."""
+    if root.startswith("file://"):
+        return Path(root[len("file://") :]).expanduser().resolve()
+    if "://" not in root:
+        return Path(root).expanduser().resolve()
+    return None

@@ -40,7 +40,8 @@ from instaflow_core.config import DistillationConfig, ModelsConfig, StorageConfi
 from instaflow_core.errors import ConfigError, DataError, InstaflowError, StorageError, TrainingError
 from instaflow_core.inference.images import image_grid, png_bytes
 from instaflow_core.models.geometry import Geometry
-from instaflow_core.models.sources import local_model_path, model_geometry
+from instaflow_core.models.loading import model_geometry
+from instaflow_core.models.sources import local_model_path
 from instaflow_core.refs import TRAINED_KIND, ModelKind, ModelRef, Stage, TableRef
 from instaflow_core.store import Store
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from instaflow_core.config import RegistrationConfig, StorageConfig
 from instaflow_core.errors import ConfigError, InstaflowError
-from tasks.caching import local_root
+from instaflow_core.store.schemes import local_root
+from tasks.retries import is_unreachable
 
 logger = logging.getLogger("instaflow.tasks.tracking")
 
@@ -39,7 +40,7 @@ def tracking_uri(registry: RegistrationConfig, storage: StorageConfig) -> str:
         if "://" not in uri and not uri.startswith("databricks"):
             return "sqlite:///" + str(Path(uri).expanduser().resolve())  # a bare path means a sqlite file
         return uri
-    root = local_root(storage)
+    root = local_root(storage.root)
     if root is None:
         db = FALLBACK_DB.resolve()
         logger.warning(
@@ -107,24 +108,6 @@ def unreachable(uri: str) -> ConfigError:
     )
     err.transient = True  # type: ignore[attr-defined]  # tasks/retries.py retries it within the window
     return err
-
-
-def is_unreachable(err: BaseException) -> bool:
-    """True when `err`, or an exception it was raised from or while handling, is a failed connection.
-
-    MLflow's REST client re-raises a requests ConnectionError as a plain MlflowException (no `from`), so the
-    original is found on the exception's context chain, by type.
-    """
-    import requests
-
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (requests.exceptions.ConnectionError, ConnectionError)):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def server_answers(uri: str, timeout: float = 5.0) -> bool:
