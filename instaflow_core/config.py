@@ -189,7 +189,9 @@ class PairsConfig(Section):
 class GenerationConfig(PairsConfig):
     """The teacher's triplets: its probability-flow ODE through a diffusers scheduler, with CFG."""
 
-    scheduler: Literal["dpmsolver++", "euler", "ddim"] = "dpmsolver++"
+    # the teacher's sampler, a name its model family knows (SD: dpmsolver++ | euler | ddim; the family's module
+    # lists its own: `ModelFamily.schedulers`); checked against the teacher when it loads and by the preflight
+    scheduler: str = "dpmsolver++"
     negative_prompt: str = ""
     store_noise: bool = False  # the seed reproduces X0; store it only when asked
     split: Literal["train", "holdout", "all"] = "train"
