@@ -4,7 +4,8 @@
 pairs in flows/distill.py):
 
     prompts table version -> plan (sorted prompt ids, shards of N prompts) -> prepare the table (schema, lineage)
-    -> one `generate-shard` task run per shard, mapped over the task runner -> indexes, metadata -> TableRef
+    -> the prompts' text conditions, once (what training reads) -> one `generate-shard` task run per shard,
+    mapped over the task runner -> indexes, metadata -> TableRef
 
 Same sharding, resumption and artifacts for both; exactly-once with any number of overlapping runs or workers
 (docs/exactly-once.md); on a Ray cluster each shard is one Ray task (infra/SCALE_OUT.md); on a GPU cluster see
@@ -27,6 +28,7 @@ from instaflow_core.generation.triplets import PairsJob
 from instaflow_core.refs import ModelKind, ModelRef, Stage, TableRef
 from tasks.artifacts import Progress, run_logger
 from tasks.generation import (
+    encode_conditions,
     finish_pairs,
     generate_preview,
     pairs_shard,
@@ -62,6 +64,7 @@ def pairs_flow(
     sliced = parse_shard_slice(shard_slice)
     all_shards = plan_pairs(job, prompts, model, storage_cfg)
     shape = prepare_pairs_table(job, model, prompts, storage_cfg, models_cfg)
+    conditions = encode_conditions(job, model, prompts, storage_cfg, models_cfg)
     expected = sum(s.n_prompts for s in all_shards) * job.pairs.images_per_prompt
     shards = [s for s in all_shards if sliced is None or s.index % sliced[1] == sliced[0]]
     run_logger().info(
@@ -93,7 +96,7 @@ def pairs_flow(
 
     if sliced is not None:
         return slice_ref(job, model, prompts, storage_cfg, results, shard_slice or "")
-    ref = finish_pairs(job, model, prompts, storage_cfg, expected)
+    ref = finish_pairs(job, model, prompts, storage_cfg, expected, conditions)
     preview = (
         generate_preview(job, ref, model, prompts, storage_cfg, models_cfg, len(shards))
         if wrote_now(results)

@@ -184,6 +184,9 @@ class PairsConfig(Section):
     max_prompts: int | None = Field(None, ge=1)
     # image side in px (latents = resolution / VAE factor); None = the model's native size (512 for SD 1.5)
     resolution: int | None = Field(None, ge=8)
+    # the text conditions of the prompts, computed once into the store for training (generation/conditions.py);
+    # float16 halves their bytes (T5-sized conditions: MBs per prompt)
+    conditions_dtype: Literal["float32", "float16"] = "float32"
 
 
 class GenerationConfig(PairsConfig):

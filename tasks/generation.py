@@ -71,6 +71,24 @@ def prepare_pairs_table(
     return PairGeneration(job, model, prompts, storage_cfg, models_cfg).prepare_table()
 
 
+@task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-conditions", **STORE_RETRIES)
+def encode_conditions(
+    job: PairsJob,
+    model: ModelRef,
+    prompts: TableRef,
+    storage_cfg: StorageConfig,
+    models_cfg: ModelsConfig | None = None,
+) -> TableRef:
+    """Every planned prompt's text condition, computed once into the store (what training reads instead of
+    running the text encoders)."""
+    progress = Progress(f"{job.table}: text conditions")
+    ref = PairGeneration(job, model, prompts, storage_cfg, models_cfg).encode_conditions(
+        on_batch=lambda done, total: progress.update(done / max(total, 1))
+    )
+    logger.info("conditions %s (%d rows)", ref.key(), ref.rows)
+    return ref
+
+
 @task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-shard", **STORE_RETRIES)
 def pairs_shard(
     job: PairsJob,
@@ -113,10 +131,16 @@ def pairs_shard(
 
 @task(cache_key_fn=stage_cache_key, persist_result=True, name="generate-finish", **STORE_RETRIES)
 def finish_pairs(
-    job: PairsJob, model: ModelRef, prompts: TableRef, storage_cfg: StorageConfig, expected: int
+    job: PairsJob,
+    model: ModelRef,
+    prompts: TableRef,
+    storage_cfg: StorageConfig,
+    expected: int,
+    conditions: TableRef | None = None,
 ) -> TableRef:
-    """The final check (every expected triplet id exactly once), compaction, indexes, lineage metadata."""
-    return PairGeneration(job, model, prompts, storage_cfg).finish(expected)
+    """The final check (every expected triplet id exactly once), compaction, indexes, lineage metadata (the
+    conditions table among it)."""
+    return PairGeneration(job, model, prompts, storage_cfg).finish(expected, conditions)
 
 
 def slice_ref(

@@ -57,7 +57,9 @@ class Sampler:
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
         spec = self.spec
         if spec.solver != "euler":
-            schedulers = self.model.family.schedulers  # the teacher's own sampler; its family's first by default
+            schedulers = (
+                self.model.family.schedulers
+            )  # the teacher's own sampler; its family's first by default
             solver = spec.solver if spec.solver in schedulers or not schedulers else schedulers[0]
             return teacher_images(
                 self.model, list(prompts), list(seeds), spec.steps, spec.guidance, solver,

@@ -9,6 +9,8 @@
                       record the lineage; -> the latent shape
     shard(spec)       one shard under its lease: its prompts -> the ids not in the table yet -> solved in
                       batches by the model (`solvers.make_solver`) -> merged on the declared key
+    encode_conditions()   every planned prompt's text condition (and "", the negative prompt) computed once into
+                      the store's conditions table of the model's text encoders (generation/conditions.py)
     finish(expected)  under the table's finish lease: surplus copies from rule-breaking writers removed, every
                       expected id checked present exactly once, files compacted, indexes, lineage metadata
                       -> the TableRef
@@ -36,6 +38,8 @@ from typing import Any
 
 from instaflow_core.config import ModelsConfig, StorageConfig, stable_hash
 from instaflow_core.errors import DataError
+from instaflow_core.generation.conditions import META_KEY as CONDITIONS_META
+from instaflow_core.generation.conditions import ConditionTable, encoder_identity
 from instaflow_core.generation.shards import (
     ShardClaim,
     ShardResult,
@@ -55,6 +59,7 @@ from instaflow_core.generation.triplets import (
     triplet_seed,
 )
 from instaflow_core.models.loading import load_model_cached, model_geometry, times_loaded
+from instaflow_core.models.sources import local_model_path
 from instaflow_core.rectified_flow import noise_from_seeds
 from instaflow_core.refs import ModelRef, TableRef
 from instaflow_core.store import Store, create_table, merge_rows, open_ref, open_table, set_metadata
@@ -200,7 +205,28 @@ class PairGeneration:
             upgrade_table(table)
         return shape
 
-    # ---- 3. one shard ---------------------------------------------------------------------------------
+    # ---- 3. the text conditions, once -----------------------------------------------------------------
+    def encode_conditions(self, on_batch: Callable[[int, int], None] | None = None) -> TableRef:
+        """The conditions of every planned prompt, "" and the negative prompt, written once per text encoder
+        set (a rerun, or the 2-RF's pairs with the teacher's encoders, finds them there)."""
+        folder = local_model_path(self.model.uri, self.storage, self.models_cfg, kind=str(self.model.kind))
+        ids = set(self.prompt_ids().to_pylist())
+        table = open_ref(self.store, self.prompts)
+        with self.store.guard(f"read prompts of {self.prompts.key()}"):
+            rows = table.to_lance().to_table(columns=["prompt_id", "text"], filter=self.job.split_filter())
+        texts = sorted(
+            t
+            for pid, t in zip(
+                rows.column("prompt_id").to_pylist(), rows.column("text").to_pylist(), strict=True
+            )
+            if pid in ids
+        )
+        texts += ["", self.job.solver.negative_prompt]
+        model = load_model_cached(self.model, self.storage, self.models_cfg)
+        conditions = ConditionTable(self.store, encoder_identity(folder), self.job.pairs.conditions_dtype)
+        return conditions.write(model, texts, on_batch=on_batch)
+
+    # ---- 4. one shard ---------------------------------------------------------------------------------
     def shard(
         self,
         spec: ShardSpec,
@@ -264,8 +290,8 @@ class PairGeneration:
             "run_id": run_id,  # a cached result from an earlier run carries that run's id
         }
 
-    # ---- 4. finish ------------------------------------------------------------------------------------
-    def finish(self, expected: int) -> TableRef:
+    # ---- 5. finish ------------------------------------------------------------------------------------
+    def finish(self, expected: int, conditions: TableRef | None = None) -> TableRef:
         """The final check (every expected triplet id exactly once, under the table's finish lease; surplus copies
         from rule-breaking writers removed), compaction, indexes, lineage metadata, and the reference."""
         from instaflow_core.store.query import ensure_indexes
@@ -290,7 +316,10 @@ class PairGeneration:
                 lambda: ensure_indexes(table), f"index {job.table!r}", on_retry=table.checkout_latest
             )
         verified = {k: check[k] for k in ("expected", "rows", "duplicates", "removed", "missing_count")}
-        set_metadata(table, {**self.lineage_metadata(), "rows": str(check["rows"]), "verified": verified})
+        meta = {**self.lineage_metadata(), "rows": str(check["rows"]), "verified": verified}
+        if conditions is not None:  # where training finds the prompts' conditions (lineage as data)
+            meta[CONDITIONS_META] = conditions.model_dump_json()
+        set_metadata(table, meta)
         return self._ref(check["rows"])
 
     def _verify(self, table: Any, expected: set[str]) -> dict[str, Any]:

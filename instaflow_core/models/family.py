@@ -176,6 +176,10 @@ class Model:
     def vae(self) -> nn.Module:
         return self.parts["vae"]
 
+    def text_parts(self) -> tuple[str, ...]:
+        """The text encoders and tokenizers (what conditions are computed with)."""
+        return tuple(k for k in self.parts if k.startswith(("text_encoder", "tokenizer")))
+
     @property
     def scheduler(self) -> Any:
         return self.parts["scheduler"]
@@ -296,10 +300,16 @@ class ModelFamily:
         return index.get("_class_name") in self.pipeline_classes
 
     def load(
-        self, folder: Path, *, dtype: torch.dtype | str = "float32", allow_pickle: bool = False
+        self,
+        folder: Path,
+        *,
+        dtype: torch.dtype | str = "float32",
+        allow_pickle: bool = False,
+        skip: tuple[str, ...] = (),
     ) -> Model:
         """Each component of the folder, by the class its model_index.json names (safetensors only unless
-        `allow_pickle`); every network in `dtype` and in eval mode."""
+        `allow_pickle`); every network in `dtype` and in eval mode. `skip`: components left out (training that
+        reads stored conditions never loads the text encoders)."""
         index = read_index(folder)
         missing = [c for c in self.required if not (folder / c).is_dir()]
         if missing:
@@ -310,6 +320,7 @@ class ModelFamily:
             *self.required,
             *(c for c in self.optional if (folder / c).is_dir() and index.get(c) != [None, None]),
         ]
+        names = [n for n in names if n not in skip]
         torch_dtype = to_dtype(dtype)
         parts: dict[str, Any] = {}
         try:

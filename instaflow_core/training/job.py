@@ -240,6 +240,12 @@ class TrainJob(BaseModel):
         4. `training.train`: stages, accumulation, EMA, checkpoints, resume
         5. the EMA denoiser saved as a folder of the base's layout, a sample grid
         """
+        from instaflow_core.generation.conditions import (
+            ENCODER_META,
+            StoredConditions,
+            conditions_of,
+            encoder_identity,
+        )
         from instaflow_core.training.loop import train
         from instaflow_core.training.losses import distill_batch_loss, reflow_batch_loss
         from instaflow_core.training.lpips import build_lpips, lpips_distance, vae_decoder
@@ -256,7 +262,8 @@ class TrainJob(BaseModel):
             self.latents()
         )  # the latents trained on: the grid below and the saved denoiser use them
 
-        # 1. the student: float32 master weights; bf16 is autocast (cfg.mixed_precision)
+        # 1. the student: float32 master weights; bf16 is autocast (cfg.mixed_precision). With the prompts'
+        # conditions in the store (the pairs flow encodes them once), the text encoders are never loaded.
         base_dir = local_model_path(self.base.uri, self.storage, self.models, kind=str(self.base.kind))
         scratch = cfg.init_from == SCRATCH
         init_dir = (
@@ -264,7 +271,8 @@ class TrainJob(BaseModel):
             if cfg.init_from and not scratch
             else None
         )
-        model = load_student(base_dir, init_dir)
+        stored = conditions_of(store, self.data) if self.stage != Stage.PRETRAIN else None
+        model = load_student(base_dir, init_dir, skip_text=stored is not None)
         family = model.family
         if (
             scratch
@@ -275,7 +283,7 @@ class TrainJob(BaseModel):
                 module.to(acc.device)
         model.denoiser.requires_grad_(True).train()
         student = model.velocity()
-        conditions = ConditionCache(model)
+        conditions = StoredConditions(store, stored) if stored is not None else ConditionCache(model)
 
         # 2. the loss
         if self.stage in (Stage.REFLOW, Stage.PRETRAIN):
@@ -313,7 +321,11 @@ class TrainJob(BaseModel):
             "history": result.history,
             "model_uri": self.out_uri,
             "samples_uri": self.samples_uri,
-            "embedding_cache": {"hits": conditions.hits, "misses": conditions.misses},
+            "conditions": {
+                "source": stored.key() if stored is not None else "text encoders (no stored conditions)",
+                "hits": conditions.hits,
+                "misses": conditions.misses,
+            },
         }
 
         # 5. the EMA denoiser (what the paper evaluates) as the stage's model, and its samples
@@ -331,6 +343,7 @@ class TrainJob(BaseModel):
                 "weights": "ema",
                 "ema_decay": cfg.ema_decay,
                 "checkpoint": result.checkpoint,
+                ENCODER_META: encoder_identity(base_dir),  # the folder copies the base's encoders unchanged
             }
             with tempfile.TemporaryDirectory(prefix="instaflow-stage-") as tmp:
                 folder = family.save_student(
@@ -340,6 +353,8 @@ class TrainJob(BaseModel):
                 store.put_dir(folder, self.out_uri, clean=True)
             steps, guidance = self.sample_settings()
             prompts = list(cfg.sample_prompts)
+            if stored is not None:  # the grid's prompts need the encoders: loaded now, training is over
+                model = family.load(base_dir, skip=(family.denoiser,))
             model.denoiser = ema_net.eval()
             model.to(acc.device)
             images = flow_images(

@@ -20,17 +20,29 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from instaflow_core.errors import DataError
-from instaflow_core.models.family import Condition, Model
+from instaflow_core.models.family import Condition, Model, family_of
 from instaflow_core.models.loading import load_source
 
-SCRATCH = "scratch"  # TrainConfig.init_from: the base model's architecture, fresh weights
+SCRATCH = "scratch"
+TEXT_PARTS = ("text_encoder", "tokenizer")  # component name prefixes of what computes the conditions  # TrainConfig.init_from: the base model's architecture, fresh weights
 
 
 def load_student(
-    base_folder: str | Path, init_from: str | Path | None = None, *, dtype: str = "float32"
+    base_folder: str | Path,
+    init_from: str | Path | None = None,
+    *,
+    dtype: str = "float32",
+    skip_text: bool = False,
 ) -> Model:
-    """The base model, its denoiser replaced by `init_from` when given (a local path)."""
-    model = load_source(Path(base_folder), dtype=dtype)
+    """The base model, its denoiser replaced by `init_from` when given (a local path); `skip_text` leaves the
+    text encoders and tokenizers out (training on stored conditions)."""
+    folder = Path(base_folder)
+    if skip_text:
+        family = family_of(folder)
+        parts = (*family.required, *family.optional)
+        model = family.load(folder, dtype=dtype, skip=tuple(c for c in parts if c.startswith(TEXT_PARTS)))
+    else:
+        model = load_source(folder, dtype=dtype)
     if init_from is not None:
         load_denoiser_weights(model.denoiser, Path(init_from), model.family.denoiser)
     return model
