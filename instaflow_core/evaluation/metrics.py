@@ -136,11 +136,5 @@ def measure_latency(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) ->
     return Latency(statistics.median(times), min(times), max(times), len(times))
 
 
-# --------------------------------------------------------------------------------------------- gate
-
-
-# ------------------------------------------------------------------------------ running a model under test
-
-
 # ------------------------------------------------------------------------------------- one evaluated setting
 GRID_IMAGES = 16  # samples per setting in its grid

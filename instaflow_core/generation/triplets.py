@@ -1,4 +1,4 @@
-"""Triplets (prompt, X0 seed, X1): ids, seeds, the Arrow schema, row building, shard planning, the shard worker.
+"""Triplets (prompt, X0 seed, X1): what a row is. Ids, seeds, the solver settings, the job, the Arrow schema, rows.
 
 Exactly-once (contract 3 in docs/interfaces.md) rests on three deterministic functions:
 
@@ -6,12 +6,9 @@ Exactly-once (contract 3 in docs/interfaces.md) rests on three deterministic fun
   base seed and the prompt id, so the same prompt set always asks for the same noise, whatever the sharding;
 - `triplet_id(prompt_id, seed, teacher, solver)`: a hash of everything that determines X1, so a rerun recognises
   rows it already wrote and a changed teacher or solver setting makes new ids (never overwrites old rows);
-- `plan_shards(prompt_ids, shard_size)`: sorted ids cut into contiguous id ranges, identical on every rerun.
+- `shards.plan_shards(prompt_ids, shard_size)`: sorted ids cut into contiguous id ranges, identical on every rerun.
 
-`run_shard` is the worker every stage that makes pairs shares (teacher triplets, the 2-RF's distillation pairs):
-it reads a shard's prompts, skips ids already in the output table, solves the rest in batches through a `Solver`
-callable and merges each batch on `triplet_id`, one Lance commit per batch. A killed worker therefore leaves
-whole committed batches and nothing half-written; the rerun writes only what is missing.
+The shard worker (`shards.ShardWorker`) and the stage that drives it (`pairs.PairGeneration`) build on these.
 """
 
 from __future__ import annotations
@@ -308,9 +305,3 @@ def build_rows(
 def rows_to_latents(column: pa.ChunkedArray | pa.Array, shape: Sequence[int]) -> np.ndarray:
     """A fixed-size-list float16 column -> (B, *shape) float16 array."""
     return from_tensor_column(column, shape)
-
-
-# -------------------------------------------------------------------------------------------- sharding
-
-
-# ------------------------------------------------------------------------------------------ the shard worker

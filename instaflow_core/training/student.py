@@ -24,7 +24,10 @@ from instaflow_core.models.family import Condition, Model, family_of
 from instaflow_core.models.loading import load_source
 
 SCRATCH = "scratch"
-TEXT_PARTS = ("text_encoder", "tokenizer")  # component name prefixes of what computes the conditions  # TrainConfig.init_from: the base model's architecture, fresh weights
+TEXT_PARTS = (
+    "text_encoder",
+    "tokenizer",
+)  # component name prefixes of what computes the conditions  # TrainConfig.init_from: the base model's architecture, fresh weights
 
 
 def load_student(
