@@ -24,6 +24,7 @@ from instaflow_core.config import (
     stable_hash,
 )
 from instaflow_core.errors import DataError
+from instaflow_core.evaluation import protocols
 from instaflow_core.evaluation.digits import (
     DIGITS_NET,
     IMAGE_TABLE_REFERENCE,
@@ -32,7 +33,13 @@ from instaflow_core.evaluation.digits import (
     real_floor,
     reference_images,
 )
-from instaflow_core.evaluation.eval_set import TEACHER_REFERENCE, EvalSet, build_eval_set, load_images
+from instaflow_core.evaluation.eval_set import (
+    TEACHER_REFERENCES,
+    TEACHER_SAME_SEEDS,
+    EvalSet,
+    build_eval_set,
+    load_images,
+)
 from instaflow_core.evaluation.feature_nets import clip_network, describe_networks, fid_network
 from instaflow_core.evaluation.metrics import FeatureStats
 from instaflow_core.evaluation.sampling import Sampler, SamplerSpec, batched_features, evaluate_sampler
@@ -89,7 +96,9 @@ def model_specs(eval_cfg: EvaluationConfig, label: str, model: ModelRef) -> list
 def _reference_generator(eval_set: EvalSet) -> str:
     if eval_set.reference == IMAGE_TABLE_REFERENCE:
         return "real-images (image table holdout)"
-    return "teacher" if eval_set.reference == TEACHER_REFERENCE else "coco-images"
+    if eval_set.reference in TEACHER_REFERENCES:
+        return "teacher" if eval_set.reference == TEACHER_SAME_SEEDS else "teacher (other seeds)"
+    return "coco-images"
 
 
 def _networks(eval_cfg: EvaluationConfig, models_cfg: ModelsConfig, store: Store, eval_set: EvalSet) -> tuple:
@@ -104,7 +113,8 @@ def _networks(eval_cfg: EvaluationConfig, models_cfg: ModelsConfig, store: Store
         digits = digits_networks(store, images, d.classifier_steps, d.classifier_seed, d.min_accuracy)
     clip = digits if eval_cfg.clip_model == DIGITS_NET else clip_network(eval_cfg, models_cfg)
     net = digits.features if eval_cfg.fid_features == DIGITS_NET else fid_network(eval_cfg, models_cfg, clip)
-    return clip, net
+    # the FID network sees images through the protocol's resize pipeline
+    return clip, protocols.protocol_features(net, protocols.run_settings(eval_cfg, eval_set))
 
 
 def _batches(n: int, size: int) -> list[slice]:
@@ -153,8 +163,9 @@ def reference_stats(
     store = Store(storage_cfg)
     eval_set = build_eval_set(eval_cfg, store, prompts)
     clip, net = _networks(eval_cfg, models_cfg, store, eval_set)
-    material: dict[str, Any] = {"set": eval_set.key(), "net": net.name, "size": eval_cfg.image_size}
-    if eval_set.reference == TEACHER_REFERENCE:
+    run = protocols.run_settings(eval_cfg, eval_set)
+    material: dict[str, Any] = {"set": eval_set.key(), "net": net.name, **run.cache_material()}
+    if eval_set.reference in TEACHER_REFERENCES:
         # teacher-made references change with the teacher and its sampler settings
         material["teacher"] = teacher.key()
         material["sampler"] = teacher_spec(eval_cfg).__dict__
@@ -164,15 +175,16 @@ def reference_stats(
             material["resolution"] = eval_cfg.resolution
     key = stable_hash(material)
     uri = store.ref("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
+    label = protocols.record(run, protocols.facts_of(run, net, clip, len(eval_set.ref_items())))
     info = {
         "uri": uri,
         "key": key,
-        "eval_set": eval_set.describe(),
+        "eval_set": eval_set.describe(label),
         "network": net.label,
         "reference": _reference_generator(eval_set),
     }
     if eval_set.reference == IMAGE_TABLE_REFERENCE:  # real held-out images, with the real-vs-real floor
-        stats = batched_features([reference_images(store, eval_set)], net, eval_cfg.image_size)
+        stats = batched_features([reference_images(store, eval_set)], net, None)
         store.write_bytes(uri, stats.to_bytes())
         floor = real_floor(store, eval_set, net, stats, len(eval_set.items))
         logger.info("reference: %d held-out real images; floor (real train vs holdout) %.4f", stats.n, floor)
@@ -192,8 +204,8 @@ def reference_stats(
 
     progress = Progress(f"reference features ({eval_set.name}, {net.name})")
     bs = eval_cfg.batch_size
-    if eval_set.reference == TEACHER_REFERENCE:
-        items = eval_set.reference_items
+    items = eval_set.ref_items()  # the teacher's seeds, the sampled COCO images, or all val2014 images (30k)
+    if eval_set.reference in TEACHER_REFERENCES:
         sampler = Sampler(
             load_model(teacher, storage_cfg, models_cfg), teacher_spec(eval_cfg), eval_cfg.resolution
         )
@@ -202,17 +214,11 @@ def reference_stats(
             for sl in _batches(len(items), bs)
         )
     else:
-        items = eval_set.items
         batches = (
-            load_images(
-                store.read_bytes,
-                eval_set.images_root,
-                [it.image_file for it in items[sl]],
-                eval_cfg.image_size,
-            )
+            load_images(store.read_bytes, eval_set.images_root, [it.image_file for it in items[sl]], None)
             for sl in _batches(len(items), bs)
         )
-    stats = batched_features(_tick(batches, progress, bs / max(1, len(items))), net, eval_cfg.image_size)
+    stats = batched_features(_tick(batches, progress, bs / max(1, len(items))), net, None)
     store.write_bytes(uri, stats.to_bytes())
     logger.info("reference statistics written: %s (%d images)", uri, stats.n)
     return {**info, "n": stats.n, "computed": True}
@@ -239,7 +245,9 @@ def evaluate_model(
     ref_stats = FeatureStats.from_bytes(store.read_bytes(reference["uri"]))
     components = load_model(model, storage_cfg, models_cfg)
     prompts_all, seeds_all = eval_set.prompts, eval_set.seeds
-    text_emb = clip.text_features(prompts_all)  # (N, D), shared by every sampler setting
+    run = protocols.run_settings(eval_cfg, eval_set)
+    # (N, D), shared by every sampler setting; the protocol's caption prefix goes to the CLIP text only
+    text_emb = clip.text_features([run.caption_prefix + p for p in prompts_all])
     run_key = stable_hash(
         {"set": eval_set.key(), "model": model.key(), "eval": eval_cfg.model_dump(mode="json")}
     )
@@ -254,7 +262,7 @@ def evaluate_model(
             fid_net=net,
             clip_net=clip,
             reference=ref_stats,
-            image_size=eval_cfg.image_size,
+            image_size=None,  # the protocol's resize runs in front of the FID network (_networks)
             batch_size=eval_cfg.batch_size,
             latency_repeats=eval_cfg.latency_repeats,
             straightness_steps=eval_cfg.straightness_steps,
@@ -278,6 +286,7 @@ def evaluate_model(
                 "networks": networks,
                 "reference": reference["reference"],
                 "eval_set": eval_set.name,
+                "protocol": run.name,
             }
         )
         logger.info(
@@ -309,6 +318,7 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "latency_s": r(row["latency_s"], 4),
             "straightness": r(row["straightness"], 5),
             "samples": row["samples"],
+            "protocol": row.get("protocol"),
         }
         for row in rows
     ]
@@ -348,6 +358,11 @@ def write_results(
 
 
 def _caveat(networks: dict[str, Any], eval_set: dict[str, Any]) -> str:
+    if "not_comparable_because" in eval_set:  # the protocol's label (protocols.not_comparable_because)
+        reasons = eval_set["not_comparable_because"]
+        if not reasons:
+            return f"protocol {eval_set['protocol']}: comparable with the paper's numbers"
+        return f"protocol {eval_set['protocol']}, NOT paper-comparable: " + "; ".join(reasons)
     if (
         networks["fid_paper_comparable"]
         and eval_set["paper_comparable"]

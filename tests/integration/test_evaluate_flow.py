@@ -86,10 +86,13 @@ def test_evaluate_then_register_on_tiny(prefect_api, local_storage_cfg, tmp_path
         assert (m["straightness"] is None) == (name.startswith("teacher"))
     # stand-ins are said so, everywhere the numbers go
     assert "stand-in" in result["networks"]["fid_features"] and "stand-in" in result["networks"]["clip_model"]
-    assert (
-        result["eval_set"]["reference"] == "teacher-generations"
-        and not result["eval_set"]["paper_comparable"]
-    )
+    # no COCO: the teacher protocol, the teacher's own images on the same prompts and seeds as the reference
+    assert result["eval_set"]["reference"] == "teacher-same-seeds" and not result["eval_set"]["paper_comparable"]
+    assert result["eval_set"]["protocol"] == "teacher-4"
+    assert any("not one of the paper's" in r for r in result["eval_set"]["not_comparable_because"])
+    assert {row["protocol"] for row in result["table"]} == {"teacher-4"}  # the results table says which ran
+    # the teacher against its own images on the same seeds: zero (a check of the reference)
+    assert result["metrics"]["teacher_2step"]["fid"] == pytest.approx(0.0, abs=1e-6)
 
     saved = json.loads(store.read_bytes(result["uri"]))
     assert saved["table"] == result["table"]
@@ -110,6 +113,7 @@ def test_evaluate_then_register_on_tiny(prefect_api, local_storage_cfg, tmp_path
     data = max(artifacts, key=lambda a: a.created).data  # this evaluation's (other tests publish the key too)
     rows = json.loads(data) if isinstance(data, str) else data
     assert {r["model"] for r in rows} == set(names)
+    assert {r["protocol"] for r in rows} == {"teacher-4"}
 
     with mlflow_client(cfg.registration, cfg.storage) as client:
         run = client.get_run(result["run_id"])
@@ -118,6 +122,11 @@ def test_evaluate_then_register_on_tiny(prefect_api, local_storage_cfg, tmp_path
         )
         assert "stand-in" in run.data.tags["instaflow.fid_features"]
         assert run.data.tags["instaflow.paper_comparable"] == "false"
+        # the protocol and its settings are params of the evaluation run
+        params = run.data.params
+        assert params["protocol"] == "teacher-4" and run.data.tags["instaflow.protocol"] == "teacher-4"
+        assert params["protocol.key"] == "teacher" and params["protocol.image_size"] == "32"
+        assert params["protocol.resize"] == "clean" and params["protocol.clip_model"] == "tiny"
 
     # an unchanged second evaluation: cache hits, and the same MLflow run (no duplicate)
     with prefect_settings(cfg.storage, cfg.orchestration):
@@ -140,6 +149,7 @@ def test_evaluate_then_register_on_tiny(prefect_api, local_storage_cfg, tmp_path
         assert tags["instaflow.config_hash.evaluation"] == cfg.section_hash("evaluation")
         assert tags["instaflow.prefect_flow_run_id"] and tags["instaflow.code_version"]
         assert float(tags["metric.fid"]) == pytest.approx(result["metrics"]["instaflow_1step"]["fid"])
+        assert tags["instaflow.eval_protocol"] == "teacher-4" and tags["instaflow.paper_comparable"] == "false"
         rf_mv = client.get_model_version("tiny-test-2rf", registered["rf"]["version"])
         assert float(rf_mv.tags["metric.fid"]) == pytest.approx(result["metrics"]["2rf_2step"]["fid"])
 
@@ -177,7 +187,10 @@ def test_coco_reference_statistics_are_cached_in_the_store(local_storage_cfg, tm
     assert inputs["coco_captions"] == str(captions) and int(inputs["size"]) > 0
     first = reference_stats.fn(eval_cfg, ModelsConfig(), local_storage_cfg, None, teacher, inputs)
     assert first["computed"] and first["n"] == 4 and first["reference"] == "coco-images"
-    assert first["eval_set"]["name"] == "coco2017-val" and first["eval_set"]["paper_comparable"]
+    assert first["eval_set"]["name"] == "coco2017-val" and first["eval_set"]["protocol"] == "coco2017-5k"
+    # COCO 2017 with tiny stand-ins and 4 samples: the protocol ran, the label says why it is not the paper's
+    why = " | ".join(first["eval_set"]["not_comparable_because"])
+    assert not first["eval_set"]["paper_comparable"] and "4 samples" in why and "not the Inception" in why
     stats = FeatureStats.from_bytes(Store(local_storage_cfg).read_bytes(first["uri"]))
     assert stats.mu.shape == (32,) and np.isfinite(stats.sigma).all()
     second = reference_stats.fn(eval_cfg, ModelsConfig(), local_storage_cfg, None, teacher, inputs)
