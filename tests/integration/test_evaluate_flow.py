@@ -87,7 +87,9 @@ def test_evaluate_then_register_on_tiny(prefect_api, local_storage_cfg, tmp_path
     # stand-ins are said so, everywhere the numbers go
     assert "stand-in" in result["networks"]["fid_features"] and "stand-in" in result["networks"]["clip_model"]
     # no COCO: the teacher protocol, the teacher's own images on the same prompts and seeds as the reference
-    assert result["eval_set"]["reference"] == "teacher-same-seeds" and not result["eval_set"]["paper_comparable"]
+    assert (
+        result["eval_set"]["reference"] == "teacher-same-seeds" and not result["eval_set"]["paper_comparable"]
+    )
     assert result["eval_set"]["protocol"] == "teacher-4"
     assert any("not one of the paper's" in r for r in result["eval_set"]["not_comparable_because"])
     assert {row["protocol"] for row in result["table"]} == {"teacher-4"}  # the results table says which ran
@@ -149,7 +151,9 @@ def test_evaluate_then_register_on_tiny(prefect_api, local_storage_cfg, tmp_path
         assert tags["instaflow.config_hash.evaluation"] == cfg.section_hash("evaluation")
         assert tags["instaflow.prefect_flow_run_id"] and tags["instaflow.code_version"]
         assert float(tags["metric.fid"]) == pytest.approx(result["metrics"]["instaflow_1step"]["fid"])
-        assert tags["instaflow.eval_protocol"] == "teacher-4" and tags["instaflow.paper_comparable"] == "false"
+        assert (
+            tags["instaflow.eval_protocol"] == "teacher-4" and tags["instaflow.paper_comparable"] == "false"
+        )
         rf_mv = client.get_model_version("tiny-test-2rf", registered["rf"]["version"])
         assert float(rf_mv.tags["metric.fid"]) == pytest.approx(result["metrics"]["2rf_2step"]["fid"])
 
@@ -195,3 +199,50 @@ def test_coco_reference_statistics_are_cached_in_the_store(local_storage_cfg, tm
     assert stats.mu.shape == (32,) and np.isfinite(stats.sigma).all()
     second = reference_stats.fn(eval_cfg, ModelsConfig(), local_storage_cfg, None, teacher, inputs)
     assert not second["computed"] and second["uri"] == first["uri"]
+
+
+def test_coco2014_30k_reference_is_every_val2014_image(local_storage_cfg, tmp_path):
+    """A COCO-2014-shaped fixture (captions_val2014.json + val2014/ of differently sized JPEGs, one image without
+    captions): protocol coco2014-30k samples captions from the captioned images, but its reference statistics
+    cover ALL images of the file, resized as the protocol says (LANCZOS to 256, then to the network's input)."""
+    from PIL import Image
+
+    from instaflow_core.config import EvaluationConfig, ModelsConfig
+    from instaflow_core.evaluation.feature_nets import tiny_clip
+    from instaflow_core.evaluation.metrics import FeatureStats, feature_stats
+    from instaflow_core.evaluation.protocols import ProtocolFeatures
+    from tasks.evaluation import reference_stats
+
+    images_dir = tmp_path / "val2014"
+    images_dir.mkdir()
+    rng = np.random.default_rng(1)
+    images, anns, pixels = [], [], []
+    for i in range(7):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        arr = rng.integers(0, 256, size=(20 + 3 * i, 40 - 2 * i, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(images_dir / name, quality=95)
+        with Image.open(images_dir / name) as im:
+            pixels.append(np.asarray(im.convert("RGB")))
+        images.append({"id": i, "file_name": name})
+        if i < 6:  # image 6 has no caption: never a sample, still part of the reference
+            anns += [{"id": 10 * i + k, "image_id": i, "caption": f"photo {i} number {k}"} for k in range(2)]
+    captions = tmp_path / "captions_val2014.json"
+    captions.write_text(json.dumps({"images": images, "annotations": anns}))
+
+    eval_cfg = EvaluationConfig(
+        protocol="coco2014-30k", coco_captions=str(captions), coco_images=str(images_dir), num_samples=3,
+        batch_size=4, fid_features="tiny", clip_model="tiny",
+    )  # fmt: skip
+    teacher = ModelRef(uri="unused", kind="teacher")
+    ref = reference_stats.fn(eval_cfg, ModelsConfig(), local_storage_cfg, None, teacher, {})
+    es = ref["eval_set"]
+    assert es["protocol"] == "coco2014-30k" and es["samples"] == 3 and es["reference_images"] == 7
+    assert ref["n"] == 7 and ref["reference"] == "coco-images"
+    assert es["protocol_settings"]["image_size"] == 256 and es["protocol_settings"]["resize"] == "clean"
+    assert es["protocol_settings"]["caption_prefix"] == "A photo depicts "
+    why = " | ".join(es["not_comparable_because"])
+    assert "3 samples, coco2014-30k uses 30000" in why and "reference set of 7 images" in why
+    stats = FeatureStats.from_bytes(Store(local_storage_cfg).read_bytes(ref["uri"]))
+    expected = feature_stats(ProtocolFeatures(tiny_clip(), 256, "clean").image_features(pixels))
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(stats.sigma, expected.sigma, rtol=1e-6, atol=1e-9)

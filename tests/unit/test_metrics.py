@@ -270,7 +270,9 @@ def test_holdout_set_repeats_prompts_with_new_seeds_and_says_so():
     assert set(es.prompts) == {"a cat", "a dog", "a car"}
     assert es.ref_items() == es.items  # the teacher on the same prompts and seeds (the default)
     assert "same prompts and seeds" in es.note and es.describe()["paper_comparable"] is False
-    other = holdout_eval_set(rows, source="prompts@v3", num_samples=7, seed=0, teacher_reference=TEACHER_REFERENCE)
+    other = holdout_eval_set(
+        rows, source="prompts@v3", num_samples=7, seed=0, teacher_reference=TEACHER_REFERENCE
+    )
     assert other.items == es.items and other.reference == TEACHER_REFERENCE
     assert not set(other.seeds) & {it.seed for it in other.reference_items}  # other noise
     assert "other seeds" in other.note and other.key() != es.key()
