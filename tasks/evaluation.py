@@ -350,7 +350,8 @@ def write_results(
     publish_table(EVAL_TABLE_KEY, table, description=f"Evaluation on {eval_set['name']}; {caveat}")
     publish_markdown(
         "instaflow-evaluate-notes",
-        f"### Evaluation notes\n\n- set: {eval_set['note']}\n- FID features: {networks['fid_features']}\n"
+        f"### Evaluation notes\n\n- protocol: {eval_set.get('protocol')} ({caveat})\n- set: {eval_set['note']}\n"
+        f"- FID features: {networks['fid_features']}\n"
         f"- CLIP: {networks['clip_model']}\n- results: `{uri}`",
         description="Which networks and reference images the evaluation used",
     )
