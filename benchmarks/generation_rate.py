@@ -19,13 +19,13 @@ import time
 import lancedb
 import torch
 from diffusers import StableDiffusionPipeline
+from instaflow_core.generation.teacher import make_scheduler, solve_teacher
+from instaflow_core.models.tiny import build_tiny
 
 from instaflow_core.config import load
 from instaflow_core.generation.shards import run_shard
-from instaflow_core.generation.teacher import make_scheduler, solve_teacher
 from instaflow_core.generation.triplets import PairsJob, expand_jobs, triplet_schema
 from instaflow_core.models.loading import latent_shape
-from instaflow_core.models.tiny import build_tiny
 
 
 def rate(fn, n: int, repeats: int = 2) -> float:

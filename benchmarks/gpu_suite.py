@@ -33,10 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-
-from instaflow_core.config import TinyModelConfig  # noqa: E402
 from instaflow_core.models.components import SD15_SCALING_FACTOR, SD15_SCHEDULER, SDComponents  # noqa: E402
 from instaflow_core.models.tiny import build_tiny  # noqa: E402
+
+from instaflow_core.config import TinyModelConfig  # noqa: E402
 from instaflow_core.models.tokenizer import tiny_tokenizer  # noqa: E402
 
 

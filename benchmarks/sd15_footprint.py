@@ -45,6 +45,7 @@ def sd15_components():
 
     sys.path.insert(0, str(REPO))
     from instaflow_core.models.components import SDComponents
+
     from instaflow_core.models.tokenizer import tiny_tokenizer
     from tests.support.sd15 import Sd15Shape, sd15_configs
 
@@ -82,10 +83,10 @@ def peak_rss_gb() -> float:
 # ----------------------------------------------------------------------------------------------- phases
 def _train_step(comps, stage: str, batch: int, resolution: int, checkpointing: bool) -> dict:
     import torch
+    from instaflow_core.models.velocity import StudentVelocity
 
     from instaflow_core.config import TrainConfig
     from instaflow_core.models.loading import latent_shape
-    from instaflow_core.models.velocity import StudentVelocity
     from instaflow_core.rectified_flow import distill_loss, noise_from_seeds, reflow_loss
     from instaflow_core.training.ema import EMA
     from instaflow_core.training.setup import build_optimizer
@@ -157,8 +158,8 @@ def phase(name: str, args: argparse.Namespace) -> dict:
 def activations(comps) -> dict:
     """Bytes autograd saves for backward, per sample, under bf16 autocast: {latent side: {gc: bytes}}."""
     import torch
-
     from instaflow_core.models.velocity import StudentVelocity
+
     from instaflow_core.rectified_flow import noise_from_seeds
 
     student = StudentVelocity.from_components(comps).train()

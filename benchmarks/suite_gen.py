@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from instaflow_core.generation.teacher import make_scheduler, solve_teacher
 from suite_harness import PeakMemory, Suite, count_flops, free_memory, median, prompts_for, time_calls
 
 from instaflow_core.config import PairsConfig
 from instaflow_core.generation.shards import run_shard
 from instaflow_core.generation.solvers import make_solver
-from instaflow_core.generation.teacher import make_scheduler, solve_teacher
 from instaflow_core.generation.triplets import PairsJob, SolverSpec, TripletJob, triplet_schema
 from instaflow_core.inference.images import decode_latents
 from instaflow_core.models.switches import set_switches, switch_on

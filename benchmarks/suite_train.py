@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from instaflow_core.models.velocity import StudentVelocity
 from suite_harness import PeakMemory, Suite, count_flops, free_memory, prompts_for, time_calls
 
 from instaflow_core.config import StorageConfig, TrainConfig, TrainStageConfig
 from instaflow_core.generation.triplets import SolverSpec, TripletJob, build_rows, triplet_schema
 from instaflow_core.models.switches import set_switches, switch_on
-from instaflow_core.models.velocity import StudentVelocity
 from instaflow_core.refs import TableRef
 from instaflow_core.store.dataset import TripletDataset
 from instaflow_core.training.data import BatchRequest, to_device

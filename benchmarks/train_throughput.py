@@ -23,12 +23,13 @@ import torch
 
 def build_table(root: str, rows: int, steps: int) -> tuple:
     """A `triplets` table of `rows` rows from the tiny teacher, and its saved folder: (TableRef, ModelRef)."""
+    from instaflow_core.generation.teacher import solve_teacher
+    from instaflow_core.models.tiny import build_tiny
+
     from instaflow_core.config import StorageConfig, TinyModelConfig
     from instaflow_core.generation.shards import run_shard
-    from instaflow_core.generation.teacher import solve_teacher
     from instaflow_core.generation.triplets import SolverSpec, expand_jobs, triplet_schema
     from instaflow_core.models.loading import latent_shape
-    from instaflow_core.models.tiny import build_tiny
     from instaflow_core.refs import ModelRef
     from instaflow_core.store import Store, create_table, merge_rows, open_table, table_ref
 
@@ -85,8 +86,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from instaflow_core.config import TrainConfig, TrainStageConfig
     from instaflow_core.models.velocity import StudentVelocity
+
+    from instaflow_core.config import TrainConfig, TrainStageConfig
     from instaflow_core.store import Store
     from instaflow_core.training import BatchRequest, train
     from instaflow_core.training.job import triplet_batches

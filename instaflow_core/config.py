@@ -270,17 +270,37 @@ class DistillationConfig(TrainConfig):
 
 # -------------------------------------------------------------------------------------------- evaluation
 class EvaluationConfig(Section):
+    """How models are evaluated. `protocol` names the captions, sample count, image size, resize pipeline and CLIP
+    caption prefix (instaflow_core/evaluation/protocols.py, docs/evaluation.md); `image_size`, `resize` and
+    `caption_prefix` left at "protocol" take the protocol's values, anything else overrides them (and is recorded;
+    a value off the paper's protocol loses the paper-comparable label)."""
+
+    # auto: COCO captions + images -> coco2017-5k / coco2014-30k by the captions' year; otherwise `teacher` (the
+    # teacher's own images on the same prompts and seeds), or `holdout-images` for prompts curated from images
+    protocol: Literal[
+        "auto", "coco2017-5k", "coco2014-30k", "teacher", "teacher-other-seeds", "holdout-images"
+    ] = "auto"
     coco_captions: str | None = (
-        None  # captions_val2017.json (local path or store URI); None = holdout prompts
+        None  # captions_val2017.json / captions_val2014.json (local path or store URI); None = holdout prompts
     )
-    coco_images: str | None = None  # the matching image folder, for the reference statistics
-    num_samples: int = Field(5000, ge=2)
-    image_size: int = Field(256, ge=8)  # real and generated images are resized to this before features
+    coco_images: str | None = None  # the matching image folder (val2017/ or val2014/), the reference images
+    num_samples: int = Field(5000, ge=2)  # coco2017-5k: 5000, coco2014-30k: 30000
+    # px of the first resize of real and generated images (centre crop, then this size); None = native (crop only);
+    # "protocol" = the protocol's (coco2017-5k: native, coco2014-30k: 256, teacher: native)
+    image_size: Annotated[int, Field(ge=8)] | Literal["protocol"] | None = "protocol"
+    resize: Literal["protocol", "legacy-tf", "clean"] = (
+        "protocol"  # legacy-tf: torch-fidelity's; clean: clean-fid's
+    )
+    caption_prefix: str = (
+        "protocol"  # prepended to captions for the CLIP score text (coco2014-30k: "A photo depicts ")
+    )
     resolution: int | None = Field(None, ge=8)  # px the models generate at; None = each model's native size
     seed: int = 0
     batch_size: int = Field(16, ge=1)
     fid_features: str = "inception"  # inception | clip | dinov2 | tiny, or a local path to weights
-    inception_weights: str | None = None  # local path for torch-fidelity / torchmetrics FID Inception
+    inception_weights: str | None = (
+        None  # local path of pt_inception-2015-12-05-6726825d.pth (sha256 checked)
+    )
     clip_model: str = "tiny"  # a local CLIP folder or hub id; "tiny" = random CLIP built from config
     teacher_steps: int = Field(25, ge=1)
     teacher_guidance: float = Field(5.0, ge=0.0)
@@ -292,6 +312,21 @@ class EvaluationConfig(Section):
     # setting (teacher at its steps, 1-RF / 2-RF / InstaFlow at one step); empty: no grid
     grid_prompts: list[str] = Field(default_factory=list)
     grid_labels: list[str] | None = None  # column labels (default: the prompts)
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _native(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and v.strip().lower() in ("native", "none", "null") else v
+
+    @model_validator(mode="after")
+    def _protocol_data(self) -> EvaluationConfig:
+        year = {"coco2017-5k": "2017", "coco2014-30k": "2014"}.get(self.protocol)
+        if year and not (self.coco_captions and self.coco_images):
+            raise ValueError(
+                f"evaluation.protocol={self.protocol} needs evaluation.coco_captions (captions_val{year}.json) and "
+                f"evaluation.coco_images (val{year}/)"
+            )
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- registry

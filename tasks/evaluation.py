@@ -95,7 +95,8 @@ def write_results(
     )
     publish_markdown(
         "instaflow-evaluate-notes",
-        f"### Evaluation notes\n\n- set: {eval_set['note']}\n- FID features: {networks['fid_features']}\n"
+        f"### Evaluation notes\n\n- protocol: {eval_set.get('protocol')} ({caveat(networks, eval_set)})\n"
+        f"- set: {eval_set['note']}\n- FID features: {networks['fid_features']}\n"
         f"- CLIP: {networks['clip_model']}\n- results: `{uri}`",
         description="Which networks and reference images the evaluation used",
     )

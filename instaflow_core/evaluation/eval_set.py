@@ -1,13 +1,15 @@
 """The evaluation set: COCO captions (FID-5k on val2017, FID-30k on val2014) or, without COCO, holdout prompts.
 
-Protocol (INSTAFLOW.md): one caption per image, chosen deterministically from (seed, image id); `num_samples`
-images drawn by a seeded permutation of the image ids (all 5,000 of val2017 for FID-5k, 30,000 of the 40,504 of
-val2014 for FID-30k); each sample's noise seed derives from (seed, image id), so a sample keeps its seed when
-`num_samples` changes. Real and generated images are centre-cropped and resized to `evaluation.image_size` (256 for
-FID-30k) with PIL bicubic before any feature network sees them.
+Which set and which reference follow the protocol (evaluation.protocol, see protocols.py): one caption per image,
+chosen deterministically from (seed, image id); `num_samples` images drawn by a seeded permutation of the image ids
+(all 5,000 of val2017 for coco2017-5k, 30,000 of the 40,504 of val2014 for coco2014-30k); each sample's noise seed
+derives from (seed, image id), so a sample keeps its seed when `num_samples` changes. The coco2014-30k reference is
+ALL val2014 images (GigaGAN's protocol), not only the sampled ones. Real and generated images are resized by the
+protocol's pipeline (protocols.ProtocolFeatures) before any feature network sees them.
 
-Without COCO paths (the tiny preset) the captions are the holdout split of the prompts table and the "real"
-reference set is the teacher's own generations from other seeds: the set is named so in every result, and its
+Without COCO images (the tiny preset) the captions are the holdout split of the prompts table (or the COCO
+captions) and the reference set is the teacher's own images on the SAME prompts and seeds (protocol `teacher`;
+`teacher-other-seeds` keeps the earlier reference from other seeds): the set is named so in every result, and its
 numbers measure closeness to the teacher, not to real photos.
 """
 
@@ -23,9 +25,13 @@ from typing import Any
 import numpy as np
 
 from instaflow_core.errors import DataError
+from instaflow_core.evaluation import protocols as P
 
 HOLDOUT_SET = "holdout-prompts"
-TEACHER_REFERENCE = "teacher-generations"
+TEACHER_REFERENCE = "teacher-generations"  # the teacher's images on the same prompts from other seeds
+TEACHER_SAME_SEEDS = "teacher-same-seeds"  # the teacher's images on the same prompts and seeds
+TEACHER_REFERENCES = (TEACHER_REFERENCE, TEACHER_SAME_SEEDS)
+COCO_REFERENCE = "coco-images"
 IMAGE_TABLE_REFERENCE = "image-table"  # an image source's held-out real images (curation/images.py)
 
 
@@ -49,11 +55,13 @@ class EvalSet:
 
     name: str  # coco2017-val | coco2014-val | coco-<file stem> | holdout-prompts
     items: list[EvalItem]
-    reference: str  # "coco-images" | "teacher-generations"
+    reference: str  # "coco-images" | "teacher-same-seeds" | "teacher-generations" | "image-table"
     source: str  # the captions file / prompts table key
     images_root: str | None = None
     note: str = ""
-    reference_items: list[EvalItem] = field(default_factory=list)  # teacher-reference only: other seeds
+    # the reference items when they are not `items`: the teacher's other seeds, or every val2014 image (30k)
+    reference_items: list[EvalItem] = field(default_factory=list)
+    protocol: str = ""  # the protocol key (protocols.PROTOCOLS); build_eval_set sets it
 
     @property
     def prompts(self) -> list[str]:
@@ -63,25 +71,39 @@ class EvalSet:
     def seeds(self) -> list[int]:
         return [it.seed for it in self.items]
 
+    def ref_items(self) -> list[EvalItem]:
+        """The items of the reference image set: `reference_items` when given, else the evaluated items."""
+        return self.reference_items or self.items
+
+    @property
+    def protocol_name(self) -> str:
+        """coco2017-5k, coco2014-30k, teacher-<N>, ... ("" before build_eval_set chose the protocol)."""
+        return P.PROTOCOLS[self.protocol].name(len(self.items)) if self.protocol in P.PROTOCOLS else ""
+
     def key(self) -> str:
         """Identifies the reference image set (the cache key of its feature statistics, with the network)."""
-        ref = self.reference_items if self.reference == TEACHER_REFERENCE else self.items
+        ref = self.ref_items()
         blob = json.dumps(
             [self.name, self.source, self.images_root, [(it.key, it.image_file, it.seed) for it in ref]],
             sort_keys=True,
         )
         return f"{self.name}-{len(ref)}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
-    def describe(self) -> dict[str, Any]:
-        """Small JSON-able summary for results (no item list)."""
+    def describe(self, label: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Small JSON-able summary for results (no item list). `label` is protocols.record(...) (the protocol's
+        settings and the paper-comparable label, which need the networks); without it nothing is comparable."""
         return {
             "name": self.name,
             "samples": len(self.items),
             "reference": self.reference,
+            "reference_images": len(self.ref_items()),
             "source": self.source,
             "images_root": self.images_root,
             "note": self.note,
-            "paper_comparable": self.reference == "coco-images",
+            "protocol": self.protocol_name,
+            "paper_comparable": False,
+            "not_comparable_because": ["not labelled (the networks were not known)"],
+            **(label or {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,8 +158,14 @@ def coco_eval_set(
     num_samples: int,
     seed: int,
     images_root: str | None,
+    all_images_reference: bool = False,
+    teacher_reference: str = TEACHER_SAME_SEEDS,
 ) -> EvalSet:
-    """The COCO evaluation set: `num_samples` images (seeded choice), one caption each, one noise seed each."""
+    """The COCO evaluation set: `num_samples` images (seeded choice), one caption each, one noise seed each.
+
+    With `images_root` the reference is the chosen images, or with `all_images_reference` every image the
+    captions file lists (coco2014-30k: all 40,504 val2014 images). Without it the teacher's images stand in:
+    on the same seeds (`teacher_reference=TEACHER_SAME_SEEDS`) or other seeds (TEACHER_REFERENCE)."""
     if isinstance(captions_json, (bytes, bytearray)):
         try:
             data = json.loads(captions_json)
@@ -158,15 +186,42 @@ def coco_eval_set(
     ]
     name = coco_set_name(source.rsplit("/", 1)[-1], data)
     if images_root:
+        every = []
+        if all_images_reference:
+            every = [
+                EvalItem(prompt="", seed=0, key=str(int(im["id"])), image_file=str(im["file_name"]))
+                for im in sorted(data["images"], key=lambda im: int(im["id"]))
+            ]
+        ref_note = f"the reference is all {len(every)} images of the file" if every else "the same images"
         return EvalSet(
             name=name,
             items=items,
-            reference="coco-images",
+            reference=COCO_REFERENCE,
             source=source,
             images_root=images_root,
-            note=f"{name}: {num_samples} images, one caption each; real and generated images resized alike",
+            note=f"{name}: {num_samples} images, one caption each; {ref_note}; real and generated images resized alike",
+            reference_items=every,
         )
-    # Captions without the image folder: the teacher's generations (other seeds) stand in for the real images.
+    # Captions without the image folder: the teacher's images stand in for the real images.
+    return _teacher_set(
+        name, items, source, teacher_reference, seed, f"{name} captions without evaluation.coco_images"
+    )
+
+
+def _teacher_set(
+    name: str, items: list[EvalItem], source: str, reference: str, seed: int, what: str
+) -> EvalSet:
+    if reference == TEACHER_SAME_SEEDS:
+        return EvalSet(
+            name=name,
+            items=items,
+            reference=TEACHER_SAME_SEEDS,
+            source=source,
+            note=(
+                f"{what}: the reference set is the teacher's own images on the same prompts and seeds, so FID "
+                "measures closeness to the teacher, not to real images (not paper-comparable)"
+            ),
+        )
     ref = [EvalItem(it.prompt, derived_seed("reference", seed, it.key), it.key) for it in items]
     return EvalSet(
         name=name,
@@ -174,8 +229,8 @@ def coco_eval_set(
         reference=TEACHER_REFERENCE,
         source=source,
         note=(
-            f"{name} captions without evaluation.coco_images: the reference set is the teacher's own generations, "
-            "so FID measures closeness to the teacher (not paper-comparable)"
+            f"{what}: the reference set is the teacher's own generations from other seeds, so FID measures "
+            "closeness to the teacher, not to real images (not paper-comparable)"
         ),
         reference_items=ref,
     )
@@ -183,10 +238,16 @@ def coco_eval_set(
 
 # ------------------------------------------------------------------------------------------- holdout
 def holdout_eval_set(
-    prompts: Sequence[tuple[str, str]], *, source: str, num_samples: int, seed: int
+    prompts: Sequence[tuple[str, str]],
+    *,
+    source: str,
+    num_samples: int,
+    seed: int,
+    teacher_reference: str = TEACHER_SAME_SEEDS,
 ) -> EvalSet:
     """From (prompt_id, text) holdout rows: `num_samples` items (prompts repeat with new seeds when there are
-    fewer), and as many reference items from other seeds for the teacher's reference generations."""
+    fewer); the reference is the teacher's images on the same seeds, or (TEACHER_REFERENCE) as many items from
+    other seeds."""
     rows = sorted({pid: text for pid, text in prompts}.items())
     if not rows:
         raise DataError(
@@ -202,45 +263,33 @@ def holdout_eval_set(
             out.append(EvalItem(prompt=text, seed=derived_seed(tag, seed, pid, rep), key=f"{pid}#{rep}"))
         return out
 
-    return EvalSet(
-        name=HOLDOUT_SET,
-        items=pick("noise"),
-        reference=TEACHER_REFERENCE,
-        source=source,
-        note=(
-            f"no COCO configured: {len(rows)} holdout prompts; the reference set is the teacher's own generations "
-            "from other seeds, so FID here measures closeness to the teacher, not to real images "
-            "(not paper-comparable)"
-        ),
-        reference_items=pick("reference"),
-    )
+    es = _teacher_set(HOLDOUT_SET, pick("noise"), source, teacher_reference, seed, "")
+    es.note = f"no COCO configured: {len(rows)} holdout prompts" + es.note
+    if teacher_reference == TEACHER_REFERENCE:
+        es.reference_items = pick("reference")
+    return es
 
 
 # -------------------------------------------------------------------------------------------- images
 def resize_square(img: Any, size: int) -> np.ndarray:
-    """A PIL image or uint8 (H, W, 3) array -> centre-cropped, PIL-bicubic-resized uint8 (size, size, 3)."""
-    from PIL import Image
-
-    im = Image.fromarray(img) if isinstance(img, np.ndarray) else img
-    im = im.convert("RGB")
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    im = im.crop((left, top, left + s, top + s))
-    if s != size:
-        im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
+    """A PIL image or uint8 (H, W, 3) array -> centre-cropped, PIL-bicubic-resized uint8 (size, size, 3) (the
+    legacy-tf protocol's first resize)."""
+    return P.first_resize(img, size, "legacy-tf")
 
 
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> (B, size, size, 3) with the same protocol as the real images."""
+def resize_batch(images: Any, size: int | None) -> Any:
+    """uint8 (B, H, W, 3) -> (B, size, size, 3) (legacy-tf first resize). None: the images as they are (the
+    protocol's resize runs in protocols.ProtocolFeatures, in front of the feature network)."""
+    if size is None:
+        return images
     return np.stack([resize_square(im, size) for im in images]) if len(images) else images
 
 
 def load_images(
-    read_bytes: Callable[[str], bytes], images_root: str, files: Sequence[str], size: int
-) -> np.ndarray:
-    """Read COCO images `images_root/<file>` (local path or store URI) -> uint8 (N, size, size, 3)."""
+    read_bytes: Callable[[str], bytes], images_root: str, files: Sequence[str], size: int | None = None
+) -> np.ndarray | list[np.ndarray]:
+    """Read COCO images `images_root/<file>` (local path or store URI) -> uint8 (N, size, size, 3); with size None
+    the decoded RGB images as they are (a list: their sizes differ), for the protocol's resize pipeline."""
     from PIL import Image, UnidentifiedImageError
 
     root = images_root.rstrip("/")
@@ -254,10 +303,12 @@ def load_images(
                 f"COCO image not found: {path} (is evaluation.coco_images the matching folder?)"
             ) from err
         try:
-            out.append(resize_square(Image.open(io.BytesIO(data)), size))
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = im.convert("RGB")
+            out.append(np.asarray(rgb, dtype=np.uint8) if size is None else resize_square(rgb, size))
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: not a readable image ({err})") from err
-    return np.stack(out)
+    return out if size is None else np.stack(out)
 
 
 # ------------------------------------------------------------------------------------------ from config
@@ -272,21 +323,38 @@ def holdout_prompts(store: Any, prompts_ref: Any) -> list[tuple[str, str]]:
 
 
 def build_eval_set(eval_cfg: Any, store: Any, prompts_ref: Any = None) -> EvalSet:
-    """The evaluation set the config names: COCO captions (+ images) when `evaluation.coco_captions` is set, else the
-    holdout prompts of `prompts_ref` with the teacher's generations as the reference."""
+    """The evaluation set of the config's protocol (`evaluation.protocol`, protocols.choose_protocol): COCO
+    captions + images (coco2017-5k / coco2014-30k), COCO captions or the holdout prompts of `prompts_ref` with the
+    teacher's images as the reference (teacher, teacher-other-seeds), or an image table's held-out images
+    (holdout-images). The chosen protocol's key is in `EvalSet.protocol`."""
+    requested = getattr(eval_cfg, "protocol", P.AUTO)
+    teacher_ref = TEACHER_REFERENCE if requested == P.TEACHER_OTHER_SEEDS else TEACHER_SAME_SEEDS
     if eval_cfg.coco_captions:
         path = eval_cfg.coco_captions
         try:
             data = store.read_bytes(path)
         except FileNotFoundError as err:
             raise DataError(f"evaluation.coco_captions: {path} not found") from err
-        return coco_eval_set(
-            data,
+        try:
+            parsed = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from err
+        year = coco_set_name(path.rsplit("/", 1)[-1], parsed if isinstance(parsed, dict) else {})
+        year = year.removeprefix("coco").removesuffix("-val") if year != "coco-captions" else ""
+        proto = P.choose_protocol(
+            requested, coco_year=year, coco_images=bool(eval_cfg.coco_images), image_table=False
+        )
+        es = coco_eval_set(
+            parsed,
             source=path,
             num_samples=eval_cfg.num_samples,
             seed=eval_cfg.seed,
-            images_root=eval_cfg.coco_images,
+            images_root=eval_cfg.coco_images if proto.coco_year else None,
+            all_images_reference=proto.key == P.COCO2014_30K,
+            teacher_reference=teacher_ref,
         )
+        es.protocol = proto.key
+        return es
     if eval_cfg.coco_images:
         raise DataError(
             "evaluation.coco_images is set but evaluation.coco_captions is not: give captions_val2017.json too"
@@ -296,11 +364,18 @@ def build_eval_set(eval_cfg: Any, store: Any, prompts_ref: Any = None) -> EvalSe
     from instaflow_core.curation.images import image_source_of, images_of  # curation imports no evaluation
 
     images = images_of(store, prompts_ref)
-    if images is not None:  # prompts curated from an image source: its own set (the held-out real images)
-        return image_source_of(store, images).eval_set(store, images, eval_cfg.num_samples, eval_cfg.seed)
-    return holdout_eval_set(
-        holdout_prompts(store, prompts_ref),
-        source=prompts_ref.key(),
-        num_samples=eval_cfg.num_samples,
-        seed=eval_cfg.seed,
-    )
+    proto = P.choose_protocol(requested, coco_year=None, coco_images=False, image_table=images is not None)
+    if (
+        proto.key == P.HOLDOUT_IMAGES
+    ):  # prompts curated from an image source: its own set (held-out real images)
+        es = image_source_of(store, images).eval_set(store, images, eval_cfg.num_samples, eval_cfg.seed)
+    else:
+        es = holdout_eval_set(
+            holdout_prompts(store, prompts_ref),
+            source=prompts_ref.key(),
+            num_samples=eval_cfg.num_samples,
+            seed=eval_cfg.seed,
+            teacher_reference=teacher_ref,
+        )
+    es.protocol = proto.key
+    return es

@@ -3,20 +3,23 @@
 Every network reports `label` and `paper_comparable`: the results carry them, so a number computed with a
 stand-in (a random tiny CLIP, or CLIP/DINOv2 features in place of Inception) is never mistaken for the paper's.
 
-- `inception`: the standard FID Inception-v3 (pt_inception-2015-12-05) through torch-fidelity. On machines
-  where torch-fidelity cannot be imported (it needs torchvision) this fails with a clear message instead of
-  silently switching networks.
+- `inception`: the standard FID Inception-v3 (pt_inception-2015-12-05) through torch-fidelity; the weights file's
+  sha256 is checked against torch-fidelity's published hash first. On machines where torch-fidelity cannot be
+  imported (it needs torchvision) this fails with a clear message instead of silently switching networks.
 - `clip` / `dinov2` / a local folder or hub id: `transformers` models (no torchvision needed). Frechet distance
   on these features is a well-defined metric (e.g. FD_DINOv2) but not FID.
 - `tiny`: a small random CLIPModel built from a CLIPConfig with a fixed seed, using the tiny tokenizer: it
   proves the plumbing on a CPU and nothing about image quality.
 
-Images come in as uint8 arrays (B, H, W, 3); preprocessing (resize, centre crop, normalise) is done in torch so
-that no torchvision-backed image processor is needed.
+Images come in as uint8 arrays (B, H, W, 3) (or float32 in [0, 255], already at `input_size`, from a protocol's
+resize pipeline, protocols.ProtocolFeatures); preprocessing (resize, centre crop, normalise) is done in torch so
+that no torchvision-backed image processor is needed. Hub repos are fetched as `model.safetensors` + configs only
+(HUB_ALLOW / HUB_IGNORE: never a repo's open_clip copy or pickled weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,31 @@ DEFAULT_DINOV2 = "facebook/dinov2-large"  # ViT-L/14, the FD_DINOv2 backbone of 
 TINY_CLIP_IMAGE_SIZE = 32
 TINY_CLIP_SEED = 1234
 STAND_IN = "stand-in, not paper-comparable"
+# what a transformers model folder needs from the hub: weights as safetensors and the configs/tokenizer files;
+# never open_clip's copy (open_clip_model.safetensors, 5.5 GB for ViT-g/14) nor pickled *.bin weights
+HUB_ALLOW = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "*.json",
+    "*.txt",
+]
+HUB_IGNORE = ["open_clip_*", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.ckpt"]
+# torch-fidelity's published hash of weights-inception-2015-12-05-6726825d.pth (the same file as pytorch-fid's
+# pt_inception-2015-12-05-6726825d.pth): the first 8 hex digits of its sha256, torch.hub's check_hash convention
+INCEPTION_SHA256_PREFIX = "6726825d"
+INCEPTION_FILE = (
+    "weights-inception-2015-12-05-6726825d.pth"  # where torch-fidelity downloads it (torch hub dir)
+)
+# CLIP vision towers by (hidden size, patch size, layers): which CLIP ran, read from the loaded model's config
+CLIP_ARCHS = {
+    (768, 32, 12): "ViT-B/32",
+    (768, 16, 12): "ViT-B/16",
+    (1024, 14, 24): "ViT-L/14",
+    (1280, 14, 32): "ViT-H/14",
+    (1408, 14, 40): "ViT-g/14",
+    (1664, 14, 48): "ViT-bigG/14",
+}
 
 
 class FeatureNet(Protocol):
@@ -97,6 +125,12 @@ class ClipNet:
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
     batch_size: int = 32
+    arch: str = ""  # ViT-g/14, ViT-B/32, ... (clip_arch of the loaded config); "tiny" for the stand-in
+
+    @property
+    def input_size(self) -> int:
+        """The pixel size the vision tower takes (a protocol's second resize targets it)."""
+        return self.image_size
 
     @torch.no_grad()
     def image_features(self, images: np.ndarray) -> np.ndarray:
@@ -169,7 +203,18 @@ def tiny_clip(tiny_cfg: TinyModelConfig | None = None, seed: int = TINY_CLIP_SEE
         label=f"tiny-random CLIP (seed {seed}; {STAND_IN})",
         paper_comparable=False,
         image_size=TINY_CLIP_IMAGE_SIZE,
+        arch="tiny",
     )
+
+
+def clip_arch(vision_config: Any) -> str:
+    """ViT-g/14 etc. from a CLIP vision config (hidden size, patch size, layers), else ViT-<hidden>/<patch>."""
+    key = (
+        int(vision_config.hidden_size),
+        int(vision_config.patch_size),
+        int(vision_config.num_hidden_layers),
+    )
+    return CLIP_ARCHS.get(key, f"ViT-{key[0]}/{key[1]} ({key[2]} layers)")
 
 
 def _hf_folder(source: str, local_files_only: bool, what: str) -> Path:
@@ -186,14 +231,17 @@ def _hf_folder(source: str, local_files_only: bool, what: str) -> Path:
             snapshot_download(
                 source,
                 local_files_only=local_files_only,
-                allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                allow_patterns=HUB_ALLOW,
+                ignore_patterns=HUB_IGNORE,
             )
         )
     except Exception as err:
         if local_files_only:
             raise ConfigError(
                 f"{what}={source!r} is not in the local Hugging Face cache: download it "
-                f"(huggingface-cli download {source}), give a local folder, or set models.local_files_only=false"
+                f"(huggingface-cli download {source} --include {' '.join(repr(p) for p in HUB_ALLOW)} "
+                f"--exclude {' '.join(repr(p) for p in HUB_IGNORE)}), give a local folder, or set "
+                "models.local_files_only=false"
             ) from err
         raise ConfigError(f"{what}={source!r}: cannot download it") from err
 
@@ -231,6 +279,7 @@ def load_clip(source: str, *, local_files_only: bool = True, what: str = "evalua
         image_size=size,
         mean=mean,
         std=std,
+        arch=clip_arch(model.config.vision_config),
     )
 
 
@@ -247,6 +296,10 @@ class DinoNet:
     std: tuple[float, ...] = IMAGENET_STD
     paper_comparable: bool = False  # the paper reports Inception FID; FD_DINOv2 is a different number
     batch_size: int = 32
+
+    @property
+    def input_size(self) -> int:
+        return self.image_size
 
     @torch.no_grad()
     def image_features(self, images: np.ndarray) -> np.ndarray:
@@ -290,6 +343,10 @@ class InceptionNet:
     label: str = "Inception-v3 pt_inception-2015-12-05 via torch-fidelity (paper-comparable FID)"
     paper_comparable: bool = True
     batch_size: int = 32
+    weights_id: str | None = None  # protocols.INCEPTION_WEIGHTS once the weights file's hash was checked
+    input_size: int = 299
+    resizes_like: str = "legacy-tf"  # torch-fidelity resizes to 299 itself, with TF 1.x bilinear
+    uint8_input: bool = True  # torch-fidelity takes uint8 only
 
     @torch.no_grad()
     def image_features(self, images: np.ndarray) -> np.ndarray:
@@ -297,7 +354,10 @@ class InceptionNet:
         out = []
         for i in range(0, len(images), self.batch_size):
             # torch-fidelity takes uint8 (B, 3, H, W) and resizes to 299 itself, as the TF reference did
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch_size])).permute(0, 3, 1, 2)
+            batch = np.asarray(images[i : i + self.batch_size])
+            if batch.dtype != np.uint8:  # float pixels of a protocol's resize: round as torch-fidelity needs
+                batch = np.rint(batch).clip(0, 255).astype(np.uint8)
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
             (feats,) = self.model(x.to(dev))
             out.append(feats.double().cpu())
         return torch.cat(out).numpy()
@@ -310,24 +370,55 @@ INCEPTION_HELP = (
 )
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_inception_weights(path: str | Path, what: str = "evaluation.inception_weights") -> None:
+    """ConfigError (one line) unless the file's sha256 starts with torch-fidelity's published hash."""
+    digest = file_sha256(Path(path).expanduser())
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        raise ConfigError(
+            f"{what}={str(path)!r} is not the FID Inception weights pt_inception-2015-12-05: its sha256 starts "
+            f"{digest[:8]}, torch-fidelity publishes {INCEPTION_SHA256_PREFIX} (a wrong or damaged file)"
+        )
+
+
 def load_inception(weights: str | None, *, local_files_only: bool = True) -> InceptionNet:
-    try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    except Exception as err:  # ImportError, or torchvision's own RuntimeError when its build is broken
-        raise ConfigError(f"{INCEPTION_HELP} (import failed: {str(err).splitlines()[0]})") from err
+    """torch-fidelity's FID Inception with the weights file checked against the published hash (before the
+    import, so a wrong file is reported on any machine)."""
+    from instaflow_core.evaluation.protocols import INCEPTION_WEIGHTS
+
     if weights is None and local_files_only:
         raise ConfigError(
             "evaluation.inception_weights is not set: give the local path of pt_inception-2015-12-05-6726825d.pth "
             "(or set models.local_files_only=false to let torch-fidelity download it)"
         )
-    if weights is not None and not Path(weights).expanduser().is_file():
-        raise ConfigError(f"evaluation.inception_weights={weights!r}: file not found")
+    if weights is not None:
+        if not Path(weights).expanduser().is_file():
+            raise ConfigError(f"evaluation.inception_weights={weights!r}: file not found")
+        check_inception_weights(weights)
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except Exception as err:  # ImportError, or torchvision's own RuntimeError when its build is broken
+        raise ConfigError(f"{INCEPTION_HELP} (import failed: {str(err).splitlines()[0]})") from err
     model = FeatureExtractorInceptionV3(
         name="inception-v3-compat",
         features_list=["2048"],
         feature_extractor_weights_path=str(Path(weights).expanduser()) if weights else None,
     )
-    return InceptionNet(model=model.eval().to(_device()))
+    if weights is None:  # downloaded by torch-fidelity into the torch hub folder: check that file
+        downloaded = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        if not downloaded.is_file():
+            raise ConfigError(
+                f"torch-fidelity's Inception weights are not at {downloaded}: give evaluation.inception_weights"
+            )
+        check_inception_weights(downloaded, "the downloaded Inception weights")
+    return InceptionNet(model=model.eval().to(_device()), weights_id=INCEPTION_WEIGHTS)
 
 
 # ----------------------------------------------------------------------------------------------- choosing

@@ -30,9 +30,11 @@ import numpy as np
 
 from instaflow_core.config import EvaluationConfig, ModelsConfig, StorageConfig, stable_hash
 from instaflow_core.errors import DataError
+from instaflow_core.evaluation import protocols
 from instaflow_core.evaluation.eval_set import (
     IMAGE_TABLE_REFERENCE,
-    TEACHER_REFERENCE,
+    TEACHER_REFERENCES,
+    TEACHER_SAME_SEEDS,
     EvalSet,
     build_eval_set,
     derived_seed,
@@ -148,13 +150,20 @@ class Evaluation:
             clip_exp, fd_exp = module.networks(self.store, self.eval_set, self.experiment)
         clip = clip_exp if cfg.clip_model in EXPERIMENT_NETWORKS else clip_network(cfg, self.models_cfg)
         net = fd_exp if cfg.fid_features in EXPERIMENT_NETWORKS else fid_network(cfg, self.models_cfg, clip)
-        return clip, net
+        # the FID network sees images through the protocol's resize pipeline
+        return clip, protocols.protocol_features(net, self.run_settings())
+
+    def run_settings(self) -> Any:
+        """The protocol this evaluation runs (evaluation/protocols.py): its name, size, resize, prefix."""
+        return protocols.run_settings(self.eval_cfg, self.eval_set)
 
     def _reference_generator(self) -> str:
         ref = self.eval_set.reference
         if ref == IMAGE_TABLE_REFERENCE:
             return "real-images (image table holdout)"
-        return "teacher" if ref == TEACHER_REFERENCE else "coco-images"
+        if ref in TEACHER_REFERENCES:
+            return "teacher" if ref == TEACHER_SAME_SEEDS else "teacher (other seeds)"
+        return "coco-images"
 
     # ---- the reference statistics ---------------------------------------------------------------------
     def reference(
@@ -164,8 +173,9 @@ class Evaluation:
         kept in the store; -> {uri, key, eval_set, network, reference, n, computed, [floor, classifier_accuracy]}."""
         cfg, store, eval_set = self.eval_cfg, self.store, self.eval_set
         clip, net = self.networks()
-        material: dict[str, Any] = {"set": eval_set.key(), "net": net.name, "size": cfg.image_size}
-        if eval_set.reference == TEACHER_REFERENCE:
+        run = self.run_settings()
+        material: dict[str, Any] = {"set": eval_set.key(), "net": net.name, **run.cache_material()}
+        if eval_set.reference in TEACHER_REFERENCES:
             # teacher-made references change with the teacher and its sampler settings
             material["teacher"] = teacher.key()
             material["sampler"] = teacher_spec(cfg).__dict__
@@ -173,10 +183,11 @@ class Evaluation:
                 material["resolution"] = cfg.resolution
         key = stable_hash(material)
         uri = store.ref("eval", "reference-stats", f"{_slug(eval_set.name)}-{_slug(net.name)}-{key}.npz")
+        label = protocols.record(run, protocols.facts_of(run, net, clip, len(eval_set.ref_items())))
         info = {
             "uri": uri,
             "key": key,
-            "eval_set": eval_set.describe(),
+            "eval_set": eval_set.describe(label),
             "network": net.label,
             "reference": self._reference_generator(),
         }
@@ -184,7 +195,7 @@ class Evaluation:
             from instaflow_core.curation.images import image_source_of  # curation imports no evaluation
 
             module = image_source_of(store, TableRef.model_validate_json(eval_set.images_root or "{}"))
-            stats = batched_features([module.reference_images(store, eval_set)], net, cfg.image_size)
+            stats = batched_features([module.reference_images(store, eval_set)], net, None)
             store.write_bytes(uri, stats.to_bytes())
             floor = module.real_floor(store, eval_set, net, stats, len(eval_set.items))
             log.info("reference: %d held-out real images; floor (real train vs holdout) %.4f", stats.n, floor)
@@ -196,8 +207,10 @@ class Evaluation:
             return {**info, "n": stats.n, "computed": False}
 
         bs = cfg.batch_size
-        if eval_set.reference == TEACHER_REFERENCE:
-            items = eval_set.reference_items
+        items = (
+            eval_set.ref_items()
+        )  # the teacher's seeds, the sampled COCO images, or all val2014 images (30k)
+        if eval_set.reference in TEACHER_REFERENCES:
             sampler = Sampler(
                 load_model(teacher, self.storage, self.models_cfg), teacher_spec(cfg), cfg.resolution
             )
@@ -206,17 +219,11 @@ class Evaluation:
                 for sl in _batches(len(items), bs)
             )
         else:
-            items = eval_set.items
             batches = (
-                load_images(
-                    store.read_bytes,
-                    eval_set.images_root,
-                    [it.image_file for it in items[sl]],
-                    cfg.image_size,
-                )
+                load_images(store.read_bytes, eval_set.images_root, [it.image_file for it in items[sl]], None)
                 for sl in _batches(len(items), bs)
             )
-        stats = batched_features(_tick(batches, on_progress, bs / max(1, len(items))), net, cfg.image_size)
+        stats = batched_features(_tick(batches, on_progress, bs / max(1, len(items))), net, None)
         store.write_bytes(uri, stats.to_bytes())
         log.info("reference statistics written: %s (%d images)", uri, stats.n)
         return {**info, "n": stats.n, "computed": True}
@@ -238,7 +245,9 @@ class Evaluation:
         ref_stats = FeatureStats.from_bytes(store.read_bytes(reference["uri"]))
         loaded = load_model(model, self.storage, self.models_cfg)
         prompts_all, seeds_all = eval_set.prompts, eval_set.seeds
-        text_emb = clip.text_features(prompts_all)  # (N, D), shared by every sampler setting
+        run = self.run_settings()
+        # (N, D), shared by every sampler setting; the protocol's caption prefix goes to the CLIP text only
+        text_emb = clip.text_features([run.caption_prefix + p for p in prompts_all])
         run_key = stable_hash(
             {"set": eval_set.key(), "model": model.key(), "eval": cfg.model_dump(mode="json")}
         )
@@ -246,7 +255,7 @@ class Evaluation:
         for spec in model_specs(cfg, label, model):
             result = evaluate_sampler(
                 loaded, spec, prompts_all, seeds_all, fid_net=net, clip_net=clip, reference=ref_stats,
-                image_size=cfg.image_size, batch_size=cfg.batch_size, latency_repeats=cfg.latency_repeats,
+                image_size=None, batch_size=cfg.batch_size, latency_repeats=cfg.latency_repeats,
                 straightness_steps=cfg.straightness_steps, text_emb=text_emb,
                 on_progress=on_setting(spec.name) if on_setting else None, resolution=cfg.resolution,
             )  # fmt: skip
@@ -266,6 +275,7 @@ class Evaluation:
                     "networks": networks,
                     "reference": reference["reference"],
                     "eval_set": eval_set.name,
+                    "protocol": run.name,
                 }
             )
             log.info(
@@ -381,6 +391,7 @@ def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "latency_s": r(row["latency_s"], 4),
             "straightness": r(row["straightness"], 5),
             "samples": row["samples"],
+            "protocol": row.get("protocol"),
         }
         for row in rows
     ]
@@ -402,6 +413,11 @@ def results_body(rows: list[dict[str, Any]], reference: dict[str, Any], code_ver
 
 def caveat(networks: dict[str, Any], eval_set: dict[str, Any]) -> str:
     """One line: whether these numbers compare with the paper's, and why not."""
+    if "not_comparable_because" in eval_set:  # the protocol's label (protocols.not_comparable_because)
+        reasons = eval_set["not_comparable_because"]
+        if not reasons:
+            return f"protocol {eval_set['protocol']}: comparable with the paper's numbers"
+        return f"protocol {eval_set['protocol']}, NOT paper-comparable: " + "; ".join(reasons)
     if (
         networks["fid_paper_comparable"]
         and eval_set["paper_comparable"]

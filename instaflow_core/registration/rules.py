@@ -71,6 +71,10 @@ def lineage_tags(
     for k in ("fid_features", "clip_model"):
         if k in networks:
             tags[f"instaflow.{k}"] = str(networks[k])
+    eval_set = metrics.get("eval_set") or {}
+    if eval_set.get("protocol"):  # which evaluation protocol the metric tags come from, and its label
+        tags["instaflow.eval_protocol"] = str(eval_set["protocol"])
+        tags["instaflow.paper_comparable"] = str(bool(eval_set.get("paper_comparable"))).lower()
     return tags
 
 

@@ -231,6 +231,7 @@ def log_evaluation_run(
             "instaflow.stage": "evaluate",
             "instaflow.eval_set": eval_set["name"],
             "instaflow.reference": eval_set["reference"],
+            "instaflow.protocol": eval_set.get("protocol", ""),
             "instaflow.fid_features": networks["fid_features"],
             "instaflow.clip_model": networks["clip_model"],
             "instaflow.paper_comparable": str(
@@ -249,7 +250,16 @@ def log_evaluation_run(
             tags=tags,
         ) as run:
             mlflow.log_params(
-                {"eval_set": eval_set["name"], "samples": eval_set["samples"], "note": eval_set["note"][:500]}
+                {
+                    "eval_set": eval_set["name"],
+                    "samples": eval_set["samples"],
+                    "note": eval_set["note"][:500],
+                    "protocol": eval_set.get("protocol", ""),
+                    **{
+                        f"protocol.{k}": str(v)[:500]
+                        for k, v in eval_set.get("protocol_settings", {}).items()
+                    },
+                }
             )
             metrics = {}
             for row in results["rows"]:

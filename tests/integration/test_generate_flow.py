@@ -106,6 +106,7 @@ def test_generate_tiny_local(prefect_api, local_storage_cfg):
 
     # x1 is the teacher's ODE solution from the stored seed's noise (the dataset regenerates the same X0)
     from instaflow_core.generation.teacher import solve_teacher
+
     from instaflow_core.models.loading import load_model
 
     comps = load_model(teacher, cfg.storage, cfg.models)
@@ -210,9 +211,10 @@ def test_runner_and_slice_options():
 
 
 def test_teacher_refs_point_at_external_models_without_copying(tmp_path, local_storage_cfg):
+    from instaflow_core.models.tiny import build_tiny
+
     from instaflow_core.config import ModelsConfig
     from instaflow_core.models.loading import load_model, model_latent_shape
-    from instaflow_core.models.tiny import build_tiny
     from tasks.teacher import teacher_model
 
     folder = build_tiny().save(tmp_path / "my-teacher")

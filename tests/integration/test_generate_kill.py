@@ -115,6 +115,7 @@ def test_sigkill_midway_then_rerun_is_exactly_once(prefect_api, tmp_path):
 
     # every stored seed regenerates the noise that produced its latent (re-solved with the teacher)
     from instaflow_core.generation.teacher import solve_teacher
+
     from instaflow_core.models.loading import load_model
     from tasks.teacher import teacher_model
 

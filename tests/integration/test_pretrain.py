@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from instaflow_core.experiments.digits_config import ImageSetConfig
 
 from instaflow_core.config import CaptionSource, CurationConfig, ModelsConfig, StorageConfig, TrainConfig
 from instaflow_core.curation.images import (
@@ -17,7 +18,6 @@ from instaflow_core.curation.images import (
     write_image_table,
 )
 from instaflow_core.errors import DataError
-from instaflow_core.experiments.digits_config import ImageSetConfig
 from instaflow_core.refs import ModelKind, ModelRef
 from instaflow_core.store import Store
 from instaflow_core.training.job import check_job_inputs, run_train_job

@@ -155,6 +155,7 @@ def test_a_worker_killed_mid_shard_is_retried_exactly_once(prefect_api, ray_clus
         x0.reshape(96, 4, 8, 8), noise_from_seeds(seeds, (4, 8, 8)), atol=2e-3, rtol=1e-3
     )
     from instaflow_core.generation.teacher import solve_teacher
+
     from instaflow_core.generation.triplets import rows_to_latents
     from instaflow_core.models.loading import load_model
     from tasks.caching import prefect_settings

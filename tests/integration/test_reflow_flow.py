@@ -301,9 +301,9 @@ def test_batch_factory_resumes_at_the_same_batch(local_inputs):
 
 def test_init_from_any_weights_layout(tmp_path):
     """reflow.init_from accepts a diffusers folder, a UNet folder, a .safetensors file or a checkpoint folder."""
+    from instaflow_core.models.tiny import build_tiny
     from safetensors.torch import save_file
 
-    from instaflow_core.models.tiny import build_tiny
     from instaflow_core.training.student import load_student, load_unet_weights
 
     base = build_tiny()

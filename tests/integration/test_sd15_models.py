@@ -135,9 +135,10 @@ def test_saved_stage_folder_with_variants(sd15_folder: Path, tmp_path: Path) -> 
 
 def test_generation_and_sampling_at_a_set_resolution(sd15_folder: Path) -> None:
     """64 px on SD 1.5's geometry = 8x8 latents (the CI size); 96 px is not a multiple of 64: refused."""
+    from instaflow_core.generation.teacher import solve_teacher
+
     from instaflow_core.errors import ConfigError
     from instaflow_core.evaluation.sampling import Sampler, SamplerSpec
-    from instaflow_core.generation.teacher import solve_teacher
 
     comps = load_components(sd15_folder)
     assert latent_shape(comps) == (4, 64, 64) and latent_shape(comps, 64) == (4, 8, 8)

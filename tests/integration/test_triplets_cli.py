@@ -299,11 +299,11 @@ def test_cli_on_s3(s3_storage_cfg, runner, tmp_path):
 def test_show_decodes_with_the_teacher_recorded_in_the_table(local_storage_cfg, runner, tmp_path):
     """The latents were made by the table's teacher: `show` decodes with its VAE, not with models.teacher."""
     import torch
+    from instaflow_core.models.tiny import build_tiny
     from PIL import Image
 
     from instaflow_core.config import TinyModelConfig
     from instaflow_core.inference.images import decode_latents, image_grid
-    from instaflow_core.models.tiny import build_tiny
     from instaflow_core.store import from_tensor_column, set_metadata
     from instaflow_core.store.query import rows_by_id
 

@@ -39,9 +39,10 @@ class RegisteredTiny:
 
 @pytest.fixture(scope="session")
 def registered_tiny(tmp_path_factory: pytest.TempPathFactory) -> RegisteredTiny:
+    from instaflow_core.models.tiny import build_tiny
+
     from flows.register import lineage_tags
     from instaflow_core.config import RegistrationConfig, StorageConfig, load
-    from instaflow_core.models.tiny import build_tiny
     from instaflow_core.refs import ModelRef
     from tasks.registration import register_model
     from tasks.tracking.client import mlflow_client

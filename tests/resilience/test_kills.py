@@ -77,11 +77,12 @@ def _check_unique(store: Store, ref, expected: int) -> tuple[int, int]:
 
 
 def test_sigkill_generate_reflow_distill_then_rerun(prefect_api, children, tmp_path, faults) -> None:
+    from instaflow_core.generation.teacher import solve_teacher
+
     from flows.curate import curate_flow
     from flows.distill import distill_flow
     from flows.generate import generate_flow
     from flows.reflow import reflow_flow
-    from instaflow_core.generation.teacher import solve_teacher
     from instaflow_core.generation.triplets import rows_to_latents
     from instaflow_core.models.loading import load_model
     from tasks.teacher import teacher_model

@@ -5,6 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from instaflow_core.evaluation.digits import (
+    DigitsAlignmentNet,
+    DigitsFeatureNet,
+    TrainedClassifier,
+    prompt_digit,
+    to_digit_pixels,
+    train_classifier,
+)
+from instaflow_core.experiments.digits_config import ImageSetConfig
 
 from instaflow_core.config import CaptionSource, CurationConfig, load
 from instaflow_core.curation.images import (
@@ -17,16 +26,7 @@ from instaflow_core.curation.images import (
 )
 from instaflow_core.curation.prompts import Curator, normalize, prompt_id
 from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.evaluation.digits import (
-    DigitsAlignmentNet,
-    DigitsFeatureNet,
-    TrainedClassifier,
-    prompt_digit,
-    to_digit_pixels,
-    train_classifier,
-)
 from instaflow_core.evaluation.metrics import clip_score
-from instaflow_core.experiments.digits_config import ImageSetConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SOURCE = CaptionSource(path=DIGITS_SOURCE, format="digits")

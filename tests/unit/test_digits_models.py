@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
 from instaflow_core.experiments.digits_config import DigitsModelConfig
 from instaflow_core.models.digits import DigitsPixelVAE, DigitsVelocityNet, build_digits
 from instaflow_core.models.velocity import UNetVelocity
+
 from tests.support import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

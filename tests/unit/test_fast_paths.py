@@ -21,18 +21,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from instaflow_core.generation.teacher import solve_teacher
+from instaflow_core.models.velocity import StudentVelocity
 
 from instaflow_core.config import GenerationConfig, TrainConfig, TrainStageConfig
 from instaflow_core.errors import ConfigError
 from instaflow_core.experiments.gmm import MLPVelocity, make_mixture, noise_data_batches, reflow_loss_fn
 from instaflow_core.generation.shards import run_shard
-from instaflow_core.generation.teacher import solve_teacher
 from instaflow_core.generation.triplets import PairsJob, SolverSpec, expand_jobs, triplet_schema
 from instaflow_core.generation.writer import AsyncLatentWriter
 from instaflow_core.inference.fast import speed_up
 from instaflow_core.inference.pipeline import InstaFlowPipeline
 from instaflow_core.models.switches import drop_compiled, perf_flags, set_switches, switch_on
-from instaflow_core.models.velocity import StudentVelocity
 from instaflow_core.training import train
 from instaflow_core.training.ema import EMA
 from instaflow_core.training.losses import reflow_batch_loss

@@ -13,6 +13,7 @@ from instaflow_core.errors import ConfigError, DataError
 from instaflow_core.evaluation.eval_set import (
     HOLDOUT_SET,
     TEACHER_REFERENCE,
+    TEACHER_SAME_SEEDS,
     EvalSet,
     coco_eval_set,
     coco_set_name,
@@ -27,7 +28,6 @@ from instaflow_core.evaluation.feature_nets import (
     load_clip,
     tiny_clip,
 )
-from instaflow_core.registration.rules import check_gate
 from instaflow_core.evaluation.metrics import (
     FeatureStats,
     clip_score,
@@ -37,6 +37,7 @@ from instaflow_core.evaluation.metrics import (
     measure_latency,
 )
 from instaflow_core.inference.images import image_grid
+from instaflow_core.registration.rules import check_gate
 
 
 # ------------------------------------------------------------------------------------------- Frechet
@@ -245,22 +246,36 @@ def test_coco_eval_set_samples_and_seeds(tmp_path):
     assert all(by_key[it.key] == it for it in small.items)  # a sample keeps prompt and seed as N grows
     assert len(set(full.seeds)) == 6
     assert EvalSet.from_dict(small.to_dict()) == small
-    assert small.describe()["paper_comparable"] is True
+    # the label needs the networks (protocols.record): a bare set is never called comparable
+    assert small.describe()["paper_comparable"] is False
+    assert small.ref_items() == small.items and small.describe()["reference_images"] == 3
     with pytest.raises(DataError, match="only 6"):
         coco_eval_set(blob, source="x.json", num_samples=7, seed=0, images_root=None)
     no_images = coco_eval_set(blob, source="captions_val2014.json", num_samples=3, seed=0, images_root=None)
-    assert no_images.reference == TEACHER_REFERENCE and len(no_images.reference_items) == 3
+    # captions without images: the teacher's images on the same prompts and seeds
+    assert no_images.reference == TEACHER_SAME_SEEDS and no_images.ref_items() == no_images.items
+    other = coco_eval_set(
+        blob, source="captions_val2014.json", num_samples=3, seed=0, images_root=None,
+        teacher_reference=TEACHER_REFERENCE,
+    )  # fmt: skip
+    assert other.reference == TEACHER_REFERENCE and len(other.reference_items) == 3
     assert coco_set_name("captions_val2014.json", {}) == "coco2014-val"
 
 
 def test_holdout_set_repeats_prompts_with_new_seeds_and_says_so():
     rows = [("p1", "a cat"), ("p2", "a dog"), ("p3", "a car")]
     es = holdout_eval_set(rows, source="prompts@v3", num_samples=7, seed=0)
-    assert es.name == HOLDOUT_SET and es.reference == TEACHER_REFERENCE
+    assert es.name == HOLDOUT_SET and es.reference == TEACHER_SAME_SEEDS
     assert len(es.items) == 7 and len({(it.prompt, it.seed) for it in es.items}) == 7
     assert set(es.prompts) == {"a cat", "a dog", "a car"}
-    assert not set(es.seeds) & {it.seed for it in es.reference_items}  # reference uses other noise
-    assert "teacher" in es.note and es.describe()["paper_comparable"] is False
+    assert es.ref_items() == es.items  # the teacher on the same prompts and seeds (the default)
+    assert "same prompts and seeds" in es.note and es.describe()["paper_comparable"] is False
+    other = holdout_eval_set(
+        rows, source="prompts@v3", num_samples=7, seed=0, teacher_reference=TEACHER_REFERENCE
+    )
+    assert other.items == es.items and other.reference == TEACHER_REFERENCE
+    assert not set(other.seeds) & {it.seed for it in other.reference_items}  # other noise
+    assert "other seeds" in other.note and other.key() != es.key()
     with pytest.raises(DataError):
         holdout_eval_set([], source="prompts@v3", num_samples=4, seed=0)
 

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from instaflow_core.models.components import SDComponents
+from instaflow_core.models.tiny import build_tiny
+from instaflow_core.models.velocity import UNetVelocity
 
 from instaflow_core.config import ModelsConfig, TinyModelConfig
 from instaflow_core.errors import ConfigError, DataError
 from instaflow_core.models.assets.make_tiny_clip_vocab import bytes_to_unicode, convert
-from instaflow_core.models.components import SDComponents
 from instaflow_core.models.loading import latent_shape, load_components, teacher_components
-from instaflow_core.models.tiny import build_tiny
 from instaflow_core.models.tokenizer import TINY_CLIP_DIR, tiny_tokenizer
-from instaflow_core.models.velocity import UNetVelocity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from instaflow_core.models.velocity import UNetVelocity
 
 from instaflow_core.inference import onnx_export
 from instaflow_core.inference.onnx_export import OneStepGraph, VaeDecoderGraph
-from instaflow_core.models.velocity import UNetVelocity
 from instaflow_core.rectified_flow import noise_from_seeds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

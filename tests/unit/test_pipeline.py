@@ -10,14 +10,14 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import ControlNetModel, PNDMScheduler
+from instaflow_core.models.components import SDComponents
+from instaflow_core.models.tiny import build_tiny
+from instaflow_core.models.velocity import encode_prompts
 
 from instaflow_core.config import TinyModelConfig
 from instaflow_core.errors import DataError
 from instaflow_core.inference.pipeline import InstaFlowPipeline, slerp
-from instaflow_core.models.components import SDComponents
 from instaflow_core.models.lora import load_lora, merge_weight_delta, weight_delta
-from instaflow_core.models.tiny import build_tiny
-from instaflow_core.models.velocity import encode_prompts
 from instaflow_core.rectified_flow import noise_from_seeds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

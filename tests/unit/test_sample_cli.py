@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from instaflow_core.models.tiny import build_tiny
 from typer.testing import CliRunner
 
 from flows.cli.main import app
@@ -25,7 +26,6 @@ from instaflow_core.config import TinyModelConfig
 from instaflow_core.errors import InstaflowError
 from instaflow_core.inference.generate import apply_options, generate, interpolation_frames, load_pipeline
 from instaflow_core.inference.images import sample_images
-from instaflow_core.models.tiny import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from instaflow_core.generation.teacher import make_scheduler, solve_rf, solve_teacher
+from instaflow_core.models.components import SDComponents
+from instaflow_core.models.velocity import UNetVelocity
 
 from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.generation.teacher import make_scheduler, solve_rf, solve_teacher
 from instaflow_core.inference.images import decode_latents
-from instaflow_core.models.components import SDComponents
 from instaflow_core.models.loading import latent_shape
-from instaflow_core.models.velocity import UNetVelocity
 from instaflow_core.rectified_flow import euler_sample, noise_from_seeds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
