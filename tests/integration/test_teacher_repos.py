@@ -35,8 +35,11 @@ def _weights(folder: str, name: str, *, fp16: bool = False) -> list[str]:
     )
 
 
-def _shards(folder: str, stem: str, n: int) -> list[str]:
+def _shards(folder: str, stem: str, n: int, *, fp16: bool = False) -> list[str]:
     names = [f"{folder}/{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    if fp16:  # transformers' names for a sharded variant
+        names += [f"{folder}/{stem}.fp16-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        names.append(f"{folder}/{stem}.safetensors.index.fp16.json")
     return [f"{folder}/config.json", f"{folder}/{stem}.safetensors.index.json", *names]
 
 
@@ -70,9 +73,9 @@ EXPECTED_FILES = {
         *_COMMON,
         "LICENSE.md",
         "sd3.5_medium.safetensors",
-        *_weights("text_encoder", "model.safetensors"),
-        *_weights("text_encoder_2", "model.safetensors"),
-        *_shards("text_encoder_3", "model", 2),
+        *_weights("text_encoder", "model.safetensors", fp16=True),
+        *_weights("text_encoder_2", "model.safetensors", fp16=True),
+        *_shards("text_encoder_3", "model", 2, fp16=True),
         *_in("text_encoders", ["clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]),
         "text_encoders/t5xxl_fp8_e4m3fn.safetensors",
         *_in("tokenizer", CLIP_TOKENIZER),
@@ -140,7 +143,7 @@ def test_files_are_the_real_repos(repo_id: str, teacher_repo: Callable[[str], Pa
                 assert cfg.get("_class_name", class_name) == class_name
                 assert class_name in cfg.get("architectures", [class_name])
 
-    for index_file in folder.glob("*/*.index.json"):  # shards: the index names every tensor of every shard
+    for index_file in folder.glob("*/*.index*.json"):  # shards: the index names every tensor of every shard
         weight_map = json.loads(index_file.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
         assert len(shards) > 1
@@ -149,13 +152,14 @@ def test_files_are_the_real_repos(repo_id: str, teacher_repo: Callable[[str], Pa
             with safe_open(str(index_file.parent / shard), "pt") as f:
                 keys += list(f.keys())
         assert sorted(keys) == sorted(weight_map)
-        assert not (index_file.parent / index_file.name.removesuffix(".index.json")).exists()
+        assert not (index_file.parent / index_file.name.split(".index")[0]).exists()  # no unsharded copy
 
-    for variant in folder.glob("*/*.fp16.safetensors"):  # variants: the same tensors, stored as fp16
+    for variant in folder.glob("*/*.fp16*.safetensors"):  # variants: the same tensors, stored as fp16
         full = variant.with_name(variant.name.replace(".fp16", ""))
         with safe_open(str(variant), "pt") as fv, safe_open(str(full), "pt") as ff:
             assert sorted(fv.keys()) == sorted(ff.keys())
-        assert _dtypes(variant) <= {"F16", "I64"} and "F32" in _dtypes(full)
+        assert _dtypes(variant) <= {"F16", "I64"}
+        assert ("F32" in _dtypes(full)) is (repo_id in (tr.SDXL, tr.SD21))  # SD 3.5's main files are fp16 too
 
 
 def test_structural_features_in_configs(teacher_repo: Callable[[str], Path]) -> None:
@@ -287,6 +291,10 @@ def test_sd35_single_file_and_text_encoders(sd35_medium_folder: Path, teacher_hu
     for name, (component, dtype) in tr.SD35_TEXT_ENCODER_FILES.items():
         single = load_file(str(folder / "text_encoders" / name))
         stored = tr.load_weights(folder / component, tr.TRANSFORMERS_WEIGHTS)
+        if name == "clip_l.safetensors":  # CLIP-L without its projection, as the real 246 MB file
+            stored.pop("text_projection.weight")
+        if name.startswith("t5xxl"):  # the tied embedding twice, as the real 9.79 GB file
+            stored["encoder.embed_tokens.weight"] = stored["shared.weight"]
         assert sorted(single) == sorted(stored)
         assert all(single[k].dtype == dtype and torch.equal(single[k], stored[k].to(dtype)) for k in single)
 

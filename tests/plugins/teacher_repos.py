@@ -2,10 +2,11 @@
 
 Each repo is built lazily, once per session, into the pytest tmp dir, the first time a test asks for it; the hub
 cache entries are hard links to the folders' files (no extra disk). Measured on the 2-core CPU once diffusers and
-transformers are imported (~7 s, paid by whatever test imports them first): SDXL base ~1 s / 62 MB (48 MB without the
-fp16 variants: two VAEs and two fp16 root checkpoints), SD 3.5 medium / FLUX.1-dev / FLUX.1-schnell ~0.2 s / 22 MB
-each, SD 2.1 ~0.5 s / 53 MB (42 MB without variants). Widths are those of the SD 1.5 fixture (UNet 32/64/64(/64),
-VAE 32/64/64/64), the smallest that keep every key kind of the real checkpoints; the transformers are 128 wide.
+transformers are imported (~7 s, paid by whatever test imports them first): SDXL base ~1 s / 62 MB (48 MB without
+the fp16 variants: two VAEs and two fp16 root checkpoints), SD 3.5 medium ~0.4 s / 24 MB, FLUX.1-dev and -schnell
+~0.3 s / 22 MB each, SD 2.1 ~0.5 s / 53 MB (42 MB without variants). Widths are those of the SD 1.5 fixture (UNet
+32/64/64(/64), VAE 32/64/64/64), the smallest that keep every key kind of the real checkpoints; the transformers
+are 128 wide.
 
 - `teacher_repo`: factory `teacher_repo(hub_id) -> Path`, the repo folder (built on first use, then cached)
 - `sdxl_folder`, `sd35_medium_folder`, `flux_dev_folder`, `flux_schnell_folder`, `sd21_folder`: one folder each

@@ -12,26 +12,30 @@ and reduced widths/depths only (the companion of `tests/support/sd15.py`, which 
   v-prediction and its 23-of-24-layer OpenCLIP text encoder, the head dims where the architecture fixes them
   (FLUX 128 with RoPE axes 16/56/56, SD3 64, T5 d_kv 64), text width relations (SD3's CLIP widths sum to less than
   the T5 width, as 768 + 1280 < 4096);
-- the storage dtypes the real files have (as far as their sizes tell): SDXL / SD 2.1 full precision + `fp16`
-  variants, SDXL's root files fp16, SD 2.1's root file fp32, SD 3.5 and FLUX half precision without variants
-  (bf16 transformers / FLUX text encoders, fp16 SD3 text encoders, FLUX's `ae.safetensors` fp32), the configs'
-  `torch_dtype` as written by the transformers versions that saved them (transformers 5 honours it: a plain
-  `from_pretrained` gives fp16 / bf16 text encoders beside an fp32 UNet / transformer; pass `dtype=`).
+- the storage dtypes the real files have, as their sizes tell: SDXL / SD 2.1 full precision + `fp16` variants,
+  SDXL's root files fp16, SD 2.1's root file fp32; SD 3.5 and FLUX half precision (transformers and VAEs bf16,
+  FLUX's text encoders bf16, SD 3.5's fp16 with `fp16` variants of the same bytes, the T5 variant sharded as
+  `model.fp16-0000i-of-00002.safetensors` + `model.safetensors.index.fp16.json`), FLUX's `ae.safetensors` fp32;
+  the configs' `torch_dtype` as written by the transformers versions that saved them (transformers 5 honours it:
+  a plain `from_pretrained` gives fp16 / bf16 text encoders beside an fp32 UNet / transformer; pass `dtype=`).
 
 Faithful on purpose where real repos surprise loaders: SDXL's `vae/` holds the 0.9 VAE and `vae_1_0/` the 1.0 VAE,
 so `sd_xl_base_1.0.safetensors` carries `vae_1_0` and `sd_xl_base_1.0_0.9vae.safetensors` carries `vae` (two VAE
 draws; a loader taking the root file gets a different VAE than the folder); SDXL's `tokenizer_2` and SD 2.1's
 tokenizer pad with "!" (OpenCLIP's 0), not `<|endoftext|>`; SD 2.1's text encoder config says 23 layers while its
 root checkpoint holds all 24 OpenCLIP resblocks + `text_projection` (diffusers drops resblock 23 by name); SD 3.5's
-last MMDiT block is context-pre-only and its original adaLN rows are (shift, scale); the CLIP text encoders of old
-repos carry `text_model.*` keys and a `position_ids` buffer as transformers 4.2x saved them.
+last MMDiT block is context-pre-only and its original adaLN rows are (shift, scale); SD 3.5's
+`text_encoders/clip_l.safetensors` lacks the `text_projection` its `text_encoder/` has, and its T5 files hold the
+tied embedding twice; the CLIP text encoders carry `text_model.*` keys (and, saved by transformers 4.2x as SD 2.1's,
+a `position_ids` buffer).
 
 Not reproduced (and why): ONNX / OpenVINO / Flax exports of SDXL and SD 2.1 (`model.onnx`, `*.msgpack`, ...: other
 runtimes, nothing here can check them), the `.bin` pickles of SD 2.1 unless `pickles=True` (size), the sample
 images and LoRA example in SDXL's root (`sd_xl_offset_example-lora_1.0.safetensors`: not a teacher checkpoint),
 the SD 2.1 non-EMA root checkpoints unless `nonema=True`, `spiece.model`'s NFKC charsmap (see t5_tokenizer.py),
-vocabularies (CLIP: 1514 tokens of the real BPE; T5: 2100 of 32100). Values written from the real files as known
-(diffusers' conversion code and test configs agree with them); the hub cannot be reached from here to diff them.
+vocabularies (CLIP: 1514 tokens of the real BPE; T5: 2100 of 32100). Config values are the real ones as known
+here (the SD 3.5 medium transformer config and the SDXL / SD 3.5 / FLUX file listings with sizes were checked
+against public copies; the hub itself cannot be reached from here to diff the rest).
 
 Size / time (measured on a 2-core CPU, diffusers imported): see `tests/plugins/teacher_repos.py`.
 """
@@ -102,9 +106,7 @@ def _clip_text_config(kind: str, arch: str, torch_dtype: str, transformers_versi
         cfg.update(
             hidden_act="gelu", hidden_size=64, intermediate_size=128, num_hidden_layers=2, projection_dim=64
         )
-    elif (
-        kind == "clip_h"
-    ):  # ViT-H: 1024 wide, 16 heads, 4096 MLP; 23 of its 24 layers; projection_dim 512 (unused)
+    elif kind == "clip_h":  # ViT-H: 1024 wide, 16 heads, 4096 MLP, 24 layers truncated to 23
         cfg.update(
             hidden_act="gelu",
             num_attention_heads=2,
@@ -246,11 +248,13 @@ def save_sharded(
     weights_name: str,
     n_shards: int,
     dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ) -> list[Path]:
     """`<stem>-0000i-of-0000n.safetensors` + `<weights_name>.index.json` (`metadata.total_size`, `weight_map`), as
-    `save_pretrained(max_shard_size=...)` writes them: keys in state-dict order, cut into shards of similar bytes."""
+    `save_pretrained(max_shard_size=...)` writes them: keys in state-dict order, cut into shards of similar bytes.
+    With a variant: `<stem>.<variant>-0000i-of-0000n.safetensors` + `<weights_name>.index.<variant>.json`."""
     sd = _cast(sd, dtype)
-    stem = weights_name.removesuffix(".safetensors")
+    stem = weights_name.removesuffix(".safetensors") + (f".{variant}" if variant else "")
     sizes = [v.numel() * v.element_size() for v in sd.values()]
     total, per_shard = sum(sizes), sum(sizes) / n_shards
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
@@ -266,16 +270,23 @@ def save_sharded(
         paths.append(_save(shard, folder / name))
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    index_name = f"{weights_name}.index.json"
+    (folder / (_variant(index_name, variant) if variant else index_name)).write_text(
+        json.dumps(index, indent=2) + "\n"
+    )
     return paths
 
 
-def load_weights(folder: str | Path, weights_name: str) -> dict[str, torch.Tensor]:
+def load_weights(
+    folder: str | Path, weights_name: str, variant: str | None = None
+) -> dict[str, torch.Tensor]:
     """One component's tensors from `weights_name` or, when the folder is sharded, from its index + shards."""
     folder = Path(folder)
-    if (folder / weights_name).exists():
-        return load_file(str(folder / weights_name))
-    index = json.loads((folder / f"{weights_name}.index.json").read_text())
+    single = _variant(weights_name, variant) if variant else weights_name
+    if (folder / single).exists():
+        return load_file(str(folder / single))
+    index_name = f"{weights_name}.index.json"
+    index = json.loads((folder / (_variant(index_name, variant) if variant else index_name)).read_text())
     out: dict[str, torch.Tensor] = {}
     for shard in sorted(set(index["weight_map"].values())):
         out.update(load_file(str(folder / shard)))
@@ -308,10 +319,9 @@ class _Repo:
         fp16_variant: bool = False,
         shards: int = 1,
         position_ids: bool = False,
-        draw: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Draw the component's random weights and save them as the repo does; returns them (file keys, fp32)."""
-        sd = random_state_dict(config, _seed(self.seed, self.repo_id, draw or component))
+        sd = random_state_dict(config, _seed(self.seed, self.repo_id, component))
         sd = _file_keys(config, sd, position_ids=position_ids)
         name = DIFFUSERS_WEIGHTS if "_class_name" in config else TRANSFORMERS_WEIGHTS
         folder = self.root / component
@@ -319,7 +329,9 @@ class _Repo:
             save_sharded(sd, folder, name, shards, dtype)
         else:
             _save(sd, folder / name, dtype)
-        if fp16_variant:
+        if fp16_variant and shards > 1:
+            save_sharded(sd, folder, name, shards, torch.float16, variant="fp16")
+        elif fp16_variant:
             _save(sd, folder / _variant(name, "fp16"), torch.float16)
         return sd
 
@@ -766,6 +778,19 @@ SD35_TEXT_ENCODER_FILES = {  # text_encoders/<file> -> (component, dtype)
 }
 
 
+def text_encoders_file(name: str, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A `text_encoders/` file from its component's tensors, cast from the fp16 the folder stores (HF names). As the
+    real files' sizes show: `clip_l` has no `text_projection` (SD3 uses CLIP-L's pooled output unprojected),
+    `clip_g` is text_encoder_2 as is, the T5 files also hold the tied `encoder.embed_tokens.weight` (a second copy
+    of `shared.weight`, 263 MB in the real fp16 file)."""
+    out = _cast(stored, torch.float16)
+    if name == "clip_l.safetensors":
+        out = {k: v for k, v in out.items() if not k.startswith("text_projection")}
+    if name.startswith("t5xxl"):
+        out = {**out, "encoder.embed_tokens.weight": out["shared.weight"].clone()}
+    return out
+
+
 def sd35_medium_configs() -> dict[str, dict[str, Any]]:
     """The JSON files of stabilityai/stable-diffusion-3.5-medium (diffusers 0.31 / transformers 4.4x), reduced."""
     te = _clip_text_config("clip_l", "CLIPTextModelWithProjection", "float16", "4.45.0.dev0")
@@ -834,8 +859,8 @@ def sd35_medium_configs() -> dict[str, dict[str, Any]]:
 def build_sd35_medium(
     root: str | Path, *, seed: int = 0, single_file: bool = True, text_encoders: bool = True
 ) -> Path:
-    """stabilityai/stable-diffusion-3.5-medium into `root`: transformer/ vae/ text_encoder{,_2,_3}/ (T5 in 2 shards)
-    tokenizer{,_2,_3}/ scheduler/, the root `sd3.5_medium.safetensors` (MMDiT + VAE, no text encoders, as the real
+    """stabilityai/stable-diffusion-3.5-medium into `root`: transformer/ vae/ text_encoder{,_2,_3}/ (fp16 + `fp16`
+    variants, T5 in 2 shards) tokenizer{,_2,_3}/ scheduler/, the root `sd3.5_medium.safetensors` (MMDiT + VAE, no text encoders, as the real
     5.1 GB file) and `text_encoders/` (ComfyUI-style: HF names, one file per encoder, T5 also as fp8)."""
     repo = _Repo(root, SD35_MEDIUM, seed)
     configs = sd35_medium_configs()
@@ -847,16 +872,10 @@ def build_sd35_medium(
     sds = {
         "transformer": repo.network("transformer", configs["transformer/config.json"], dtype=half),
         "vae": repo.network("vae", configs["vae/config.json"], dtype=half),
-        "text_encoder": repo.network(
-            "text_encoder", configs["text_encoder/config.json"], dtype=torch.float16
-        ),
-        "text_encoder_2": repo.network(
-            "text_encoder_2", configs["text_encoder_2/config.json"], dtype=torch.float16
-        ),
-        "text_encoder_3": repo.network(
-            "text_encoder_3", configs["text_encoder_3/config.json"], dtype=torch.float16, shards=2
-        ),
     }
+    for c, n_shards in (("text_encoder", 1), ("text_encoder_2", 1), ("text_encoder_3", 2)):
+        cfg = configs[f"{c}/config.json"]  # fp16 files + fp16 variants with the same bytes, as the real repo
+        sds[c] = repo.network(c, cfg, dtype=torch.float16, fp16_variant=True, shards=n_shards)
     repo.extras(license_file=True)
     if single_file:
         state = {
@@ -868,11 +887,8 @@ def build_sd35_medium(
         state.update(vae_to_ldm(sds["vae"], configs["vae/config.json"], "first_stage_model."))
         _save(state, repo.root / SD35_SINGLE_FILE, half)
     if text_encoders:
-        for name, (
-            component,
-            dtype,
-        ) in SD35_TEXT_ENCODER_FILES.items():  # cast from the fp16 the folder stores
-            _save(_cast(sds[component], torch.float16), repo.root / "text_encoders" / name, dtype)
+        for name, (component, dtype) in SD35_TEXT_ENCODER_FILES.items():
+            _save(text_encoders_file(name, sds[component]), repo.root / "text_encoders" / name, dtype)
     return repo.root
 
 
