@@ -859,9 +859,10 @@ def sd35_medium_configs() -> dict[str, dict[str, Any]]:
 def build_sd35_medium(
     root: str | Path, *, seed: int = 0, single_file: bool = True, text_encoders: bool = True
 ) -> Path:
-    """stabilityai/stable-diffusion-3.5-medium into `root`: transformer/ vae/ text_encoder{,_2,_3}/ (fp16 + `fp16`
-    variants, T5 in 2 shards) tokenizer{,_2,_3}/ scheduler/, the root `sd3.5_medium.safetensors` (MMDiT + VAE, no text encoders, as the real
-    5.1 GB file) and `text_encoders/` (ComfyUI-style: HF names, one file per encoder, T5 also as fp8)."""
+    """stabilityai/stable-diffusion-3.5-medium into `root`: transformer/ vae/ text_encoder{,_2,_3}/ (fp16 +
+    `fp16` variants, T5 in 2 shards) tokenizer{,_2,_3}/ scheduler/, the root `sd3.5_medium.safetensors` (MMDiT +
+    VAE, no text encoders, as the real 5.1 GB file) and `text_encoders/` (ComfyUI-style: HF names, one file per
+    encoder, T5 also as fp8)."""
     repo = _Repo(root, SD35_MEDIUM, seed)
     configs = sd35_medium_configs()
     repo.configs(configs)
