@@ -973,7 +973,7 @@ def _build_flux(root: str | Path, repo_id: str, *, dev: bool, seed: int, single_
     repo.network("text_encoder_2", configs["text_encoder_2/config.json"], dtype=half, shards=2)
     repo.extras(
         license_file=dev
-    )  # FLUX.1-dev: non-commercial license file; schnell: Apache-2.0 in the README
+    )  # dev: its non-commercial LICENSE.md; schnell: Apache-2.0, named in the README
     if single_files:
         name = FLUX_DEV_SINGLE_FILE if dev else FLUX_SCHNELL_SINGLE_FILE
         _save(flux_transformer_to_original(transformer), repo.root / name, half)
@@ -1197,7 +1197,18 @@ def build_repo(repo_id: str, parent: str | Path, **kwargs: Any) -> Path:
 
 
 def install_in_hub_cache(folder: str | Path, hf_home: str | Path, repo_id: str, **kwargs: Any) -> Path:
-    """The built folder as the hub cache entry of `repo_id` under `hf_home` (hard links; see hub_cache)."""
-    if repo_id not in REPOS:
-        raise KeyError(f"{repo_id!r} is not a teacher repo; known: {sorted(REPOS)}")
+    """A built folder as the hub cache entry of `repo_id` under `hf_home` (hard links; `allow_patterns` /
+    `ignore_patterns` install a subset: see `hub_cache.install_in_hub_cache`); returns the snapshot folder."""
     return hub_cache.install_in_hub_cache(folder, hf_home, repo_id, **kwargs)
+
+
+def build_hub_cache(
+    hf_home: str | Path, parent: str | Path, repo_ids: list[str] | None = None
+) -> dict[str, Path]:
+    """Build `repo_ids` (default: all of REPOS) under `parent` and install each into `hf_home`'s hub cache under its
+    hub id; returns hub id -> folder. Use the cache with `offline_hub(hf_home)` (or HF_HOME + HF_HUB_OFFLINE=1)."""
+    folders = {}
+    for repo_id in repo_ids or list(REPOS):
+        folders[repo_id] = build_repo(repo_id, parent)
+        install_in_hub_cache(folders[repo_id], hf_home, repo_id)
+    return folders
