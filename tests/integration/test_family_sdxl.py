@@ -225,6 +225,46 @@ def test_pipeline_shares_the_models_modules(teacher) -> None:
     assert pipe.unet is teacher.denoiser and pipe.text_encoder_2 is teacher["text_encoder_2"]
 
 
+def test_a_dropped_caption_trains_the_zero_unconditional_input(teacher) -> None:
+    from instaflow_core.training.student import ConditionCache
+
+    cond = ConditionCache(teacher)(["", PROMPTS[0], ""])
+    assert not cond.embeds[0].any() and not cond.pooled[0].any()  # type: ignore[index]
+    assert torch.equal(cond.embeds[1], teacher.encode(PROMPTS[:1]).embeds[0])
+    assert torch.equal(cond.embeds[2], cond.embeds[0])
+
+
+def test_lora_fuses_into_the_sdxl_unet(tiny_sdxl_folder: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from instaflow_core.inference.generate import apply_options
+
+    model, source = load_source(tiny_sdxl_folder), load_source(tiny_sdxl_folder).denoiser
+    source.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(SDXL.lora_targets)))
+    gen = torch.Generator().manual_seed(0)
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(source))
+    state = {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in state.items()}  # B is zero at init
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=state)
+    before = {k: v.clone() for k, v in model.denoiser.state_dict().items()}
+    apply_options(model, lora=tmp_path / "lora", lora_scale=0.5)
+    after = model.denoiser.state_dict()
+    assert after.keys() == before.keys()  # fused: no LoRA layers left
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(any(t in k for t in SDXL.lora_targets) for k in changed)
+
+
+def test_sample_cli_on_an_sdxl_student(teacher, tiny_sdxl_folder: Path, tmp_path: Path) -> None:
+    from flows.cli.main import app
+
+    out = SDXL.save_student(tiny_sdxl_folder, teacher.denoiser, tmp_path / "student", sample_size=8)
+    rc = app(["sample", "a photo of a cat", "--model", str(out), "--num", "2", "--out", str(tmp_path / "s.png")],
+             standalone_mode=False)  # fmt: skip
+    assert rc in (None, 0) and (tmp_path / "s.png").stat().st_size > 0
+
+
 def test_onnx_export_refuses_sdxl_in_one_line(teacher, tmp_path: Path) -> None:
     from instaflow_core.inference.onnx_export import export_onnx
 
