@@ -153,7 +153,7 @@ def test_sdxl_rebuild_from_the_hub_id(tmp_path: Path, tiny_sdxl_hub: str) -> Non
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     folder = local / mlmodel["flavors"]["python_function"]["artifacts"]["diffusers"]["path"]
     assert _files(folder) == SAVED_FILES
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert isinstance(pipe.scheduler, RectifiedFlowEulerScheduler)
     for part in pipe.components.values():

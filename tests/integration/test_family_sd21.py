@@ -37,7 +37,9 @@ RES = 64  # px: 8x8 latents (the fixture's native size is 128 px)
 def _pipe(source: str | Path, scheduler: str | None = None):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(source)
+    pipe = DiffusionPipeline.from_pretrained(
+        source, dtype=torch.float32
+    )  # transformers 5: else the configs dtype
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)

@@ -44,7 +44,9 @@ RES = 64  # px: 8x8 latents (the fixture's native size is 256 px)
 def _pipe(source: str | Path, scheduler: str | None = None):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(source)
+    pipe = DiffusionPipeline.from_pretrained(
+        source, dtype=torch.float32
+    )  # transformers 5: else the configs dtype
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False)
@@ -217,6 +219,27 @@ def test_fp16_vae_decodes_in_float32(tiny_sdxl_folder: Path) -> None:
     img_full = SDXL.decode(full, z)
     assert torch.isfinite(img_half).all()
     assert (img_half - img_full).abs().max().item() < 2e-2  # only the float16 weights differ
+
+
+def test_save_round_trip_and_random_weights_from_configs(
+    teacher, tiny_sdxl_folder: Path, tmp_path: Path
+) -> None:
+    """`save` (what a converted single-file teacher becomes) writes a StableDiffusionXLPipeline folder that loads
+    back with the same weights; `from_configs` builds the same architecture with random weights."""
+    folder = SDXL.save(teacher, tmp_path / "teacher")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert (
+        index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    )
+    again = load_source(folder)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = teacher[name].state_dict(), again[name].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert torch.equal(again.encode(PROMPTS).embeds, teacher.encode(PROMPTS).embeds)
+    fresh = SDXL.from_configs(tiny_sdxl_folder)
+    assert type(fresh["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
+    assert fresh.latent_shape() == teacher.latent_shape() == (4, 32, 32)
+    assert fresh.get("force_zeros_for_empty_prompt") is True
 
 
 def test_pipeline_shares_the_models_modules(teacher) -> None:
