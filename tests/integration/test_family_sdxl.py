@@ -238,7 +238,7 @@ def test_save_round_trip_and_random_weights_from_configs(
     assert torch.equal(again.encode(PROMPTS).embeds, teacher.encode(PROMPTS).embeds)
     fresh = SDXL.from_configs(tiny_sdxl_folder)
     assert type(fresh["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
-    assert fresh.latent_shape() == teacher.latent_shape() == (4, 32, 32)
+    assert fresh.latent_shape() == (4, 32, 32)  # the repo's native 256 px
     assert fresh.get("force_zeros_for_empty_prompt") is True
 
 
