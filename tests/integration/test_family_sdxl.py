@@ -98,6 +98,18 @@ def test_teacher_latents_with_a_negative_prompt_equal_diffusers(teacher, tiny_sd
     assert diff < 1e-4
 
 
+def test_two_forward_guidance_and_bf16_autocast(teacher) -> None:
+    """cfg_batched=false (uncond and cond as two forwards) is the doubled batch; bf16 autocast runs close to it."""
+    kw = dict(steps=2, guidance=5.0, scheduler="euler", resolution=RES)
+    batched = teacher_latents(teacher, PROMPTS, SEEDS, **kw)
+    two = teacher_latents(teacher, PROMPTS, SEEDS, cfg_batched=False, **kw)
+    bf16 = teacher_latents(teacher, PROMPTS, SEEDS, mixed_precision="bf16", **kw)
+    assert (batched - two).abs().max().item() < 1e-4
+    assert (
+        bf16.dtype == torch.float32 and (batched - bf16).abs().max().item() < 0.1 * batched.abs().max().item()
+    )
+
+
 def test_conditions_are_the_pipelines_prompt_embeddings(teacher, tiny_sdxl_folder: Path) -> None:
     pipe = _pipe(tiny_sdxl_folder)
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
