@@ -1,5 +1,6 @@
-"""`instaflow rebuild --preset sd21` end to end on the tiny SD 2.1-shaped repo (tests/support/unet_repos.py: a
-v-prediction DDIM scheduler config, OpenCLIP-like text encoder), as a user runs it: the shipped hub id
+"""`instaflow rebuild --preset sd21` end to end on the SD 2.1-shaped repo (tests/support/teacher_repos.py: a
+v-prediction DDIM scheduler config, OpenCLIP-H's 23 layers, fp16 variants and an LDM root checkpoint beside the
+folders), as a user runs it: the shipped hub id
 `stabilityai/stable-diffusion-2-1` from an offline Hugging Face cache, every stage with small counts (the SDXL
 e2e's settings: tests/e2e/test_sdxl_rebuild.py), the teacher sampled by DPM-Solver++ built on its v-prediction
 schedule (the SD family).
@@ -21,7 +22,7 @@ import torch
 from instaflow_core.config import load
 from instaflow_core.models.folder_layout import weights_bytes
 from instaflow_core.store import Store
-from tests.e2e.test_sdxl_rebuild import CAPTIONS, SMALL, _cli, _files, _sets
+from tests.e2e.test_sdxl_rebuild import CAPTIONS, SMALL, TOKENIZER_FILES, _cli, _files, _sets
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "prefect_api")]
 
@@ -33,7 +34,7 @@ SAVED_FILES = sorted(
         "scheduler/scheduler_config.json",
         "text_encoder/config.json",
         "text_encoder/model.safetensors",
-        *(f"tokenizer/{f}" for f in ("merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json")),
+        *(f"tokenizer/{f}" for f in TOKENIZER_FILES),
         *(
             f"{net}/{f}"
             for net in ("unet", "vae")
@@ -43,17 +44,18 @@ SAVED_FILES = sorted(
 )
 
 
-def test_sd21_rebuild_from_the_hub_id(tmp_path: Path, tiny_sd21_hub: str) -> None:
+def test_sd21_rebuild_from_the_hub_id(tmp_path: Path, teacher_hub: Path) -> None:
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     from instaflow_core.inference.generate import flow_images, load_model_folder
     from instaflow_core.inference.pipeline import InstaFlowPipeline
+    from tests.support.teacher_repos import SD21
 
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CAPTIONS) + "\n")
     root = f"file://{tmp_path / 'store'}"
     tracking = tmp_path / "mlflow" / "mlflow.db"
-    assert load("sd21", ["storage.root=/tmp/x"]).models.teacher == tiny_sd21_hub
+    assert load("sd21", ["storage.root=/tmp/x"]).models.teacher == SD21
     sets = _sets(
         f"storage.root={root}",
         f"curation.sources=[{{path: {captions}, format: txt}}]",
@@ -66,7 +68,7 @@ def test_sd21_rebuild_from_the_hub_id(tmp_path: Path, tiny_sd21_hub: str) -> Non
     summary = json.loads(out.read_text())
 
     assert set(summary["stages"].values()) == {"ran"} and len(summary["stages"]) == 7
-    assert summary["refs"]["teacher"]["uri"] == tiny_sd21_hub
+    assert summary["refs"]["teacher"]["uri"] == SD21
     assert summary["refs"]["triplets"]["rows"] > 0
     store = Store(root)
     for kind in ("2rf", "instaflow"):

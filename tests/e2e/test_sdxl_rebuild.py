@@ -1,8 +1,9 @@
-"""`instaflow rebuild --preset sdxl` end to end on the tiny SDXL base-shaped repo (tests/support/unet_repos.py), as a
-user runs it: the shipped hub id `stabilityai/stable-diffusion-xl-base-1.0` from an offline Hugging Face cache,
-every stage (preflight, curate, generate with the repo's Euler scheduler, reflow, distill, evaluate, register)
-with small counts (`--set`: 2 solver steps, 1-2 training steps a stage, 4 evaluation samples, 64 px = 8x8 latents,
-the tiny stand-ins for FID / CLIP / LPIPS, float32 on a CPU).
+"""`instaflow rebuild --preset sdxl` end to end on the SDXL base 1.0-shaped repo (tests/support/teacher_repos.py: fp16
+variants and SGM root checkpoints beside the folders, which a saved model must leave out), as a user runs it: the
+shipped hub id `stabilityai/stable-diffusion-xl-base-1.0` from an offline Hugging Face cache, every stage
+(preflight, curate, generate with the repo's Euler scheduler, reflow, distill, evaluate, register) with small
+counts (`--set`: 2 solver steps, 1-2 training steps a stage, 4 evaluation samples, 32 px = 4x4 latents (the
+repo's native size is 64 px), the tiny stand-ins for FID / CLIP / LPIPS, float32 on a CPU).
 
 The saved 2-RF and InstaFlow folders are StableDiffusionXLPipeline folders without root checkpoints or fp16
 variants, whose scheduler is the project's RectifiedFlowEulerScheduler; the registered model loads in diffusers'
@@ -24,6 +25,7 @@ from instaflow_core.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "prefect_api")]
 
+RES = 32  # px: the smallest size SDXL's x8 VAE and x4 UNet take (the SD 2.1 e2e uses SMALL at 64 px)
 SMALL = [
     "models.dtype=float32",  # the preset's float16 is for GPUs
     "curation.holdout_fraction=0.25",
@@ -53,6 +55,7 @@ CAPTIONS = [
     for c in ("cat", "dog", "red car", "bird", "tree", "house")
     for p in ("table", "street")
 ]
+TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 # exactly what StableDiffusionXLPipeline loads (and what a saved 2-RF / InstaFlow folder holds)
 SAVED_FILES = sorted(
     [
@@ -64,11 +67,7 @@ SAVED_FILES = sorted(
             for enc in ("text_encoder", "text_encoder_2")
             for f in ("config.json", "model.safetensors")
         ),
-        *(
-            f"{tok}/{f}"
-            for tok in ("tokenizer", "tokenizer_2")
-            for f in ("merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json")
-        ),
+        *(f"{tok}/{f}" for tok in ("tokenizer", "tokenizer_2") for f in TOKENIZER_FILES),
         *(
             f"{net}/{f}"
             for net in ("unet", "vae")
@@ -95,22 +94,29 @@ def _files(folder: Path) -> list[str]:
     )
 
 
-def test_sdxl_rebuild_from_the_hub_id(tmp_path: Path, tiny_sdxl_hub: str) -> None:
+def _at(res: int) -> list[str]:
+    """SMALL at `res` px (generation, evaluation; the distillation pairs take the 2-RF's recorded size)."""
+    return [s.replace("=64", f"={res}") if s.split("=")[0].endswith(".resolution") else s for s in SMALL]
+
+
+def test_sdxl_rebuild_from_the_hub_id(tmp_path: Path, teacher_hub: Path) -> None:
     from diffusers import DiffusionPipeline
 
     from instaflow_core.inference.generate import flow_images, load_model_folder
     from instaflow_core.models.flow_scheduler import RectifiedFlowEulerScheduler
+    from tests.support.teacher_repos import SDXL
 
+    side = RES // 8
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(CAPTIONS) + "\n")
     root = f"file://{tmp_path / 'store'}"
     tracking = tmp_path / "mlflow" / "mlflow.db"
-    assert load("sdxl", ["storage.root=/tmp/x"]).models.teacher == tiny_sdxl_hub
+    assert load("sdxl", ["storage.root=/tmp/x"]).models.teacher == SDXL
     sets = _sets(
         f"storage.root={root}",
         f"curation.sources=[{{path: {captions}, format: txt}}]",
         f"registration.tracking_uri={tracking}",
-        *SMALL,
+        *_at(RES),
     )
     out = tmp_path / "summary.json"
     _cli("check", "--preset", "sdxl", *sets)
@@ -118,13 +124,13 @@ def test_sdxl_rebuild_from_the_hub_id(tmp_path: Path, tiny_sdxl_hub: str) -> Non
     summary = json.loads(out.read_text())
 
     assert set(summary["stages"].values()) == {"ran"} and len(summary["stages"]) == 7
-    assert summary["refs"]["teacher"]["uri"] == tiny_sdxl_hub
+    assert summary["refs"]["teacher"]["uri"] == SDXL
     assert summary["refs"]["triplets"]["rows"] > 0
     store = Store(root)
     from instaflow_core.store import get_metadata, open_table
 
     meta = get_metadata(open_table(store, "triplets"))
-    assert meta["resolution"] == "64" and json.loads(meta["latent_shape"]) == [4, 8, 8]
+    assert meta["resolution"] == str(RES) and json.loads(meta["latent_shape"]) == [4, side, side]
     for kind in ("2rf", "instaflow"):
         folder = store.local_copy(summary["refs"][kind]["uri"])
         assert _files(folder) == SAVED_FILES, kind  # no root checkpoint, no fp16 variant
@@ -133,9 +139,8 @@ def test_sdxl_rebuild_from_the_hub_id(tmp_path: Path, tiny_sdxl_hub: str) -> Non
         index = json.loads((folder / "model_index.json").read_text())
         assert index["_class_name"] == "StableDiffusionXLPipeline"
         assert index["scheduler"] == ["instaflow_core.models.flow_scheduler", "RectifiedFlowEulerScheduler"]
-        assert (
-            json.loads((folder / "unet" / "config.json").read_text())["sample_size"] == 8
-        )  # trained at 64 px
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        assert unet_config["sample_size"] == side  # trained at 32 px (the teacher's native: 8 = 64 px)
 
     # the registered one-step model: diffusers' own StableDiffusionXLPipeline gives flow_images' images
     import mlflow
@@ -168,4 +173,4 @@ def test_sdxl_rebuild_from_the_hub_id(tmp_path: Path, tiny_sdxl_hub: str) -> Non
     ours = flow_images(load_model_folder(folder, device="cpu"), ["a photo of a cat"], [7], 1)
     diff = int(np.abs(ours.astype(int) - theirs8.astype(int)).max())
     print(f"registered sdxl InstaFlow, one step: diffusers vs flow_images max uint8 diff {diff}")
-    assert ours.shape == theirs8.shape == (1, 64, 64, 3) and diff <= 1
+    assert ours.shape == theirs8.shape == (1, RES, RES, 3) and diff <= 1

@@ -1,5 +1,5 @@
-"""SD 2.x (v-prediction) through the SD family (instaflow_core/models/sd.py), on the tiny SD 2.1-shaped repo
-(tests/support/unet_repos.py: DDIMScheduler with `prediction_type="v_prediction"`, OpenCLIP-like text encoder):
+"""SD 2.x (v-prediction) through the SD family (instaflow_core/models/sd.py), on the SD 2.1-shaped repo
+(tests/support/teacher_repos.py: DDIMScheduler with `prediction_type="v_prediction"`, OpenCLIP-H's 23 layers):
 
 - parity: our triplet latents (`generation.solvers.teacher_latents`) equal diffusers' StableDiffusionPipeline
   (loaded by hub id from the offline cache) for the repo's DDIM, DPM-Solver++ and Euler built from its config,
@@ -26,12 +26,13 @@ from instaflow_core.models.loading import load_source
 from instaflow_core.models.sd import FAMILY as SD
 from instaflow_core.models.sd import make_scheduler
 from instaflow_core.rectified_flow import noise_from_seeds
+from tests.support.teacher_repos import SD21 as SD21_REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = ["a photo of a cat on a table", "a red car on a street"]
 SEEDS = [3, 11]
-RES = 64  # px: 8x8 latents (the fixture's native size is 128 px)
+RES = 64  # px: 8x8 latents, the fixture's native size
 
 
 def _pipe(source: str | Path, scheduler: str | None = None):
@@ -49,15 +50,21 @@ def _pipe(source: str | Path, scheduler: str | None = None):
     return pipe
 
 
+@pytest.fixture
+def sd21_hub(teacher_hub: Path) -> str:
+    """The repo's hub id, resolved from the offline cache of the teacher repos."""
+    return SD21_REPO
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "euler"])
-def test_v_prediction_teacher_latents_equal_diffusers(scheduler: str, tiny_sd21_hub: str) -> None:
-    model = load_source(tiny_sd21_hub)
+def test_v_prediction_teacher_latents_equal_diffusers(scheduler: str, sd21_hub: str) -> None:
+    model = load_source(sd21_hub)
     assert model.family is SD and model.scheduler.config.prediction_type == "v_prediction"
     steps, guidance = 4, 7.5
     ours = teacher_latents(
         model, PROMPTS, SEEDS, steps=steps, guidance=guidance, scheduler=scheduler, resolution=RES
     )
-    pipe = _pipe(tiny_sd21_hub, None if scheduler == "ddim" else scheduler)  # ddim: the repo's own
+    pipe = _pipe(sd21_hub, None if scheduler == "ddim" else scheduler)  # ddim: the repo's own
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     x0 = noise_from_seeds(SEEDS, (4, RES // 8, RES // 8))
@@ -71,20 +78,20 @@ def test_v_prediction_teacher_latents_equal_diffusers(scheduler: str, tiny_sd21_
     assert diff < 1e-4
 
 
-def test_every_family_scheduler_keeps_v_prediction(tiny_sd21_folder: Path) -> None:
-    model = load_source(tiny_sd21_folder)
+def test_every_family_scheduler_keeps_v_prediction(sd21_folder: Path) -> None:
+    model = load_source(sd21_folder)
     for name in SD.schedulers:
         sched = make_scheduler(name, model.scheduler.config)
         assert sched.config.prediction_type == "v_prediction", name
 
 
-def test_sd21_student_folder_is_a_stable_diffusion_folder(tiny_sd21_folder: Path, tmp_path: Path) -> None:
+def test_sd21_student_folder_is_a_stable_diffusion_folder(sd21_folder: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     from instaflow_core.inference.pipeline import InstaFlowPipeline
 
-    model = load_source(tiny_sd21_folder)
-    out = SD.save_student(tiny_sd21_folder, model.denoiser, tmp_path / "2rf", {"kind": "2rf"}, sample_size=8)
+    model = load_source(sd21_folder)
+    out = SD.save_student(sd21_folder, model.denoiser, tmp_path / "2rf", {"kind": "2rf"}, sample_size=8)
     index = json.loads((out / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]  # the SD family keeps the base's scheduler
     theirs = _pipe(out)

@@ -1,4 +1,4 @@
-"""The SDXL family (instaflow_core/models/sdxl.py) on the tiny SDXL base-shaped repo (tests/support/unet_repos.py):
+"""The SDXL family (instaflow_core/models/sdxl.py) on the SDXL base 1.0-shaped repo (tests/support/teacher_repos.py):
 
 - parity: our triplet latents (`generation.solvers.teacher_latents`: our noise from seeds, our conditions, our
   latent layout) equal `DiffusionPipeline.from_pretrained(<hub id>)(prompt, latents=X0, output_type="latent")`
@@ -7,6 +7,7 @@
 - the velocity mapping: unet(x, tau = (1 - t) * 1000, added_cond_kwargs = pooled + (H, W, 0, 0, H, W));
 - a saved student folder loads in diffusers' own StableDiffusionXLPipeline with the project's
   RectifiedFlowEulerScheduler and reproduces `inference.generate.flow_images` (one step; two with guidance);
+- the root single file `sd_xl_base_1.0.safetensors` (SGM keys) loads as an SDXL model;
 - the float16 VAE decodes in float32; ONNX export refuses in one line; the preflight's rules for the family.
 
 diffusers' pipeline modules get `requires_grad_(False)`, as ours have: torch picks other CPU kernels for parameters
@@ -33,12 +34,14 @@ from instaflow_core.models.sd import make_scheduler
 from instaflow_core.models.sdxl import FAMILY as SDXL
 from instaflow_core.models.sdxl import size_time_ids
 from instaflow_core.rectified_flow import noise_from_seeds
+from tests.support.teacher_repos import SDXL as SDXL_REPO
+from tests.support.teacher_repos import SDXL_SINGLE_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = ["a photo of a cat on a table", "a red car on a street"]
 SEEDS = [3, 11]
-RES = 64  # px: 8x8 latents (the fixture's native size is 256 px)
+RES = 64  # px: 8x8 latents, the fixture's native size
 
 
 def _pipe(source: str | Path, scheduler: str | None = None):
@@ -56,21 +59,27 @@ def _pipe(source: str | Path, scheduler: str | None = None):
     return pipe
 
 
+@pytest.fixture
+def sdxl_hub(teacher_hub: Path) -> str:
+    """The repo's hub id, resolved from the offline cache of the teacher repos."""
+    return SDXL_REPO
+
+
 @pytest.fixture(scope="module")
-def teacher(tiny_sdxl_folder: Path):
-    return load_source(tiny_sdxl_folder)
+def teacher(sdxl_folder: Path):
+    return load_source(sdxl_folder)
 
 
 # -------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("scheduler", ["euler", "dpmsolver++", "ddim"])
-def test_teacher_latents_equal_diffusers_sdxl_pipeline(scheduler: str, tiny_sdxl_hub: str) -> None:
-    model = load_source(tiny_sdxl_hub)
+def test_teacher_latents_equal_diffusers_sdxl_pipeline(scheduler: str, sdxl_hub: str) -> None:
+    model = load_source(sdxl_hub)
     assert model.family is SDXL and type(model.scheduler).__name__ == "EulerDiscreteScheduler"
     steps, guidance = 4, 5.0
     ours = teacher_latents(
         model, PROMPTS, SEEDS, steps=steps, guidance=guidance, scheduler=scheduler, resolution=RES
     )
-    pipe = _pipe(tiny_sdxl_hub, scheduler)
+    pipe = _pipe(sdxl_hub, scheduler)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     x0 = noise_from_seeds(SEEDS, (4, RES // 8, RES // 8))  # the pipeline's layout is ours: (B, 4, h, w)
     theirs = pipe(
@@ -83,12 +92,12 @@ def test_teacher_latents_equal_diffusers_sdxl_pipeline(scheduler: str, tiny_sdxl
     assert diff < 1e-4
 
 
-def test_teacher_latents_with_a_negative_prompt_equal_diffusers(teacher, tiny_sdxl_folder: Path) -> None:
+def test_teacher_latents_with_a_negative_prompt_equal_diffusers(teacher, sdxl_folder: Path) -> None:
     ours = teacher_latents(
         teacher, PROMPTS, SEEDS, steps=3, guidance=6.0, scheduler="euler", negative_prompt="blurry, low quality",
         resolution=RES,
     )  # fmt: skip
-    pipe = _pipe(tiny_sdxl_folder)
+    pipe = _pipe(sdxl_folder)
     theirs = pipe(
         PROMPTS, negative_prompt=["blurry, low quality"] * 2, latents=noise_from_seeds(SEEDS, (4, 8, 8)),
         num_inference_steps=3, guidance_scale=6.0, output_type="latent", height=RES, width=RES,
@@ -110,8 +119,8 @@ def test_two_forward_guidance_and_bf16_autocast(teacher) -> None:
     )
 
 
-def test_conditions_are_the_pipelines_prompt_embeddings(teacher, tiny_sdxl_folder: Path) -> None:
-    pipe = _pipe(tiny_sdxl_folder)
+def test_conditions_are_the_pipelines_prompt_embeddings(teacher, sdxl_folder: Path) -> None:
+    pipe = _pipe(sdxl_folder)
     embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
         PROMPTS, device="cpu", do_classifier_free_guidance=True
     )
@@ -172,10 +181,10 @@ def _saved_files(folder: Path) -> list[str]:
 
 
 def test_student_folder_runs_in_diffusers_sdxl_pipeline_as_flow_images(
-    teacher, tiny_sdxl_folder: Path, tmp_path: Path
+    teacher, sdxl_folder: Path, tmp_path: Path
 ) -> None:
     out = SDXL.save_student(
-        tiny_sdxl_folder, teacher.denoiser, tmp_path / "instaflow", {"kind": "instaflow"}, sample_size=8
+        sdxl_folder, teacher.denoiser, tmp_path / "instaflow", {"kind": "instaflow"}, sample_size=8
     )
     files = _saved_files(out)
     assert not [f for f in files if ".fp16." in f or "/" not in f and f.endswith(".safetensors")]
@@ -209,10 +218,10 @@ def test_student_folder_runs_in_diffusers_sdxl_pipeline_as_flow_images(
         teacher_latents(student, PROMPTS[:1], SEEDS[:1], steps=2, guidance=1.0, scheduler="euler")
 
 
-def test_student_folder_with_variants_and_from_a_hub_snapshot(tiny_sdxl_hub: str, tmp_path: Path) -> None:
+def test_student_folder_with_variants_and_from_a_hub_snapshot(sdxl_hub: str, tmp_path: Path) -> None:
     from instaflow_core.models.sources import hub_snapshot
 
-    base = hub_snapshot(tiny_sdxl_hub)  # symlinks into the cache
+    base = hub_snapshot(sdxl_hub)  # symlinks into the cache
     model = load_source(base)
     out = SDXL.save_student(base, model.denoiser, tmp_path / "2rf", {"kind": "2rf"}, variants=True)
     assert not [p for p in out.rglob("*") if p.is_symlink()]
@@ -221,9 +230,22 @@ def test_student_folder_with_variants_and_from_a_hub_snapshot(tiny_sdxl_hub: str
     assert "text_encoder_2/model.fp16.safetensors" in fp16
 
 
-def test_fp16_vae_decodes_in_float32(tiny_sdxl_folder: Path) -> None:
-    full = load_source(tiny_sdxl_folder)
-    half = load_source(tiny_sdxl_folder, dtype="float16")
+def test_root_single_file_loads_as_sdxl(teacher, sdxl_folder: Path) -> None:
+    """`sd_xl_base_1.0.safetensors` (SGM keys, float16) with the repo's configs: an SDXL model whose UNet and text
+    encoders are the folder's (to float16 rounding; its VAE is vae_1_0/, the folder's vae/ is the 0.9 VAE)."""
+    single = load_source(sdxl_folder / SDXL_SINGLE_FILE, config=str(sdxl_folder))
+    assert single.family is SDXL and single.get("force_zeros_for_empty_prompt") is True
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = single[name].state_dict(), teacher[name].state_dict()
+        assert a.keys() == b.keys(), name
+        assert max((a[k] - b[k].half().float()).abs().max().item() for k in a) < 1e-6, name
+    ours = teacher_latents(single, PROMPTS, SEEDS, steps=2, guidance=5.0, scheduler="euler", resolution=RES)
+    assert ours.shape == (2, 4, 8, 8) and torch.isfinite(ours).all()
+
+
+def test_fp16_vae_decodes_in_float32(sdxl_folder: Path) -> None:
+    full = load_source(sdxl_folder)
+    half = load_source(sdxl_folder, dtype="float16")
     assert half.vae.config.force_upcast and half.vae.dtype == torch.float16
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 40  # large latents
     img_half = SDXL.decode(half, z)
@@ -233,9 +255,7 @@ def test_fp16_vae_decodes_in_float32(tiny_sdxl_folder: Path) -> None:
     assert (img_half - img_full).abs().max().item() < 2e-2  # only the float16 weights differ
 
 
-def test_save_round_trip_and_random_weights_from_configs(
-    teacher, tiny_sdxl_folder: Path, tmp_path: Path
-) -> None:
+def test_save_round_trip_and_random_weights_from_configs(teacher, sdxl_folder: Path, tmp_path: Path) -> None:
     """`save` (what a converted single-file teacher becomes) writes a StableDiffusionXLPipeline folder that loads
     back with the same weights; `from_configs` builds the same architecture with random weights."""
     folder = SDXL.save(teacher, tmp_path / "teacher")
@@ -248,9 +268,9 @@ def test_save_round_trip_and_random_weights_from_configs(
         a, b = teacher[name].state_dict(), again[name].state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert torch.equal(again.encode(PROMPTS).embeds, teacher.encode(PROMPTS).embeds)
-    fresh = SDXL.from_configs(tiny_sdxl_folder)
+    fresh = SDXL.from_configs(sdxl_folder)
     assert type(fresh["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
-    assert fresh.latent_shape() == (4, 32, 32)  # the repo's native 256 px
+    assert fresh.latent_shape() == (4, 8, 8)  # the repo's native 64 px
     assert fresh.get("force_zeros_for_empty_prompt") is True
 
 
@@ -269,7 +289,7 @@ def test_a_dropped_caption_trains_the_zero_unconditional_input(teacher) -> None:
     assert torch.equal(cond.embeds[2], cond.embeds[0])
 
 
-def test_lora_fuses_into_the_sdxl_unet(tiny_sdxl_folder: Path, tmp_path: Path) -> None:
+def test_lora_fuses_into_the_sdxl_unet(sdxl_folder: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
@@ -277,7 +297,7 @@ def test_lora_fuses_into_the_sdxl_unet(tiny_sdxl_folder: Path, tmp_path: Path) -
 
     from instaflow_core.inference.generate import apply_options
 
-    model, source = load_source(tiny_sdxl_folder), load_source(tiny_sdxl_folder).denoiser
+    model, source = load_source(sdxl_folder), load_source(sdxl_folder).denoiser
     source.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(SDXL.lora_targets)))
     gen = torch.Generator().manual_seed(0)
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(source))
@@ -291,10 +311,10 @@ def test_lora_fuses_into_the_sdxl_unet(tiny_sdxl_folder: Path, tmp_path: Path) -
     assert changed and all(any(t in k for t in SDXL.lora_targets) for k in changed)
 
 
-def test_sample_cli_on_an_sdxl_student(teacher, tiny_sdxl_folder: Path, tmp_path: Path) -> None:
+def test_sample_cli_on_an_sdxl_student(teacher, sdxl_folder: Path, tmp_path: Path) -> None:
     from flows.cli.main import app
 
-    out = SDXL.save_student(tiny_sdxl_folder, teacher.denoiser, tmp_path / "student", sample_size=8)
+    out = SDXL.save_student(sdxl_folder, teacher.denoiser, tmp_path / "student", sample_size=8)
     rc = app(["sample", "a photo of a cat", "--model", str(out), "--num", "2", "--out", str(tmp_path / "s.png")],
              standalone_mode=False)  # fmt: skip
     assert rc in (None, 0) and (tmp_path / "s.png").stat().st_size > 0
@@ -315,15 +335,15 @@ def _copy(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def test_preflight_rules_for_sdxl(tiny_sdxl_folder: Path, tmp_path: Path) -> None:
+def test_preflight_rules_for_sdxl(sdxl_folder: Path, tmp_path: Path) -> None:
     from instaflow_core.config import ModelsConfig, StorageConfig, load
     from instaflow_core.preflight import checks
 
     storage = StorageConfig(root=str(tmp_path / "store"))
-    problems, geometry = checks.teacher_problems(ModelsConfig(teacher=str(tiny_sdxl_folder)), storage)
-    assert problems == [] and geometry is not None and geometry.native_resolution == 256
+    problems, geometry = checks.teacher_problems(ModelsConfig(teacher=str(sdxl_folder)), storage)
+    assert problems == [] and geometry is not None and geometry.native_resolution == 64
     # unknown pipeline class
-    other = _copy(tiny_sdxl_folder, tmp_path / "refiner")
+    other = _copy(sdxl_folder, tmp_path / "refiner")
     index = json.loads((other / "model_index.json").read_text())
     (other / "model_index.json").write_text(
         json.dumps({**index, "_class_name": "StableDiffusionXLFooPipeline"})
@@ -339,7 +359,7 @@ def test_preflight_rules_for_sdxl(tiny_sdxl_folder: Path, tmp_path: Path) -> Non
     (problem,), _ = checks.teacher_problems(ModelsConfig(teacher=str(other)), storage)
     assert "tokenizer_2/" in problem
     # a resolution the VAE (x8) and the UNet (x4) cannot take; a sampler the family does not have
-    sets = [f"models.teacher={tiny_sdxl_folder}", f"storage.root={tmp_path / 'store'}"]
+    sets = [f"models.teacher={sdxl_folder}", f"storage.root={tmp_path / 'store'}"]
     cfg = load("sdxl", [*sets, "generation.resolution=80", "generation.scheduler=pndm"])
     (problem,) = checks.resolution_problems(cfg, geometry)
     assert problem.startswith("generation.resolution=80: must be a multiple of 32 px")
