@@ -23,7 +23,7 @@ from instaflow_core.config import (
 )
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
-from instaflow_core.models.family import ModelFamily, family_of_index, get_family
+from instaflow_core.models.family import ModelFamily, family_of_index
 from instaflow_core.models.geometry import Geometry, tiny_geometry
 from instaflow_core.models.loading import model_geometry
 from instaflow_core.models.sources import (
@@ -176,12 +176,11 @@ def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], G
 
 
 def teacher_family(models: ModelsConfig, storage: StorageConfig) -> ModelFamily | None:
-    """The teacher's model family from its configs (no weights); None when there is nothing to read yet (the
-    pretrain stage's teacher, a single checkpoint file: the teacher check reports those)."""
+    """The teacher's model family from its configs (no weights); None when there is nothing to read (the tiny
+    teacher: importing its family's module would cost the preflight seconds of diffusers import, and the sampler
+    refuses a wrong name when it starts; the pretrain stage's teacher; a single checkpoint file)."""
     src = models.teacher
-    if src == TINY:
-        return get_family("sd")
-    if src == PRETRAINED_TEACHER or Path(src).suffix in (".safetensors", *PICKLE_SUFFIXES):
+    if src in (TINY, PRETRAINED_TEACHER) or Path(src).suffix in (".safetensors", *PICKLE_SUFFIXES):
         return None
     index, _ = model_configs(src, storage, models)
     return family_of_index(index, f"models.teacher={src!r}")
