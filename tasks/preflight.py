@@ -22,13 +22,23 @@ STAGE_CHECKS: dict[Stage, tuple[str, ...]] = {
     Stage.TEACHER: ("storage", "teacher"),
     Stage.CURATE: ("storage", "sources", "teacher"),
     Stage.PRETRAIN: ("storage", "teacher", "tracking"),  # curation counts tokens with the teacher's tokenizer
-    Stage.GENERATE: ("storage", "teacher", "resolution"),
+    Stage.GENERATE: ("storage", "teacher", "sampler", "resolution"),
     Stage.REFLOW: ("storage", "teacher", "tracking"),
     Stage.DISTILL: ("storage", "lpips", "resolution", "tracking"),
-    Stage.EVALUATE: ("storage", "teacher", "evaluation", "resolution", "tracking"),
+    Stage.EVALUATE: ("storage", "teacher", "sampler", "evaluation", "resolution", "tracking"),
     Stage.REGISTER: ("storage", "registry", "tracking"),
 }
-ORDER = ("storage", "sources", "teacher", "resolution", "lpips", "evaluation", "registry", "tracking")
+ORDER = (
+    "storage",
+    "sources",
+    "teacher",
+    "sampler",
+    "resolution",
+    "lpips",
+    "evaluation",
+    "registry",
+    "tracking",
+)
 
 
 def tracking_problems(cfg: InstaflowConfig) -> list[str]:
@@ -86,6 +96,7 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
         "storage": lambda: checks.storage_problems(cfg.storage),
         "sources": lambda: checks.source_problems(cfg.curation, cfg.storage),
         "teacher": teacher,
+        "sampler": lambda: checks.sampler_problems(cfg),
         "resolution": lambda: checks.resolution_problems(cfg, geometry[0]),
         "lpips": lambda: checks.lpips_problems(cfg.distillation),
         "evaluation": lambda: checks.evaluation_problems(cfg.evaluation, cfg.models, cfg.storage),

@@ -32,6 +32,7 @@ from instaflow_core.errors import DataError
 # only); folders saved before the digits experiment had its own package name the old module path
 from instaflow_core.experiments.digits import model as _digits_model
 from instaflow_core.inference.generate import slerp
+from instaflow_core.models import flow_scheduler as _flow_scheduler  # noqa: F401 (UNet students' scheduler)
 from instaflow_core.models.family import Condition, Model, Velocity
 from instaflow_core.models.lora import load_lora, merge_weight_delta, weight_delta
 from instaflow_core.models.sd import FAMILY as SD

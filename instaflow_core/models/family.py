@@ -42,6 +42,7 @@ from instaflow_core.models.geometry import Geometry
 # family name -> the module holding `FAMILY`; imported on first use (each pulls in its network classes)
 FAMILIES: dict[str, str] = {
     "sd": "instaflow_core.models.sd",
+    "sdxl": "instaflow_core.models.sdxl",
     "digits": "instaflow_core.experiments.digits.model",
 }
 STAGE_META = "instaflow.json"  # next to model_index.json: what made a folder (kind, stage, key, base)
@@ -592,10 +593,12 @@ def component_class(folder: Path, name: str, index: dict[str, Any]) -> type:
     raise DataError(f"{folder}/{name}: unknown class {library}.{cls_name}")
 
 
-# the project's own network classes by `_class_name` -> module path (experiments' pixel models)
+# the project's own classes by `_class_name` -> module path (experiments' pixel models, the rectified-flow
+# scheduler that students of the UNet families save)
 CUSTOM_CLASSES: dict[str, str] = {
     "DigitsVelocityNet": "instaflow_core.experiments.digits.model",
     "DigitsPixelVAE": "instaflow_core.experiments.digits.model",
+    "RectifiedFlowEulerScheduler": "instaflow_core.models.flow_scheduler",
 }
 
 
@@ -604,14 +607,14 @@ def _custom(cls_name: str) -> type:
 
 
 def load_scheduler(folder: Path) -> Any:
-    """Instantiate the scheduler class that scheduler_config.json names."""
+    """Instantiate the scheduler class that scheduler_config.json names (diffusers' or the project's own)."""
     import diffusers
 
     cfg_file = Path(folder) / "scheduler_config.json"
     if not cfg_file.is_file():
         raise DataError(f"{cfg_file} not found")
     name = json.loads(cfg_file.read_text()).get("_class_name", "PNDMScheduler")
-    cls = getattr(diffusers, name, None)
+    cls = _custom(name) if name in CUSTOM_CLASSES else getattr(diffusers, name, None)
     if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
         raise DataError(f"{cfg_file}: unknown scheduler class {name!r}")
     return cls.from_pretrained(folder)

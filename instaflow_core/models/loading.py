@@ -17,7 +17,7 @@ import torch
 
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
-from instaflow_core.models.family import Model, family_of, family_of_index, get_family, to_dtype
+from instaflow_core.models.family import Model, ModelFamily, family_of, family_of_index, get_family, to_dtype
 from instaflow_core.models.geometry import Geometry
 from instaflow_core.models.sources import (
     PICKLE_SUFFIXES,
@@ -91,7 +91,9 @@ def load_single_file(
         raise DataError(f"{path.name}: unreadable checkpoint ({str(err).splitlines()[0]})") from err
     model_type = infer_diffusers_model_type(checkpoint)
     family = get_family(SINGLE_FILE_FAMILIES.get(model_type.split("_")[0].split("-")[0], "sd"))
-    if config is None and local_files_only:
+    if config is not None:  # the configs the user names say which pipeline (and family) the file is
+        family = _config_family(config) or family
+    elif local_files_only:
         repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
         try:
             config = str(hub_snapshot(repo, local_files_only=True, configs_only=True))
@@ -101,6 +103,16 @@ def load_single_file(
                 f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
             ) from err
     return family.load_single_file(path, config=config, local_files_only=local_files_only, dtype=dtype)
+
+
+def _config_family(config: str) -> ModelFamily | None:
+    """The family of a single file's config folder or cached hub repo (None when its model_index.json cannot be
+    read: the family inferred from the checkpoint's keys stays)."""
+    try:
+        index, _ = model_configs(config)
+    except DataError:
+        return None
+    return family_of_index(index, str(config)) if index else None
 
 
 def model_geometry(

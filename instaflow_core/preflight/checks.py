@@ -23,6 +23,7 @@ from instaflow_core.config import (
 )
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
+from instaflow_core.models.family import ModelFamily, family_of_index
 from instaflow_core.models.geometry import Geometry, tiny_geometry
 from instaflow_core.models.loading import model_geometry
 from instaflow_core.models.sources import (
@@ -30,6 +31,8 @@ from instaflow_core.models.sources import (
     hub_snapshot,
     is_hub_id,
     missing_files,
+    model_configs,
+    pipeline_components,
 )
 
 TINY = "tiny"  # the stand-in networks' name (training.lpips.TINY, evaluation's tiny CLIP / FID features)
@@ -84,9 +87,23 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
         missing = missing_files(path, models.allow_pickle)
         if missing:
             return [f"{what}: not a loadable diffusers folder (missing {', '.join(missing)})"], None
-        return [], model_geometry(str(path))
+        return _family_geometry(str(path), what)
     except InstaflowError as err:
         return [f"models.teacher: {_first_line(err)}"], None
+
+
+def _family_geometry(folder: str, what: str) -> tuple[list[str], Geometry | None]:
+    """A diffusers folder's family (its pipeline class known) holds every component the family loads (a text
+    encoder or tokenizer set to null in model_index.json is one line), and its latent geometry."""
+    index, configs = model_configs(folder)
+    family = family_of_index(index, what)
+    named = set(pipeline_components(index))
+    absent = [c for c in family.required if c not in named]
+    if absent:
+        return [
+            f"{what}: a {family.name} model needs {', '.join(absent)}, which its model_index.json does not name"
+        ], None
+    return [], family.geometry(configs)
 
 
 def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry | None]:
@@ -105,7 +122,7 @@ def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry |
             f"models.teacher={repo!r}: the cached snapshot lacks {', '.join(missing)}: download it "
             f"(huggingface-cli download {repo}) or set models.local_files_only=false"
         ], None
-    return [], model_geometry(str(folder))
+    return _family_geometry(str(folder), f"models.teacher={repo!r}")
 
 
 class _LazyCheckpoint(dict):
@@ -156,6 +173,49 @@ def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], G
             f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
         ], None
     return [], model_geometry(folder)
+
+
+def teacher_family(models: ModelsConfig, storage: StorageConfig) -> ModelFamily | None:
+    """The teacher's model family from its configs (no weights); None when there is nothing to read (the tiny
+    teacher: importing its family's module would cost the preflight seconds of diffusers import, and the sampler
+    refuses a wrong name when it starts; the pretrain stage's teacher; a single checkpoint file)."""
+    src = models.teacher
+    if src in (TINY, PRETRAINED_TEACHER) or Path(src).suffix in (".safetensors", *PICKLE_SUFFIXES):
+        return None
+    index, _ = model_configs(src, storage, models)
+    return family_of_index(index, f"models.teacher={src!r}")
+
+
+def sampler_problems(cfg: InstaflowConfig, family: ModelFamily | None = None) -> list[str]:
+    """The teacher's sampler and guidance settings are ones its family has: `generation.scheduler` a name of
+    `family.schedulers`; no guidance above 1 for a family without guidance (`family.guidance == "none"`).
+    `family`: the teacher's (default: read from its configs; a teacher that does not resolve is the teacher
+    check's problem, not this one's)."""
+    if family is None:
+        try:
+            family = teacher_family(cfg.models, cfg.storage)
+        except InstaflowError:
+            return []
+    if family is None:
+        return []
+    out = []
+    gen = cfg.generation
+    if family.schedulers and gen.scheduler not in family.schedulers:
+        out.append(
+            f"generation.scheduler={gen.scheduler!r}: the {family.name} teacher's sampler takes one of "
+            f"{list(family.schedulers)}"
+        )
+    if family.guidance == "none":
+        settings = {
+            "generation.guidance_scale": gen.guidance_scale,
+            "evaluation.teacher_guidance": cfg.evaluation.teacher_guidance,
+        }
+        out += [
+            f"{name}={value}: the {family.name} family has no guidance (set it to 1)"
+            for name, value in settings.items()
+            if value > 1.0
+        ]
+    return out
 
 
 def resolution_problems(cfg: InstaflowConfig, geometry: Geometry | None) -> list[str]:

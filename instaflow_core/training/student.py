@@ -6,7 +6,8 @@
 - the trainable module is `Model.velocity()`: the denoiser under its own name and the family's velocity mapping,
   no text encoder inside, so DDP, the EMA copy and the checkpoints carry the denoiser alone (for SD 1.5 the text
   encoder would add 123M frozen parameters to every checkpoint and EMA update; for FLUX, T5 alone is 4.7B).
-- `ConditionCache`: conditions from the frozen encoders, computed per batch and kept per prompt.
+- `ConditionCache`: conditions from the frozen encoders, computed per batch and kept per prompt (an empty caption
+  gets the family's unconditional condition, the one classifier-free guidance samples with).
 """
 
 from __future__ import annotations
@@ -115,10 +116,15 @@ class ConditionCache:
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
-        if missing:
-            cond = self.model.encode(missing)  # M rows
-            for i, p in enumerate(missing):
+        texts = [p for p in missing if p]
+        if texts:
+            cond = self.model.encode(texts)  # M rows
+            for i, p in enumerate(texts):
                 self._cache[p] = cond.rows(slice(i, i + 1))
+        if "" in missing:
+            # an empty (dropped) caption trains the unconditional input that guidance samples with: the family's
+            # negative condition of "" (SD: the encoded ""; SDXL: zeros, force_zeros_for_empty_prompt)
+            self._cache[""] = self.model.negative([""])
         out = []
         for p in prompts:
             self._cache.move_to_end(p)
