@@ -223,7 +223,7 @@ class DigitsPixelVAE(ModelMixin, ConfigMixin):
         return DecoderOutput(sample=x) if return_dict else (x,)
 
     def forward(self, sample: Tensor, return_dict: bool = True) -> DecoderOutput | tuple:
-        """Encode then decode (the identity, clamped): for API parity with AutoencoderKL."""
+        """Encode then decode (the identity, clamped): for API parity with SD's VAE."""
         return self.decode(self.encode(sample).latent_dist.mode(), return_dict=return_dict)
 
 
