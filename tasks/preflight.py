@@ -80,7 +80,7 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
 
     def teacher() -> list[str]:
         problems, geometry[0] = checks.teacher_problems(cfg.models, cfg.storage)
-        return problems
+        return problems or checks.setting_problems(cfg)  # the settings the teacher's family takes
 
     runners: dict[str, Callable[[], list[str]]] = {
         "storage": lambda: checks.storage_problems(cfg.storage),

@@ -23,13 +23,14 @@ from instaflow_core.config import (
 )
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
+from instaflow_core.models.family import ModelFamily, family_of_index, get_family
 from instaflow_core.models.geometry import Geometry, tiny_geometry
-from instaflow_core.models.loading import model_geometry
 from instaflow_core.models.sources import (
     PICKLE_SUFFIXES,
     hub_snapshot,
     is_hub_id,
     missing_files,
+    model_configs,
 )
 
 TINY = "tiny"  # the stand-in networks' name (training.lpips.TINY, evaluation's tiny CLIP / FID features)
@@ -70,7 +71,7 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
     what = f"models.teacher={src!r}"
     try:
         if src.startswith("s3://"):
-            return [], model_geometry(src, storage, models)
+            return _family_geometry(src, storage, models)
         local = src[len("file://") :] if src.startswith("file://") else src
         if is_hub_id(local):
             return _hub_teacher(local, models)
@@ -84,9 +85,50 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
         missing = missing_files(path, models.allow_pickle)
         if missing:
             return [f"{what}: not a loadable diffusers folder (missing {', '.join(missing)})"], None
-        return [], model_geometry(str(path))
+        return _family_geometry(str(path))
     except InstaflowError as err:
         return [f"models.teacher: {_first_line(err)}"], None
+
+
+def _family_geometry(
+    uri: str | Path, storage: StorageConfig | None = None, models: ModelsConfig | None = None
+) -> tuple[list[str], Geometry | None]:
+    """The teacher's family from its model_index.json (an unknown pipeline class is an error), what that family
+    finds missing in it (`ModelFamily.index_problems`: a text encoder or tokenizer named null), and the latent
+    geometry from the component configs."""
+    index, configs = model_configs(str(uri), storage, models)
+    family = family_of_index(index, str(uri))
+    problems = [f"models.teacher: {p}" for p in family.index_problems(index)]
+    return (problems, None) if problems else ([], family.geometry(configs))
+
+
+def teacher_family(models: ModelsConfig, storage: StorageConfig) -> ModelFamily | None:
+    """The teacher's model family from its configs (None when they cannot be read, which `teacher_problems`
+    reports, for a single checkpoint file, and for a teacher the pretrain stage trains)."""
+    src = models.teacher
+    if src == TINY:
+        return get_family("sd")
+    if src == PRETRAINED_TEACHER or _is_file(src):
+        return None
+    try:
+        index, _ = model_configs(src, storage, models)
+        return family_of_index(index, src)
+    except InstaflowError:
+        return None
+
+
+def _is_file(src: str) -> bool:
+    if src.startswith("s3://"):
+        return False
+    local = src[len("file://") :] if src.startswith("file://") else src
+    return not is_hub_id(local) and _local(src).is_file()
+
+
+def setting_problems(cfg: InstaflowConfig) -> list[str]:
+    """Run settings the teacher's family cannot take (`ModelFamily.setting_problems`: its sampler names, guidance
+    where it has none), one line each."""
+    family = teacher_family(cfg.models, cfg.storage)
+    return [] if family is None else family.setting_problems(cfg)
 
 
 def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry | None]:
@@ -105,7 +147,7 @@ def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry |
             f"models.teacher={repo!r}: the cached snapshot lacks {', '.join(missing)}: download it "
             f"(huggingface-cli download {repo}) or set models.local_files_only=false"
         ], None
-    return [], model_geometry(str(folder))
+    return _family_geometry(folder)
 
 
 class _LazyCheckpoint(dict):
@@ -155,7 +197,7 @@ def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], G
             f"{what} needs the component configs of {repo!r}, which are not cached: download them "
             f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
         ], None
-    return [], model_geometry(folder)
+    return _family_geometry(folder)
 
 
 def resolution_problems(cfg: InstaflowConfig, geometry: Geometry | None) -> list[str]:
