@@ -226,3 +226,19 @@ def test_geometry_and_the_resolutions_the_model_takes(sd3_repo: Path) -> None:
     assert "16 channels" not in (g.latent_problem((4, 8, 8)) or "") and "channels" in g.latent_problem(
         (4, 8, 8)
     )
+
+
+def test_save_and_from_configs_keep_the_architecture(folder: Path, tmp_path: Path) -> None:
+    """`save` (what a converted single-file teacher becomes) writes a folder that loads back with the same
+    weights; `from_configs` builds the same architecture with random weights (T5 skipped on request)."""
+    model = load_source(folder)
+    saved = load_source(model.save(tmp_path / "saved"))
+    assert sorted(saved.parts) == sorted(model.parts)
+    for name, part in model.modules().items():
+        other = saved.modules()[name].state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in part.state_dict().items()), name
+    assert saved.encode(PROMPTS).embeds.equal(model.encode(PROMPTS).embeds)
+    fresh = model.family.from_configs(folder, skip=("text_encoder_3",))
+    assert "text_encoder_3" not in fresh.parts and fresh.geometry() == model.geometry()
+    same = {k: v for k, v in model.denoiser.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in fresh.denoiser.config.items() if not k.startswith("_")} == same
