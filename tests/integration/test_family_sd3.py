@@ -242,3 +242,21 @@ def test_save_and_from_configs_keep_the_architecture(folder: Path, tmp_path: Pat
     assert "text_encoder_3" not in fresh.parts and fresh.geometry() == model.geometry()
     same = {k: v for k, v in model.denoiser.config.items() if not k.startswith("_")}
     assert {k: v for k, v in fresh.denoiser.config.items() if not k.startswith("_")} == same
+
+
+def test_a_dynamically_shifted_scheduler_matches_the_pipeline_too(sd3_repo: Path) -> None:
+    """A scheduler config with `use_dynamic_shifting` (mu from the image's token count, as SD 3.5 fine-tunes
+    may ship): the family computes mu as StableDiffusion3Pipeline does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, pipe = load_source(sd3_repo), _pipe(sd3_repo)
+    dynamic = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+    )
+    model.parts["scheduler"] = pipe.scheduler = dynamic
+    ours = teacher_latents(
+        model, PROMPTS, SEEDS, steps=3, guidance=3.0, scheduler="flow-euler", resolution=RES
+    )
+    diff = (ours - _theirs(pipe, 3, 3.0)).abs().max().item()
+    print(f"dynamic shifting: max abs difference {diff:.3g}")
+    assert diff < 1e-5
