@@ -1,4 +1,4 @@
-"""`instaflow rebuild --preset sd35` end to end on the SD 3.5 Medium-shaped repo (tests/support/sd3.py), as a user
+"""`instaflow rebuild --preset sd35` end to end on the SD 3.5 Medium-shaped repo (tests/support/teacher_repos.py), as a user
 runs it: the shipped hub id `stabilityai/stable-diffusion-3.5-medium` from an offline Hugging Face cache, the store
 on SeaweedFS S3, every stage (preflight, curate, generate, reflow, distill pairs, distill, evaluate, register).
 
@@ -83,8 +83,8 @@ def _check_folder(folder: Path) -> None:
     assert (
         json.loads((folder / "transformer" / "config.json").read_text())["sample_size"] == 8
     )  # trained at 64 px
-    # beyond the full-precision weights: configs and tokenizer files only (two 77 KB CLIP tokenizer.json here)
-    assert sum((folder / f).stat().st_size for f in files) - weights_bytes(folder) < 200_000
+    # about the size of the full-precision weights: configs and tokenizer files beside them, nothing else
+    assert sum((folder / f).stat().st_size for f in files) <= 1.05 * weights_bytes(folder)
 
 
 def test_sd35_rebuild_from_the_hub_id_on_s3(tmp_path: Path, sd3_hub: str, s3_storage_cfg) -> None:  # noqa: ANN001
@@ -138,7 +138,7 @@ def test_sd35_rebuild_from_the_hub_id_on_s3(tmp_path: Path, sd3_hub: str, s3_sto
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     folder = local / mlmodel["flavors"]["python_function"]["artifacts"]["diffusers"]["path"]
     _check_folder(folder)
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     assert isinstance(pipe, StableDiffusion3Pipeline)
     pipe.set_progress_bar_config(disable=True)
     from instaflow_core.rectified_flow import noise_from_seeds

@@ -1,4 +1,4 @@
-"""Using an SD 3.5 model (tests/support/sd3.py) as users do: `instaflow sample` and `interpolate` from a folder, a
+"""Using an SD 3.5 model (tests/support/teacher_repos.py) as users do: `instaflow sample` and `interpolate` from a folder, a
 LoRA in diffusers' SD3 format fused into the transformer, a weight delta between two SD3 folders, the demo's
 teacher and flow models, and the ONNX export's one-line refusal (three text encoders and pooled embeddings need
 graphs the exporter does not write)."""
@@ -46,7 +46,7 @@ def test_sample_and_interpolate_from_an_sd3_folder(sd3_repo: Path, tmp_path: Pat
     ]
     _cli("sample", CAT, "--model", str(sd3_repo), "--num", "2", "--out", str(tmp_path / "grid.png"), *sets)
     with PIL.Image.open(tmp_path / "grid.png") as im:
-        assert im.size[1] >= 128  # native 128 px images
+        assert im.size[1] >= 64  # native 64 px images
     _cli("sample", CAT, "--model", str(sd3_repo), "--out", str(tmp_path / "one"), "--steps", "2", *sets)
     (png,) = (tmp_path / "one").glob("*.png")
     with PIL.Image.open(png) as im:
