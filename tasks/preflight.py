@@ -96,7 +96,7 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
         "storage": lambda: checks.storage_problems(cfg.storage),
         "sources": lambda: checks.source_problems(cfg.curation, cfg.storage),
         "teacher": teacher,
-        "sampler": lambda: checks.sampler_problems(cfg),
+        "sampler": lambda: checks.setting_problems(cfg),  # the settings the teacher's family takes
         "resolution": lambda: checks.resolution_problems(cfg, geometry[0]),
         "lpips": lambda: checks.lpips_problems(cfg.distillation),
         "evaluation": lambda: checks.evaluation_problems(cfg.evaluation, cfg.models, cfg.storage),

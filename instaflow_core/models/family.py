@@ -43,6 +43,7 @@ from instaflow_core.models.geometry import Geometry
 FAMILIES: dict[str, str] = {
     "sd": "instaflow_core.models.sd",
     "sdxl": "instaflow_core.models.sdxl",
+    "sd3": "instaflow_core.models.sd3",
     "digits": "instaflow_core.experiments.digits.model",
 }
 STAGE_META = "instaflow.json"  # next to model_index.json: what made a folder (kind, stage, key, base)
@@ -299,6 +300,38 @@ class ModelFamily:
     def claims(self, index: dict[str, Any]) -> bool:
         """Whether a folder with this model_index.json belongs to the family."""
         return index.get("_class_name") in self.pipeline_classes
+
+    def index_problems(self, index: dict[str, Any]) -> list[str]:
+        """What a model_index.json of this family lacks, one line each, before anything loads (the preflight):
+        by default every `required` component named (a null entry is what diffusers writes for an absent one)."""
+        missing = [
+            c for c in self.required if not (isinstance(index.get(c), list) and index[c][:1] != [None])
+        ]
+        if not missing:
+            return []
+        return [f"model_index.json names no {', '.join(missing)} (a {self.name} model needs them)"]
+
+    def setting_problems(self, cfg: Any) -> list[str]:
+        """Run settings (an `InstaflowConfig`) this family's teacher cannot take, one line each: a
+        generation.scheduler its sampler does not know; guidance above 1 where the family has none."""
+        out = []
+        scheduler = cfg.generation.scheduler
+        if self.schedulers and scheduler not in self.schedulers:
+            out.append(
+                f"generation.scheduler={scheduler!r}: the {self.name} teacher's sampler takes one of "
+                f"{list(self.schedulers)}"
+            )
+        if self.guidance == "none":
+            values = {
+                "generation.guidance_scale": cfg.generation.guidance_scale,
+                "evaluation.teacher_guidance": cfg.evaluation.teacher_guidance,
+            }
+            out += [
+                f"{k}={v}: the {self.name} teacher has no guidance (set it to 1)"
+                for k, v in values.items()
+                if v > 1
+            ]
+        return out
 
     def load(
         self,

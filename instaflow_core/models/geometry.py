@@ -17,12 +17,16 @@ from instaflow_core.errors import ConfigError
 
 @dataclass(frozen=True)
 class Geometry:
-    """in_channels and native latent (h, w) of the UNet; the VAE's and the UNet's down-sampling factors."""
+    """in_channels and native latent (h, w) of the denoiser; the VAE's and the denoiser's down-sampling factors
+    (a UNet's levels, a transformer's patch size: `factor_name` says which in messages); `max_latent`: the largest
+    latent side the denoiser takes (a transformer's position embedding grid), None for no limit."""
 
     in_channels: int
     sample_size: tuple[int, int]
     vae_factor: int
     unet_factor: int
+    factor_name: str = "UNet down-sampling"
+    max_latent: int | None = None
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any] | None) -> Geometry:
@@ -53,8 +57,13 @@ class Geometry:
         if resolution <= 0 or resolution % step:
             return (
                 f"{what}={resolution}: must be a multiple of {step} px for this model (VAE factor "
-                f"{self.vae_factor} x UNet down-sampling {self.unet_factor}); e.g. {max(step, resolution // step * step)}"
+                f"{self.vae_factor} x {self.factor_name} {self.unet_factor}); e.g. {max(step, resolution // step * step)}"
                 f" (native {self.native_resolution})"
+            )
+        if self.max_latent is not None and resolution // self.vae_factor > self.max_latent:
+            return (
+                f"{what}={resolution}: larger than this model takes ({self.max_latent * self.vae_factor} px at most: "
+                f"its position embeddings cover {self.max_latent} latents a side)"
             )
         return None
 
@@ -76,9 +85,11 @@ class Geometry:
         """Why latents of this shape cannot train this UNet (channels, or a size its down-sampling does not divide)."""
         c, h, w = (int(s) for s in latent_shape)
         if c != self.in_channels:
-            return f"latents have {c} channels, the UNet takes {self.in_channels}"
+            return f"latents have {c} channels, the model takes {self.in_channels}"
         if h % self.unet_factor or w % self.unet_factor:
-            return f"latents of {h}x{w} do not fit the UNet's down-sampling by {self.unet_factor}"
+            return f"latents of {h}x{w} do not fit the {self.factor_name} by {self.unet_factor}"
+        if self.max_latent is not None and max(h, w) > self.max_latent:
+            return f"latents of {h}x{w} are larger than the {self.max_latent} a side the model takes"
         return None
 
 

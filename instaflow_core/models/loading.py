@@ -28,8 +28,9 @@ from instaflow_core.models.sources import (
 )
 from instaflow_core.refs import ModelRef
 
-# diffusers' single-file model types (`infer_diffusers_model_type`) -> the family that reads them
-SINGLE_FILE_FAMILIES = {"v1": "sd", "v2": "sd", "xl": "sdxl", "sd3": "sd3", "flux": "flux"}
+# diffusers' single-file model types (`infer_diffusers_model_type`, before its first "_": sd35_medium -> sd35)
+# -> the family that reads them
+SINGLE_FILE_FAMILIES = {"v1": "sd", "v2": "sd", "xl": "sdxl", "sd3": "sd3", "sd35": "sd3", "flux": "flux"}
 
 
 def load_source(

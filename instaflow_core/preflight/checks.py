@@ -23,16 +23,14 @@ from instaflow_core.config import (
 )
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
-from instaflow_core.models.family import ModelFamily, family_of_index
+from instaflow_core.models.family import ModelFamily, family_of_index, get_family
 from instaflow_core.models.geometry import Geometry, tiny_geometry
-from instaflow_core.models.loading import model_geometry
 from instaflow_core.models.sources import (
     PICKLE_SUFFIXES,
     hub_snapshot,
     is_hub_id,
     missing_files,
     model_configs,
-    pipeline_components,
 )
 
 TINY = "tiny"  # the stand-in networks' name (training.lpips.TINY, evaluation's tiny CLIP / FID features)
@@ -73,7 +71,7 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
     what = f"models.teacher={src!r}"
     try:
         if src.startswith("s3://"):
-            return [], model_geometry(src, storage, models)
+            return _family_geometry(src, storage, models)
         local = src[len("file://") :] if src.startswith("file://") else src
         if is_hub_id(local):
             return _hub_teacher(local, models)
@@ -87,23 +85,50 @@ def teacher_problems(models: ModelsConfig, storage: StorageConfig) -> tuple[list
         missing = missing_files(path, models.allow_pickle)
         if missing:
             return [f"{what}: not a loadable diffusers folder (missing {', '.join(missing)})"], None
-        return _family_geometry(str(path), what)
+        return _family_geometry(str(path))
     except InstaflowError as err:
         return [f"models.teacher: {_first_line(err)}"], None
 
 
-def _family_geometry(folder: str, what: str) -> tuple[list[str], Geometry | None]:
-    """A diffusers folder's family (its pipeline class known) holds every component the family loads (a text
-    encoder or tokenizer set to null in model_index.json is one line), and its latent geometry."""
-    index, configs = model_configs(folder)
-    family = family_of_index(index, what)
-    named = set(pipeline_components(index))
-    absent = [c for c in family.required if c not in named]
-    if absent:
-        return [
-            f"{what}: a {family.name} model needs {', '.join(absent)}, which its model_index.json does not name"
-        ], None
-    return [], family.geometry(configs)
+def _family_geometry(
+    uri: str | Path, storage: StorageConfig | None = None, models: ModelsConfig | None = None
+) -> tuple[list[str], Geometry | None]:
+    """The teacher's family from its model_index.json (an unknown pipeline class is an error), what that family
+    finds missing in it (`ModelFamily.index_problems`: a text encoder or tokenizer named null), and the latent
+    geometry from the component configs."""
+    index, configs = model_configs(str(uri), storage, models)
+    family = family_of_index(index, str(uri))
+    problems = [f"models.teacher: {p}" for p in family.index_problems(index)]
+    return (problems, None) if problems else ([], family.geometry(configs))
+
+
+def teacher_family(models: ModelsConfig, storage: StorageConfig) -> ModelFamily | None:
+    """The teacher's model family from its configs (None when they cannot be read, which `teacher_problems`
+    reports, for a single checkpoint file, and for a teacher the pretrain stage trains)."""
+    src = models.teacher
+    if src == TINY:
+        return get_family("sd")
+    if src == PRETRAINED_TEACHER or _is_file(src):
+        return None
+    try:
+        index, _ = model_configs(src, storage, models)
+        return family_of_index(index, src)
+    except InstaflowError:
+        return None
+
+
+def _is_file(src: str) -> bool:
+    if src.startswith("s3://"):
+        return False
+    local = src[len("file://") :] if src.startswith("file://") else src
+    return not is_hub_id(local) and _local(src).is_file()
+
+
+def setting_problems(cfg: InstaflowConfig) -> list[str]:
+    """Run settings the teacher's family cannot take (`ModelFamily.setting_problems`: its sampler names, guidance
+    where it has none), one line each."""
+    family = teacher_family(cfg.models, cfg.storage)
+    return [] if family is None else family.setting_problems(cfg)
 
 
 def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry | None]:
@@ -122,7 +147,7 @@ def _hub_teacher(repo: str, models: ModelsConfig) -> tuple[list[str], Geometry |
             f"models.teacher={repo!r}: the cached snapshot lacks {', '.join(missing)}: download it "
             f"(huggingface-cli download {repo}) or set models.local_files_only=false"
         ], None
-    return _family_geometry(str(folder), f"models.teacher={repo!r}")
+    return _family_geometry(folder)
 
 
 class _LazyCheckpoint(dict):
@@ -172,50 +197,7 @@ def single_file_problems(path: Path, models: ModelsConfig) -> tuple[list[str], G
             f"{what} needs the component configs of {repo!r}, which are not cached: download them "
             f"(huggingface-cli download {repo} --include '*.json' '*.txt') or set models.local_files_only=false"
         ], None
-    return [], model_geometry(folder)
-
-
-def teacher_family(models: ModelsConfig, storage: StorageConfig) -> ModelFamily | None:
-    """The teacher's model family from its configs (no weights); None when there is nothing to read (the tiny
-    teacher: importing its family's module would cost the preflight seconds of diffusers import, and the sampler
-    refuses a wrong name when it starts; the pretrain stage's teacher; a single checkpoint file)."""
-    src = models.teacher
-    if src in (TINY, PRETRAINED_TEACHER) or Path(src).suffix in (".safetensors", *PICKLE_SUFFIXES):
-        return None
-    index, _ = model_configs(src, storage, models)
-    return family_of_index(index, f"models.teacher={src!r}")
-
-
-def sampler_problems(cfg: InstaflowConfig, family: ModelFamily | None = None) -> list[str]:
-    """The teacher's sampler and guidance settings are ones its family has: `generation.scheduler` a name of
-    `family.schedulers`; no guidance above 1 for a family without guidance (`family.guidance == "none"`).
-    `family`: the teacher's (default: read from its configs; a teacher that does not resolve is the teacher
-    check's problem, not this one's)."""
-    if family is None:
-        try:
-            family = teacher_family(cfg.models, cfg.storage)
-        except InstaflowError:
-            return []
-    if family is None:
-        return []
-    out = []
-    gen = cfg.generation
-    if family.schedulers and gen.scheduler not in family.schedulers:
-        out.append(
-            f"generation.scheduler={gen.scheduler!r}: the {family.name} teacher's sampler takes one of "
-            f"{list(family.schedulers)}"
-        )
-    if family.guidance == "none":
-        settings = {
-            "generation.guidance_scale": gen.guidance_scale,
-            "evaluation.teacher_guidance": cfg.evaluation.teacher_guidance,
-        }
-        out += [
-            f"{name}={value}: the {family.name} family has no guidance (set it to 1)"
-            for name, value in settings.items()
-            if value > 1.0
-        ]
-    return out
+    return _family_geometry(folder)
 
 
 def resolution_problems(cfg: InstaflowConfig, geometry: Geometry | None) -> list[str]:

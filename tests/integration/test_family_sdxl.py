@@ -353,7 +353,7 @@ def test_preflight_rules_for_sdxl(sdxl_folder: Path, tmp_path: Path) -> None:
     # a text encoder set to null (the refiner's layout), a tokenizer folder missing
     (other / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": [None, None]}))
     (problem,), _ = checks.teacher_problems(ModelsConfig(teacher=str(other)), storage)
-    assert "sdxl model needs text_encoder_2" in problem
+    assert "names no text_encoder_2 (a sdxl model needs them)" in problem
     (other / "model_index.json").write_text(json.dumps(index))
     shutil.rmtree(other / "tokenizer_2")
     (problem,), _ = checks.teacher_problems(ModelsConfig(teacher=str(other)), storage)
@@ -363,13 +363,17 @@ def test_preflight_rules_for_sdxl(sdxl_folder: Path, tmp_path: Path) -> None:
     cfg = load("sdxl", [*sets, "generation.resolution=80", "generation.scheduler=pndm"])
     (problem,) = checks.resolution_problems(cfg, geometry)
     assert problem.startswith("generation.resolution=80: must be a multiple of 32 px")
-    (problem,) = checks.sampler_problems(cfg)
+    (problem,) = checks.setting_problems(cfg)
     assert "generation.scheduler='pndm'" in problem and "euler" in problem
-    assert checks.sampler_problems(load("sdxl", sets)) == []
+    assert checks.setting_problems(load("sdxl", sets)) == []
     # guidance a family does not have (FLUX.1-schnell-like "none"): one line per setting
-    none = type("NoGuidance", (), {"name": "x", "schedulers": (), "guidance": "none"})()
-    problems = checks.sampler_problems(load("sdxl", [*sets, "generation.guidance_scale=3"]), none)
+    from instaflow_core.models.sdxl import SDXLFamily
+
+    class Unguided(SDXLFamily):
+        guidance = "none"
+
+    problems = Unguided().setting_problems(load("sdxl", [*sets, "generation.guidance_scale=3"]))
     assert problems == [
-        "generation.guidance_scale=3.0: the x family has no guidance (set it to 1)",
-        "evaluation.teacher_guidance=5.0: the x family has no guidance (set it to 1)",
+        "generation.guidance_scale=3.0: the sdxl teacher has no guidance (set it to 1)",
+        "evaluation.teacher_guidance=5.0: the sdxl teacher has no guidance (set it to 1)",
     ]
