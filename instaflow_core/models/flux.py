@@ -191,7 +191,7 @@ class FluxFamily(ModelFamily):
 
     @staticmethod
     def guidance_kind(configs: dict[str, dict[str, Any]]) -> Guidance:
-        """"embedded" for a transformer with the guidance embedding (FLUX.1-dev), "none" without (schnell)."""
+        """ "embedded" for a transformer with the guidance embedding (FLUX.1-dev), "none" without (schnell)."""
         return "embedded" if (configs.get("transformer") or {}).get("guidance_embeds", False) else "none"
 
     def setting_problems(self, cfg: Any) -> list[str]:
@@ -310,7 +310,9 @@ class FluxFamily(ModelFamily):
                 f"guidance {guidance:g}: the flux teacher has no guidance embedding (FLUX.1-schnell): set it to 1"
             )
         sched, grid = make_scheduler(scheduler, model.scheduler.config, steps)
-        if scheduler == "flow-euler":  # FluxPipeline passes mu always; a scheduler without dynamic shifting ignores it
+        if (
+            scheduler == "flow-euler"
+        ):  # FluxPipeline passes mu always; a scheduler without dynamic shifting ignores it
             grid["mu"] = image_shift(sched.config, (h // PACK) * (w // PACK))
         sched.set_timesteps(device=device, **grid)
         sched.set_begin_index(0)

@@ -29,7 +29,9 @@ def flux_schnell_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flux_hf_home(flux_dev_repo: Path, flux_schnell_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def flux_hf_home(
+    flux_dev_repo: Path, flux_schnell_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     from tests.support import flux
 
     hf_home = tmp_path_factory.mktemp("hf_home_flux")

@@ -50,7 +50,10 @@ SCHEDULERS = {
         base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
     ),
 }  # fmt: skip
-ROOT_FILES = {"dev": ("flux1-dev.safetensors", "ae.safetensors"), "schnell": ("flux1-schnell.safetensors", "ae.safetensors")}
+ROOT_FILES = {
+    "dev": ("flux1-dev.safetensors", "ae.safetensors"),
+    "schnell": ("flux1-schnell.safetensors", "ae.safetensors"),
+}
 # words of the tests' captions (and a few more): whole-word pieces of the tiny T5 vocabulary, letters beside them
 _T5_WORDS = (
     "a photo of the cat dog red car bird tree house on table street painting blue green small big in with and"
@@ -181,7 +184,9 @@ def build_flux_folder(
     # as on the hub: the two large networks in shards (an index beside them), the pipeline's model_index.json
     transformer.save_pretrained(root / "transformer", max_shard_size=shape.shard_bytes[0])
     text_encoder_2.save_pretrained(root / "text_encoder_2", max_shard_size=shape.shard_bytes[1])
-    save_tokenizer_files(tok, root / "tokenizer")  # vocab.json + merges.txt beside tokenizer.json, as the repo
+    save_tokenizer_files(
+        tok, root / "tokenizer"
+    )  # vocab.json + merges.txt beside tokenizer.json, as the repo
     for stale in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
         if len(list((root / stale).parent.glob("*.safetensors"))) > 1:
             (root / stale).unlink(missing_ok=True)
