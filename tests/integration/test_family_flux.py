@@ -1,6 +1,7 @@
 """The flux family (FLUX.1-dev and FLUX.1-schnell, instaflow_core/models/flux.py) against diffusers' own
-FluxPipeline, on the FLUX-shaped repos (tests/support/flux.py: double and single stream blocks, 2x2 packing of 16
-latent channels, the guidance embedding for dev, the two repos' scheduler configs), float32 on a CPU:
+FluxPipeline, on the hub-shaped FLUX.1-dev and -schnell repos (tests/support/teacher_repos.py: double and single stream blocks,
+2x2 packing of 16 latent channels, the guidance embedding for dev, the two repos' scheduler configs, bf16 weights
+loaded in float32), on a CPU:
 
 - conditions: our Condition is the pipeline's `encode_prompt` (T5 at 512 tokens for dev, 256 for schnell; CLIP's
   pooled output);
@@ -42,9 +43,11 @@ T5_TOKENS = {"dev": 512, "schnell": 256}
 
 
 def _pipe(folder: Path):  # noqa: ANN202 - diffusers' pipeline
+    """diffusers' own loading in float32 (the repos' text encoder configs name bfloat16, which transformers 5
+    honours unless told otherwise)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -68,7 +71,7 @@ def variant(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def folder(variant: str, request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue(f"flux_{variant}_repo")
+    return request.getfixturevalue(f"flux_{variant}_folder")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +96,8 @@ def test_conditions_equal_the_pipelines_encode_prompt(model, folder: Path, varia
         embeds, pooled, text_ids = _pipe(folder).encode_prompt(
             PROMPTS, None, max_sequence_length=T5_TOKENS[variant]
         )
-    assert cond.embeds.shape == (2, T5_TOKENS[variant], 64) and cond.pooled.shape == (2, 32)
+    t5_width, clip_width = model["text_encoder_2"].config.d_model, model["text_encoder"].config.hidden_size
+    assert cond.embeds.shape == (2, T5_TOKENS[variant], t5_width) and cond.pooled.shape == (2, clip_width)
     assert cond.mask is None and cond.extra == {}  # guidance is not a property of the prompt
     diffs = [(cond.embeds - embeds).abs().max().item(), (cond.pooled - pooled).abs().max().item()]
     print(f"{variant}: condition max abs differences {diffs}")
@@ -274,14 +278,13 @@ def test_the_saved_student_is_one_diffusers_step(model, folder: Path, variant: s
     assert np.abs(images.astype(int) - theirs_u8.astype(int)).max() <= 1
 
 
-def test_geometry_and_the_resolutions_the_model_takes(flux_dev_repo: Path) -> None:
-    g = model_geometry(str(flux_dev_repo))
-    assert (
-        g.latent_shape() == (16, 16, 16) and g.native_resolution == 128
-    )  # the VAE's sample_size (1024 real)
+def test_geometry_and_the_resolutions_the_model_takes(flux_dev_folder: Path) -> None:
+    g = model_geometry(str(flux_dev_folder))
+    assert g.latent_shape() == (16, 8, 8) and g.native_resolution == 64  # the VAE's sample_size (real: 1024)
     assert g.latent_shape(RES) == SHAPE and g.latent_shape(1024) == (16, 128, 128)
     problem = g.problem(72, "generation.resolution")
     assert problem.startswith("generation.resolution=72: must be a multiple of 16 px")
+    assert problem.endswith("e.g. 64 (native 64)")
     assert "VAE factor 8 x 2x2 token packing 2" in problem
     assert "2x2 token packing by 2" in g.latent_problem((16, 9, 9))
     assert "channels" in g.latent_problem((64, 8, 8))  # the packed token width is not a latent shape
