@@ -40,7 +40,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 from torch import Tensor, nn
 
 from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.models.family import Condition, Guidance, Model, ModelFamily, replace, to_dtype
+from instaflow_core.models.family import (
+    Condition,
+    Guidance,
+    Model,
+    ModelFamily,
+    read_index,
+    replace,
+    to_dtype,
+)
 from instaflow_core.models.geometry import Geometry
 from instaflow_core.models.sd import autocast, save_tokenizer_files
 
@@ -158,6 +166,32 @@ def image_shift(config: Any, tokens: int) -> float:
             c.get("base_shift", 0.5),
             c.get("max_shift", 1.15),
         )
+    )
+
+
+def single_file_repo(path: Path) -> str:
+    """The hub repo an original FLUX.1 checkpoint belongs to, from its keys (no tensor read): FLUX.1-dev when it
+    holds the guidance embedding, FLUX.1-schnell otherwise; a DataError for other FLUX models (Fill, Depth, ...:
+    image tokens of other widths, pipelines this family does not claim)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            width = f.get_slice("img_in.weight").get_shape()[1] if "img_in.weight" in keys else None
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise DataError(f"{path.name}: unreadable checkpoint ({str(err).splitlines()[0]})") from err
+    if width is None:
+        raise DataError(f"{path.name}: no img_in.weight (not an original-format FLUX.1 checkpoint)")
+    if width != 4 * 16:
+        raise DataError(
+            f"{path.name}: a FLUX model with {width} input features per token (Fill / Depth / Canny take the "
+            "control image in the tokens): only FLUX.1-dev / -schnell-shaped text-to-image models are supported"
+        )
+    return (
+        "black-forest-labs/FLUX.1-dev"
+        if "guidance_in.in_layer.weight" in keys
+        else "black-forest-labs/FLUX.1-schnell"
     )
 
 
@@ -329,20 +363,37 @@ class FluxFamily(ModelFamily):
     def load_single_file(
         self, path: Path, *, config: str | None, local_files_only: bool, dtype: torch.dtype | str
     ) -> Model:
-        """An original-format (Black Forest Labs) FLUX.1 transformer checkpoint via diffusers' single-file loader;
-        the components the file lacks (VAE, text encoders) come from the `config` repo (the inferred one, from the
-        local cache)."""
-        from diffusers import FluxPipeline
+        """An original-format (Black Forest Labs) FLUX.1 transformer checkpoint (`flux1-dev.safetensors`: the
+        transformer only, as the real files) via diffusers' single-file loader; the VAE, text encoders, tokenizers
+        and scheduler from the repo `config` names (a local folder or hub id; default: FLUX.1-dev or -schnell by
+        the file's guidance embedding), whose weights must be there (cached, unless `local_files_only=False`)."""
+        from diffusers import FluxTransformer2DModel
 
-        try:
-            pipe = FluxPipeline.from_single_file(
-                str(path), config=config, local_files_only=local_files_only, torch_dtype=to_dtype(dtype)
+        from instaflow_core.models.sources import hub_snapshot, missing_files
+
+        repo = config or single_file_repo(path)
+        local = Path(repo).expanduser()
+        folder = local if local.is_dir() else hub_snapshot(repo, local_files_only=local_files_only)
+        missing = [m for m in missing_files(folder) if not m.startswith(f"{self.denoiser}/")]
+        if missing:
+            raise DataError(
+                f"{path.name} holds the FLUX transformer only: the VAE and text encoders come from {repo}, which "
+                f"lacks {', '.join(missing)} (download the whole repo)"
             )
+        try:
+            net = FluxTransformer2DModel.from_single_file(
+                str(path), config=str(folder), subfolder=self.denoiser, local_files_only=True,
+                torch_dtype=to_dtype(dtype),
+            )  # fmt: skip
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise DataError(
                 f"{path.name}: not a loadable FLUX checkpoint: {str(err).splitlines()[0]}"
             ) from err
-        parts = {n: getattr(pipe, n) for n in self.required}
+        index = read_index(folder)
+        parts: dict[str, Any] = {self.denoiser: net}
+        for name in self.required:
+            if name != self.denoiser:
+                parts[name] = self.load_component(folder, name, index, to_dtype(dtype), False)
         for part in parts.values():
             if isinstance(part, nn.Module):
                 part.eval().requires_grad_(False)

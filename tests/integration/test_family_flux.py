@@ -288,3 +288,52 @@ def test_geometry_and_the_resolutions_the_model_takes(flux_dev_folder: Path) -> 
     assert "VAE factor 8 x 2x2 token packing 2" in problem
     assert "2x2 token packing by 2" in g.latent_problem((16, 9, 9))
     assert "channels" in g.latent_problem((64, 8, 8))  # the packed token width is not a latent shape
+
+
+def test_a_single_bfl_file_is_the_repos_teacher(
+    folder: Path, variant: str, teacher_hub: Path, tmp_path: Path
+) -> None:
+    """`models.teacher=flux1-dev.safetensors` (BFL keys, the transformer only, as the real file): the family from
+    its keys, the VAE / text encoders / scheduler from the cached repo diffusers infers; the same teacher as the
+    folder, and its conversion into a FluxPipeline folder (what the teacher stage stores) too."""
+    from safetensors.torch import save_file
+
+    from instaflow_core.errors import DataError
+    from instaflow_core.models.flux import single_file_repo
+    from tests.support import teacher_repos as tr
+
+    name = tr.FLUX_DEV_SINGLE_FILE if variant == "dev" else tr.FLUX_SCHNELL_SINGLE_FILE
+    ref = load_source(folder)
+    width = ref.denoiser.config.num_attention_heads * ref.denoiser.config.attention_head_dim
+    assert single_file_repo(folder / name) == (tr.FLUX_DEV if variant == "dev" else tr.FLUX_SCHNELL)
+    with tr.flux_single_file_width(width):  # diffusers 0.42.1 hardcodes FLUX.1's 3072 (tests/support)
+        single = load_source(folder / name)
+    assert single.family.name == "flux" and single.folder is None
+    ours, theirs = single.denoiser.state_dict(), ref.denoiser.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    guidance = 3.5 if variant == "dev" else 1.0
+    args = dict(steps=2, guidance=guidance, scheduler="flow-euler", resolution=RES)
+    x1 = teacher_latents(ref, PROMPTS, SEEDS, **args)
+    assert torch.equal(teacher_latents(single, PROMPTS, SEEDS, **args), x1)
+    converted = load_source(single.save(tmp_path / "teacher"))
+    assert family_of(tmp_path / "teacher").name == "flux"
+    assert torch.equal(teacher_latents(converted, PROMPTS, SEEDS, **args), x1)
+    fill = tmp_path / "flux1-fill-dev.safetensors"  # a FLUX.1 Fill transformer: 384 features per image token
+    save_file(
+        {"img_in.weight": torch.zeros(8, 384), "guidance_in.in_layer.weight": torch.zeros(2, 2)}, str(fill)
+    )
+    with pytest.raises(DataError, match="384 input features per token"):
+        single_file_repo(fill)
+
+
+def test_onnx_export_refuses_a_flux_model_in_one_line(model, tmp_path: Path) -> None:  # noqa: ANN001
+    """The exporter writes one text encoder's graph; FLUX conditions on T5 and CLIP's pooled output: a one-line
+    refusal naming the family, nothing written. (The one-step transformer graph itself exports with the
+    exporter's `_export_graph` at this size; T5-XXL and a 12B transformer in fp32 ONNX are another matter.)"""
+    from instaflow_core.errors import DataError
+    from instaflow_core.inference.onnx_export import export_onnx
+
+    with pytest.raises(DataError) as err:
+        export_onnx(model, tmp_path / "onnx")
+    assert "\n" not in str(err.value) and "a flux model" in str(err.value)
+    assert not (tmp_path / "onnx").exists()
