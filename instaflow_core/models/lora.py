@@ -21,7 +21,8 @@ StateLike = Mapping[str, Tensor] | str | Path
 
 
 def load_state(source: StateLike) -> dict[str, Tensor]:
-    """A UNet state dict from a mapping, a .safetensors file, a UNet folder or a diffusers pipeline folder."""
+    """A denoiser state dict from a mapping, a .safetensors file, a denoiser folder or a diffusers pipeline folder
+    (its unet/ or transformer/)."""
     if isinstance(source, Mapping):
         return dict(source)
     from safetensors.torch import load_file
@@ -31,10 +32,11 @@ def load_state(source: StateLike) -> dict[str, Tensor]:
         candidates = [
             path / "diffusion_pytorch_model.safetensors",
             path / "unet" / "diffusion_pytorch_model.safetensors",
+            path / "transformer" / "diffusion_pytorch_model.safetensors",
         ]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise DataError(f"{path}: no unet/diffusion_pytorch_model.safetensors inside")
+            raise DataError(f"{path}: no unet/ or transformer/diffusion_pytorch_model.safetensors inside")
         path = found
     if path.suffix != ".safetensors" or not path.is_file():
         raise DataError(f"UNet weights {path}: expected a .safetensors file or a diffusers folder")

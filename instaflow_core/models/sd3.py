@@ -31,14 +31,21 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SchedulerMixin
 from torch import Tensor, nn
 
 from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.models.family import Condition, Model, ModelFamily, to_dtype
+from instaflow_core.models.family import Condition, Model, ModelFamily, read_index, to_dtype
 from instaflow_core.models.geometry import Geometry
 from instaflow_core.models.sd import autocast, save_tokenizer_files
+from instaflow_core.models.sources import hub_snapshot, missing_files
 
 TIMESTEPS = 1000.0  # the transformer's timestep = sigma * 1000 (num_train_timesteps of the repo's scheduler)
 T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length
 CLIP_TOKENS = 77
 SCHEDULERS = ("flow-euler", "euler")  # the first is the teacher's own (evaluation's default for the teacher)
+# the key prefixes of the text encoders a single-file SD3 checkpoint may hold (diffusers' single-file layout)
+SINGLE_FILE_ENCODERS = {
+    "text_encoder": "text_encoders.clip_l.",
+    "text_encoder_2": "text_encoders.clip_g.",
+    "text_encoder_3": "text_encoders.t5xxl.",
+}
 
 
 def transformer_timestep(t: Tensor | float) -> Tensor:
@@ -271,13 +278,34 @@ class SD3Family(ModelFamily):
     def load_single_file(
         self, path: Path, *, config: str | None, local_files_only: bool, dtype: torch.dtype | str
     ) -> Model:
-        """An original-format SD3 / SD 3.5 checkpoint via diffusers' single-file loader; the components the file
-        lacks (often the text encoders) come from the `config` repo (the inferred one, from the local cache)."""
+        """An original-format SD3 / SD 3.5 checkpoint via diffusers' single-file loader. The text encoders a file
+        lacks (the released `sd3.5_medium.safetensors` holds the MMDiT and the VAE only) come from the `config`
+        folder (the inferred repo's local snapshot); T5 may be absent there too (zeros in its place)."""
         from diffusers import StableDiffusion3Pipeline
+        from safetensors import safe_open
 
         try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise DataError(f"{path.name}: unreadable checkpoint ({str(err).splitlines()[0]})") from err
+        lacking = [
+            c for c, prefix in SINGLE_FILE_ENCODERS.items() if not any(k.startswith(prefix) for k in keys)
+        ]
+        folder = None
+        if (
+            config and lacking
+        ):  # a config folder, or a hub id's snapshot (its weights, from the cache unless allowed)
+            local = Path(config).expanduser()
+            folder = local if local.is_dir() else hub_snapshot(config, local_files_only=local_files_only)
+        passed = self._encoders_from(folder, lacking, path.name, to_dtype(dtype))
+        try:
             pipe = StableDiffusion3Pipeline.from_single_file(
-                str(path), config=config, local_files_only=local_files_only, torch_dtype=to_dtype(dtype)
+                str(path),
+                config=config,
+                local_files_only=local_files_only,
+                torch_dtype=to_dtype(dtype),
+                **passed,
             )
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise DataError(
@@ -289,6 +317,33 @@ class SD3Family(ModelFamily):
             if isinstance(part, nn.Module):
                 part.eval().requires_grad_(False)
         return Model(self, parts, None)
+
+    def _encoders_from(
+        self, folder: Path | None, components: list[str], file: str, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        """The text encoders a single file lacks, from a diffusers folder (T5: None when the folder has no
+        weights for it either); a one-line DataError naming what to download when a CLIP is not there."""
+        if not components:
+            return {}
+        index = read_index(folder) if folder is not None and folder.is_dir() else {}
+        lacking = missing_files(folder) if index else []  # type: ignore[arg-type]
+        out: dict[str, Any] = {}
+        for name in components:
+            have = (
+                bool(index) and _named(index, name) and not [m for m in lacking if m.startswith(f"{name}/")]
+            )
+            if not have:
+                if name == "text_encoder_3":
+                    out["text_encoder_3"] = out["tokenizer_3"] = None
+                    continue
+                where = f"{folder}/{name}/" if folder is not None else f"a config folder's {name}/"
+                raise DataError(
+                    f"{file} holds no {name} and {where} has no weights for it: download the repo's text encoders "
+                    "(huggingface-cli download <repo> --include 'text_encoder*/*' 'tokenizer*/*') or give a "
+                    "checkpoint that includes them"
+                )
+            out[name] = self.load_component(folder, name, index, dtype, False).eval()  # type: ignore[arg-type]
+        return out
 
     def save(self, model: Model, path: Path) -> Path:
         """A StableDiffusion3Pipeline folder (text_encoder_3 / tokenizer_3 null when the model has no T5)."""

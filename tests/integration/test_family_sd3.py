@@ -1,6 +1,6 @@
 """The sd3 family (SD 3.x, instaflow_core/models/sd3.py) against diffusers' own StableDiffusion3Pipeline, on the
-SD 3.5 Medium-shaped repo (tests/support/sd3.py: patch 2, dual attention, qk RMS-norm, two CLIPs + T5, shift 3.0),
-float32 on a CPU:
+SD 3.5 Medium-shaped repo (tests/support/teacher_repos.py: patch 2, dual attention, qk RMS-norm, two CLIPs + a
+sharded T5, shift 3.0, bf16 / fp16 weights as the hub's), and the same repo without T5, float32 on a CPU:
 
 - conditions: our Condition is the pipeline's `encode_prompt` (with T5, and with zeros in its place without it);
 - triplets: `generation.solvers.teacher_latents` (our noise from seeds, our conditions, our latent layout) equals
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from instaflow_core.errors import DataError
 from instaflow_core.generation.solvers import flow_latents, teacher_latents
 from instaflow_core.inference.generate import flow_images
 from instaflow_core.models.family import family_of
@@ -36,13 +38,15 @@ SHAPE = (16, 8, 8)
 
 
 def _pipe(folder: Path):  # noqa: ANN202 - diffusers' pipeline
-    """diffusers' own loading; a folder without T5 needs `text_encoder_3=None, tokenizer_3=None` there (diffusers
-    refuses a null entry of a non-optional component), as its docs load SD3 without T5."""
+    """diffusers' own loading, in float32 (without `dtype` each network loads in the dtype its config names:
+    the repo's fp16 text encoders beside float32 ones); a folder without T5 needs `text_encoder_3=None,
+    tokenizer_3=None` there (diffusers refuses a null entry of a non-optional component), as its docs load SD3
+    without T5."""
     from diffusers import DiffusionPipeline
 
     index = json.loads((folder / "model_index.json").read_text())
     no_t5 = {k: None for k in ("text_encoder_3", "tokenizer_3") if index.get(k) == [None, None]}
-    pipe = DiffusionPipeline.from_pretrained(folder, **no_t5)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **no_t5)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -56,6 +60,10 @@ def _theirs(pipe, steps: int, guidance: float, **kw) -> torch.Tensor:  # noqa: A
             output_type="latent", **kw,
         )  # fmt: skip
     return out.images
+
+
+def _config(folder: Path, component: str) -> dict:
+    return json.loads((folder / component / "config.json").read_text())
 
 
 @pytest.fixture(scope="module", params=["t5", "no-t5"])
@@ -75,7 +83,7 @@ def test_sd3_folders_load_as_the_sd3_family(sd3_repo: Path, sd3_repo_no_t5: Path
     assert not {"text_encoder_3", "tokenizer_3"} & set(without.parts)
     cfg = with_t5.denoiser.config
     assert type(with_t5.denoiser).__name__ == "SD3Transformer2DModel"
-    assert cfg.patch_size == 2 and list(cfg.dual_attention_layers) == [0] and cfg.qk_norm == "rms_norm"
+    assert cfg.patch_size == 2 and list(cfg.dual_attention_layers) and cfg.qk_norm == "rms_norm"
     assert with_t5.family.vae_factors(with_t5.vae) == (1.5305, 0.0609)
     assert with_t5.latent_shape(RES) == SHAPE
 
@@ -87,7 +95,9 @@ def test_conditions_equal_the_pipelines_encode_prompt(folder: Path) -> None:
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             PROMPTS, None, None, do_classifier_free_guidance=True
         )
-    assert cond.embeds.shape == (2, 77 + 256, 96) and cond.pooled.shape == (2, 32 + 48)
+    clip_l, clip_g = (_config(folder, c)["projection_dim"] for c in ("text_encoder", "text_encoder_2"))
+    width = _config(folder, "transformer")["joint_attention_dim"]  # T5's d_model
+    assert cond.embeds.shape == (2, 77 + 256, width) and cond.pooled.shape == (2, clip_l + clip_g)
     assert cond.mask is None and cond.extra == {}
     diffs = [
         (a - b).abs().max().item()
@@ -100,7 +110,8 @@ def test_conditions_equal_the_pipelines_encode_prompt(folder: Path) -> None:
     ]
     print(f"{folder.name}: condition max abs differences {diffs}")
     assert max(diffs) == 0.0
-    assert cond.embeds[:, :77, 80:].abs().max() == 0  # the CLIP states zero-padded from 32 + 48 to T5's 96
+    assert cond.embeds[:, :77, clip_l + clip_g :].abs().max() == 0  # CLIP states zero-padded to T5's width
+    assert cond.embeds[:, :77, : clip_l + clip_g].abs().min(dim=-1).values.max() > 0
     t5_part = cond.embeds[:, 77:].abs().max()
     assert (t5_part == 0) if folder.name == "sd35-no-t5" else (t5_part > 0)
 
@@ -218,11 +229,86 @@ def test_the_saved_student_is_one_diffusers_step(model, sd3_repo: Path, tmp_path
 
 def test_geometry_and_the_resolutions_the_model_takes(sd3_repo: Path) -> None:
     g = model_geometry(str(sd3_repo))
-    assert g.latent_shape() == (16, 16, 16) and g.native_resolution == 128
-    assert g.latent_shape(RES) == SHAPE and g.latent_shape(512) == (16, 64, 64)
+    assert g.latent_shape() == SHAPE and g.native_resolution == RES  # sample_size 8 (SD 3.5: 128, 1024 px)
+    assert g.latent_shape(256) == (16, 32, 32) and g.latent_shape(384) == (16, 48, 48)
     assert "multiple of 16 px" in g.problem(72, "generation.resolution")
-    assert "larger than this model takes (512 px at most" in g.problem(1024, "generation.resolution")
+    # pos_embed_max_size 24 patches of 2 (SD 3.5: 384, 6144 px)
+    assert "larger than this model takes (384 px at most" in g.problem(400, "generation.resolution")
     assert "transformer patching by 2" in g.latent_problem((16, 9, 9))
     assert "16 channels" not in (g.latent_problem((4, 8, 8)) or "") and "channels" in g.latent_problem(
         (4, 8, 8)
+    )
+
+
+def test_save_and_from_configs_keep_the_architecture(folder: Path, tmp_path: Path) -> None:
+    """`save` (what a converted single-file teacher becomes) writes a folder that loads back with the same
+    weights; `from_configs` builds the same architecture with random weights (T5 skipped on request)."""
+    model = load_source(folder)
+    saved = load_source(model.save(tmp_path / "saved"))
+    assert sorted(saved.parts) == sorted(model.parts)
+    for name, part in model.modules().items():
+        other = saved.modules()[name].state_dict()
+        assert all(torch.equal(v, other[k]) for k, v in part.state_dict().items()), name
+    assert saved.encode(PROMPTS).embeds.equal(model.encode(PROMPTS).embeds)
+    fresh = model.family.from_configs(folder, skip=("text_encoder_3",))
+    assert "text_encoder_3" not in fresh.parts and fresh.geometry() == model.geometry()
+    same = {k: v for k, v in model.denoiser.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in fresh.denoiser.config.items() if not k.startswith("_")} == same
+
+
+def test_a_dynamically_shifted_scheduler_matches_the_pipeline_too(sd3_repo: Path) -> None:
+    """A scheduler config with `use_dynamic_shifting` (mu from the image's token count, as SD 3.5 fine-tunes
+    may ship): the family computes mu as StableDiffusion3Pipeline does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, pipe = load_source(sd3_repo), _pipe(sd3_repo)
+    dynamic = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+    )
+    model.parts["scheduler"] = pipe.scheduler = dynamic
+    ours = teacher_latents(
+        model, PROMPTS, SEEDS, steps=3, guidance=3.0, scheduler="flow-euler", resolution=RES
+    )
+    diff = (ours - _theirs(pipe, 3, 3.0)).abs().max().item()
+    print(f"dynamic shifting: max abs difference {diff:.3g}")
+    assert diff < 1e-5
+
+
+def test_the_single_file_checkpoint_loads_with_the_repos_text_encoders(
+    sd3_repo: Path, sd3_repo_no_t5: Path, sd3_hub: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sd3.5_medium.safetensors` holds the MMDiT and the VAE only (as the released file): the family takes the
+    text encoders from the config repo (the cached hub snapshot diffusers' inference names), T5 only where it is
+    there, and says in one line what to download when a CLIP is missing."""
+    from diffusers.loaders import single_file_utils
+
+    from tests.support.teacher_repos import SD35_SINGLE_FILE
+
+    file = sd3_repo / SD35_SINGLE_FILE
+    folder = load_source(sd3_repo)
+    # the tiny file's shapes are not SD 3.5's, which diffusers' inference reads: name what it infers for the real one
+    monkeypatch.setattr(single_file_utils, "infer_diffusers_model_type", lambda checkpoint: "sd35_medium")
+    monkeypatch.setattr(
+        single_file_utils,
+        "fetch_diffusers_config",
+        lambda checkpoint: {"pretrained_model_name_or_path": sd3_hub},
+    )
+    single = load_source(file)  # loading.SINGLE_FILE_FAMILIES: sd35_medium -> sd3
+    assert single.family.name == "sd3" and sorted(single.parts) == sorted(folder.parts)
+    for name, net in folder.modules().items():
+        theirs = single.modules()[name].state_dict()
+        assert all(torch.equal(v, theirs[k]) for k, v in net.state_dict().items()), name
+    assert teacher_latents(single, PROMPTS, SEEDS, steps=2, guidance=4.5, scheduler="flow-euler").equal(
+        teacher_latents(folder, PROMPTS, SEEDS, steps=2, guidance=4.5, scheduler="flow-euler")
+    )
+    family = folder.family
+    no_t5 = family.load_single_file(file, config=str(sd3_repo_no_t5), local_files_only=True, dtype="float32")
+    assert "text_encoder_3" not in no_t5.parts and "text_encoder" in no_t5.parts
+    configs_only = tmp_path / "configs"
+    shutil.copytree(sd3_repo, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "text_encoders"))
+    with pytest.raises(DataError) as err:
+        family.load_single_file(file, config=str(configs_only), local_files_only=True, dtype="float32")
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(
+        f"{SD35_SINGLE_FILE} holds no text_encoder and {configs_only}/text_encoder/"
     )

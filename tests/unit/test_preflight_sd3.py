@@ -1,4 +1,4 @@
-"""`instaflow check` on an SD 3.5 teacher (the sd35 preset, the SD 3.5 Medium-shaped repo of tests/support/sd3.py):
+"""`instaflow check` on an SD 3.5 teacher (the sd35 preset, the SD 3.5 Medium-shaped repo of tests/support/teacher_repos.py):
 each rule one line, found from the configs alone before any weights load: an unknown pipeline class, a missing
 text encoder or tokenizer (and T5 without its tokenizer), a resolution the VAE and the transformer's patching
 cannot take or its position embeddings do not cover, a sampler the family does not have, guidance where a
@@ -7,6 +7,7 @@ family has none."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,8 +26,11 @@ def _cfg(tmp_path: Path, teacher: str | Path, *sets: str) -> InstaflowConfig:
 def _copy(sd3_repo: Path, tmp_path: Path, **index_changes: object) -> Path:
     """A copy of the repo with model_index.json entries changed (None: the key removed)."""
     folder = tmp_path / "teacher"
-    shutil.copytree(sd3_repo, folder)
+    shutil.copytree(
+        sd3_repo, folder, copy_function=os.link
+    )  # hard links: nothing below edits a file in place
     index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").unlink()
     for key, value in index_changes.items():
         if value is None:
             index.pop(key, None)
@@ -88,12 +92,12 @@ def test_resolutions_the_patching_or_the_position_embeddings_cannot_take(
         sd3_repo,
         "generation.resolution=72",
         "distillation.pairs.resolution=64",
-        "evaluation.resolution=1024",
+        "evaluation.resolution=512",
     )
     gen, ev = checks.resolution_problems(cfg, _teacher(sd3_repo)[1])  # type: ignore[arg-type]
     assert gen.startswith("generation.resolution=72: must be a multiple of 16 px")
     assert "VAE factor 8 x transformer patching 2" in gen
-    assert ev.startswith("evaluation.resolution=1024: larger than this model takes (512 px at most")
+    assert ev.startswith("evaluation.resolution=512: larger than this model takes (384 px at most")
 
 
 def test_a_sampler_the_family_does_not_have(sd3_repo: Path, tmp_path: Path) -> None:
@@ -127,6 +131,6 @@ def test_check_reports_every_problem_before_any_work(sd3_repo: Path, tmp_path: P
     assert report.problems == [
         "generation.scheduler='ddim': the sd3 teacher's sampler takes one of ['flow-euler', 'euler']",
         "generation.resolution=60: must be a multiple of 16 px for this model (VAE factor 8 x transformer "
-        "patching 2); e.g. 48 (native 128)",
+        "patching 2); e.g. 48 (native 64)",
     ]
     assert not (tmp_path / "store").exists()
