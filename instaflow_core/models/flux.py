@@ -15,8 +15,9 @@ guidance    FLUX.1-dev is guidance-distilled: no classifier-free guidance, the g
             guidance setting g > 1 goes into extra["guidance"] (`with_guidance`, cfg weight 1, so a student keeps the
             input); g <= 1 (the project's "no guidance", what one-step models are sampled with) leaves the
             condition's own value, DEFAULT_GUIDANCE (3.5, FluxPipeline's default) when it has none. Students are
-            trained on conditions without the value, i.e. at DEFAULT_GUIDANCE, so a FLUX.1-dev student reproduces
-            at guidance 3.5 (`FluxPipeline(..., guidance_scale=3.5)`). FLUX.1-schnell has no guidance embedding:
+            trained on conditions without the value, i.e. with the input at DEFAULT_GUIDANCE whatever guidance
+            their pairs were made with (3.5 in the flux-dev preset), so a FLUX.1-dev student reproduces at
+            guidance 3.5 (`FluxPipeline(..., guidance_scale=3.5)`). FLUX.1-schnell has no guidance embedding:
             the value is never used, and a guidance setting above 1 is a preflight error (`setting_problems`).
 latents     x8 VAE, latent = (vae latent - shift_factor) * scaling_factor (0.3611, 0.1159): what FluxPipeline's
             output_type="latent" returns (packed); resolutions are multiples of 16 px (VAE 8 x packing 2)
@@ -27,6 +28,9 @@ teacher     "flow-euler": the repo's FlowMatchEulerDiscreteScheduler on FluxPipe
 student     a FluxPipeline folder (the scheduler kept): with one step the grid is [1, 0] whatever the shift, so
             `DiffusionPipeline.from_pretrained(student)(..., num_inference_steps=1)` (guidance_scale 3.5 for dev) is
             our one step X0 + v(X0, 0)
+single file a Black Forest Labs checkpoint (`flux1-dev.safetensors`: the transformer only, as the real files)
+            with the VAE, text encoders, tokenizers and scheduler of the repo it belongs to (dev or schnell by its
+            guidance embedding; from the local cache unless models.local_files_only=false)
 """
 
 from __future__ import annotations
