@@ -44,6 +44,7 @@ FAMILIES: dict[str, str] = {
     "sd": "instaflow_core.models.sd",
     "sdxl": "instaflow_core.models.sdxl",
     "sd3": "instaflow_core.models.sd3",
+    "flux": "instaflow_core.models.flux",
     "digits": "instaflow_core.experiments.digits.model",
 }
 STAGE_META = "instaflow.json"  # next to model_index.json: what made a folder (kind, stage, key, base)

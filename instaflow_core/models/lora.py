@@ -8,6 +8,7 @@ Euler loop pays nothing for them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from torch import Tensor
 from instaflow_core.errors import DataError
 
 StateLike = Mapping[str, Tensor] | str | Path
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def load_state(source: StateLike) -> dict[str, Tensor]:
@@ -29,13 +32,13 @@ def load_state(source: StateLike) -> dict[str, Tensor]:
 
     path = Path(source)
     if path.is_dir():
-        candidates = [
-            path / "diffusion_pytorch_model.safetensors",
-            path / "unet" / "diffusion_pytorch_model.safetensors",
-            path / "transformer" / "diffusion_pytorch_model.safetensors",
-        ]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
+        folders = [path, path / "unet", path / "transformer"]
+        found = next((f / WEIGHTS for f in folders if (f / WEIGHTS).is_file()), None)
+        if found is None:  # a sharded denoiser (FLUX's transformer): every shard its index names
+            index = next((f / SHARD_INDEX for f in folders if (f / SHARD_INDEX).is_file()), None)
+            if index is not None:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return {k: v for shard in shards for k, v in load_file(str(index.parent / shard)).items()}
             raise DataError(f"{path}: no unet/ or transformer/diffusion_pytorch_model.safetensors inside")
         path = found
     if path.suffix != ".safetensors" or not path.is_file():
