@@ -23,7 +23,7 @@ from instaflow_core.config import (
 )
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
-from instaflow_core.models.family import ModelFamily, family_of_index, get_family
+from instaflow_core.models.family import ModelFamily, family_of_index
 from instaflow_core.models.geometry import Geometry, tiny_geometry
 from instaflow_core.models.sources import (
     PICKLE_SUFFIXES,
@@ -106,9 +106,9 @@ def teacher_family(models: ModelsConfig, storage: StorageConfig) -> ModelFamily 
     """The teacher's model family from its configs (None when they cannot be read, which `teacher_problems`
     reports, for a single checkpoint file, and for a teacher the pretrain stage trains)."""
     src = models.teacher
-    if src == TINY:
-        return get_family("sd")
-    if src == PRETRAINED_TEACHER or _is_file(src):
+    # the tiny teacher: importing its family's module would cost the preflight seconds of diffusers import; its
+    # sampler refuses a wrong name in one line when generation starts
+    if src in (TINY, PRETRAINED_TEACHER) or _is_file(src):
         return None
     try:
         index, _ = model_configs(src, storage, models)

@@ -100,13 +100,13 @@ def test_resolutions_the_patching_or_the_position_embeddings_cannot_take(
     assert ev.startswith("evaluation.resolution=512: larger than this model takes (384 px at most")
 
 
-def test_a_sampler_the_family_does_not_have(sd3_repo: Path, tmp_path: Path) -> None:
+def test_a_sampler_the_family_does_not_have(sd3_repo: Path, sd21_folder: Path, tmp_path: Path) -> None:
     (problem,) = checks.setting_problems(_cfg(tmp_path, sd3_repo, "generation.scheduler=dpmsolver++"))
     assert problem == (
         "generation.scheduler='dpmsolver++': the sd3 teacher's sampler takes one of ['flow-euler', 'euler']"
     )
-    # and the other way round: the sd35 preset's sampler on an SD 1.x teacher
-    (problem,) = checks.setting_problems(_cfg(tmp_path, "tiny"))
+    # and the other way round: the sd35 preset's sampler on an SD 2.x teacher
+    (problem,) = checks.setting_problems(_cfg(tmp_path, sd21_folder))
     assert problem.startswith("generation.scheduler='flow-euler': the sd teacher's sampler takes one of")
 
 
