@@ -91,6 +91,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     on_cpu = distributed and not torch.cuda.is_available()
     plugin = fsdp_plugin(cfg)
     want_fsdp = distributed and (plugin is not None or _env_flag("ACCELERATE_USE_FSDP"))
+    if want_fsdp and plugin is None and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(FSDP1_REFUSED)
+    if plugin is not None and not distributed:
+        log.warning("fsdp.enabled, but this is one process (WORLD_SIZE 1): training unsharded")
     if plugin is not None and cfg.fsdp.cpu_offload:
         # offloaded shards are gathered and broadcast on the CPU: accelerate then adds gloo beside nccl
         os.environ.setdefault("FSDP_OFFLOAD_PARAMS", "true")
@@ -165,9 +169,14 @@ def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin | None:
         # always a policy object, so accelerate does not replace it with its own (bf16 reduce) from the precision
         mixed_precision_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
         activation_checkpointing=False,  # cfg.gradient_checkpointing switches the model's own
-        cpu_ram_efficient_loading=False,  # every rank builds the student; rank 0's weights are broadcast
         state_dict_type="FULL_STATE_DICT",  # informational: the checkpoints go through training/checkpoint.py
     )
+
+
+FSDP1_REFUSED = (
+    "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config (--fsdp_version 2), "
+    "or use the section's fsdp.enabled"
+)
 
 
 def is_fsdp(acc: Accelerator) -> bool:
@@ -175,10 +184,7 @@ def is_fsdp(acc: Accelerator) -> bool:
     if acc.distributed_type != DistributedType.FSDP:
         return False
     if acc.state.fsdp_plugin.fsdp_version != 2:
-        raise ConfigError(
-            "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
-            "(--fsdp_version 2), or use the section's fsdp.enabled"
-        )
+        raise ConfigError(FSDP1_REFUSED)
     return True
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from instaflow_core.training.checkpoint import obj_from_bytes
@@ -135,3 +136,32 @@ def test_fsdp_checkpoints_are_full_tensors_and_the_ema_averages_full_weights(run
         for k in ema:
             ema[k] = torch.lerp(ema[k], live[k], 1.0 - decay)
             torch.testing.assert_close(saved[k], ema[k], rtol=0, atol=1e-7, msg=f"step {step} {k}")
+
+
+def test_fsdp_section_is_off_by_default_and_maps_to_the_plugin():
+    """No processes: the defaults dump and hash as before the section existed; the plugin follows it."""
+    from instaflow_core.config import load, stable_hash
+    from instaflow_core.errors import ConfigError
+    from instaflow_core.training.setup import fsdp_plugin
+
+    cfg = load("tiny")
+    assert "fsdp" not in cfg.reflow.model_dump(mode="json")
+    assert "fsdp" not in yaml.safe_load(cfg.to_yaml())["reflow"]
+    assert fsdp_plugin(cfg.reflow) is None
+    on = load("tiny", ["reflow.num_processes=2", "reflow.fsdp.enabled=true", "reflow.mixed_precision=bf16"])
+    assert on.reflow.model_dump(mode="json")["fsdp"]["enabled"] is True  # travels in the job's section
+    off = on.reflow.model_copy(update={"fsdp": cfg.reflow.fsdp})
+    assert stable_hash(on.reflow.model_dump(mode="json")) != stable_hash(off.model_dump(mode="json"))
+    plugin = fsdp_plugin(on.reflow)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+    assert type(plugin.cpu_offload).__name__ == "OffloadPolicy"  # no offload
+    sized = fsdp_plugin(
+        on.reflow.model_copy(update={"fsdp": on.reflow.fsdp.model_copy(update={"wrap": "size"})})
+    )
+    assert sized.min_num_params == 50_000_000
+    with pytest.raises(ConfigError, match="num_processes >= 2"):
+        load("tiny", ["reflow.fsdp.enabled=true"])
+    with pytest.raises(ConfigError, match="use_8bit_adam"):
+        load("tiny", ["reflow.num_processes=2", "reflow.fsdp.enabled=true", "reflow.use_8bit_adam=true"])
