@@ -142,6 +142,10 @@ def train(
 
     switches = apply_perf_switches(model, cfg, acc.device)  # on the UNet, in place (compile too)
     if fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in model.modules()):
+            raise ConfigError("FSDP shards the model in place: give train a freshly built, unsharded module")
         blocks = resolve_fsdp_wrap(acc, model)
         log.info("FSDP2: sharding %s per %s", type(model).__name__, ", ".join(blocks) or "model (one unit)")
         broadcast_module(model, acc.device)  # rank 0's weights everywhere, as DDP's prepare does
