@@ -173,7 +173,9 @@ def _remember(cfg: InstaflowConfig, **refs: Any) -> None:
 def rebuild(
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
-    refresh: list[str] = typer.Option(None, "--refresh", help="Force this stage and every stage after it."),
+    refresh: list[str] = typer.Option(
+        None, "--refresh", help="Force this stage and every stage that depends on it."
+    ),
     prefect_api: str | None = PrefectApiOpt,
     use_stack: bool = StackOpt,
     json_out: str | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
