@@ -3,8 +3,8 @@ registered model.
 
 Every stage is a subflow (so the Prefect run graph shows them) whose tasks are cached on the references they
 consume: a rebuild with nothing changed is all cache hits, and a changed config section recomputes only the
-stages downstream of it. `refresh` forces a stage and every stage that depends on its outputs (the stage graph,
-`instaflow_core.refs.GRAPH`: which stages consume what, and which of teacher / pretrain runs).
+stages downstream of it. `refresh` forces a stage and every stage that depends on its outputs (the stage
+graph, `instaflow_core.refs.GRAPH`: which stages consume what, and which of teacher / pretrain runs).
 """
 
 from __future__ import annotations

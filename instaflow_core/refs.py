@@ -44,7 +44,7 @@ class Stage(StrEnum):
         return GRAPH[self].sections[0]
 
     def runs(self, cfg: Any) -> bool:
-        """Whether this stage runs under the config (the teacher stage and the pretrain stage exclude each other)."""
+        """Whether this stage runs under the config (teacher and pretrain exclude each other)."""
         when = GRAPH[self].when
         return when is None or when(cfg)
 
@@ -90,7 +90,7 @@ TRAINED_KIND = {
 # ------------------------------------------------------------------------------------------ the stage graph
 class RefName(StrEnum):
     """What stages hand each other, by the name the graph uses and `refs/latest.json` records it under
-    (tasks/lineage.remember_refs: a stage run on its own starts from these). The models' names are their kinds."""
+    (tasks/lineage.remember_refs: a stage run on its own starts from these). A model's name is its kind."""
 
     PROMPTS = "prompts"  # TableRef: the curated prompts (+ the image table they came from, for pretraining)
     TEACHER = "teacher"  # ModelRef: the teacher, resolved or pretrained (a 1-RF)
@@ -141,9 +141,9 @@ def _pretrained_teacher(cfg: Any) -> bool:
 
 
 _R, _C = RefName, Check
-# The stage graph, declared once. Derived from it: --refresh (`downstream`), the inputs of a stage command and its
-# "run `instaflow X` first" line (`producer`), the rebuild's "which stages ran" (`stage_of_flow`), a command's
-# preflight (`checks_for`), and which of teacher / pretrain runs (`Stage.runs`).
+# The stage graph, declared once. Derived from it: --refresh (`downstream`), the inputs of a stage command and
+# its "run `instaflow X` first" line (`producer`), the rebuild's "which stages ran" (`stage_of_flow`), a
+# command's preflight (`checks_for`), and which of teacher / pretrain runs (`Stage.runs`).
 GRAPH: dict[Stage, StageSpec] = {
     Stage.TEACHER: StageSpec(
         ("models",), outputs=(_R.TEACHER,), checks=(_C.STORAGE, _C.TEACHER), when=_given_teacher
@@ -214,7 +214,7 @@ def consumers(name: str) -> tuple[Stage, ...]:
 
 
 def downstream(stages: Iterable[Stage]) -> set[Stage]:
-    """The stages themselves and every stage that depends on their outputs, transitively (what --refresh forces)."""
+    """The stages and every stage that depends on their outputs, transitively (what --refresh forces)."""
     found = set(stages)
     todo = list(found)
     while todo:
@@ -239,7 +239,7 @@ def topological_order() -> list[Stage]:
 
 
 def stage_of_flow(flow_name: str) -> Stage | None:
-    """The stage whose Prefect flow is `flow_name` (`instaflow-<verb>`); None for any other flow (the rebuild)."""
+    """The stage whose Prefect flow is `flow_name` (`instaflow-<verb>`); None for another (the rebuild)."""
     if not flow_name.startswith(FLOW_PREFIX):
         return None
     try:

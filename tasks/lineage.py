@@ -41,7 +41,7 @@ def load_latest(storage: StorageConfig) -> dict[str, Any]:
 
 
 def latest_ref(storage: StorageConfig, name: str) -> TableRef | ModelRef | None:
-    """The last recorded reference of a stage output by its name (`RefName`: prompts, teacher, triplets, ...)."""
+    """The last recorded reference of a stage output, by name (`RefName`: prompts, teacher, triplets, ...)."""
     raw = load_latest(storage).get(name)
     if raw is None:
         return None

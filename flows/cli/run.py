@@ -1,7 +1,7 @@
 """`instaflow rebuild` and the stage commands (`curate`, `generate`, `reflow`, `distill`, `evaluate`, `register`).
 
-A stage run on its own takes its inputs (the stage graph's, `instaflow_core.refs.GRAPH`) from the latest outputs
-recorded in the store by earlier runs; a missing one names the command that makes it.
+A stage run on its own takes its inputs (the stage graph's, `instaflow_core.refs.GRAPH`) from the latest
+outputs recorded in the store by earlier runs; a missing one names the command that makes it.
 """
 
 from __future__ import annotations
@@ -138,8 +138,8 @@ def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
 
 
 def _need(cfg: InstaflowConfig, name: str) -> Any:
-    """One input of a stage command: the latest `name` recorded in the store, or one line naming the command that
-    makes it. The teacher stage has no command (it resolves a given teacher, trains nothing): it runs here."""
+    """One input of a stage command: the latest `name` in the store, or one line naming the command that makes
+    it. The teacher stage, which has no command (it resolves a given teacher), runs here instead."""
     from tasks.lineage import latest_evaluation, latest_ref
 
     maker = producer(name, cfg)
@@ -157,8 +157,8 @@ def _need(cfg: InstaflowConfig, name: str) -> Any:
 
 
 def _inputs(cfg: InstaflowConfig, stage: Stage) -> dict[str, Any]:
-    """Every input of `stage` (the graph's), the stored ones first in the order their stages run (a missing one
-    names the earliest command to run) and the teacher stage's, the only one that does work here, last."""
+    """Every input of `stage` (the graph's): the stored ones first, in the order their stages run (a missing
+    one names the earliest command to run), then the teacher stage's, the only one that does work here."""
     made_by, order = {name: producer(name, cfg) for name in GRAPH[stage].inputs}, topological_order()
     names = sorted(made_by, key=lambda n: (made_by[n] is Stage.TEACHER, order.index(made_by[n])))
     return {name: _need(cfg, name) for name in names}

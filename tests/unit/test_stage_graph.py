@@ -1,6 +1,6 @@
 """The stage graph (instaflow_core/refs.py: GRAPH), declared once, and what derives from it: --refresh
 (`downstream`, tasks/caching.stage_settings), the stage commands' inputs and "run X first" lines (`producer`,
-flows/cli/run.py), the rebuild's stage grouping (`stage_of_flow`, tasks/lineage.py), the preflight per stage."""
+flows/cli/run.py), the rebuild's stage grouping (`stage_of_flow`, tasks/lineage.py), the preflight checks."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_register_names_evaluate_when_only_the_evaluation_is_missing(tmp_path: P
 
 
 def test_a_stage_command_stops_at_its_first_missing_input(tmp_path: Path) -> None:
-    """`instaflow distill` on an empty store: after the preflight, one line naming the earliest command to run."""
+    """`instaflow distill` on an empty store: after the preflight, one line naming the first command."""
     from typer.testing import CliRunner
 
     from flows.cli.main import app
