@@ -14,7 +14,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from instaflow_core.errors import ConfigError
-from instaflow_core.experiments.digits_config import PRETRAINED_TEACHER
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -23,6 +22,10 @@ else:  # Python 3.10: the same behaviour (str() and f-strings give the value)
     class StrEnum(str, Enum):
         def __str__(self) -> str:
             return str(self.value)
+
+
+# models.teacher: the pretrain stage trains the teacher (section `pretraining`) instead of resolving one
+PRETRAINED_TEACHER = "pretrain"
 
 
 class Stage(StrEnum):
