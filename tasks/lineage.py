@@ -156,8 +156,12 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
         )
         groups: dict[str, list[str]] = {Stage.TEACHER.value: [flow_run_id]}
         pending: list[tuple[Any, str | None]] = [(c, None) for c in children]
+        # a subflow call is also a task run of its parent (Prefect's placeholder): not work that ran
+        placeholders: set[str] = set()
         while pending:
             run, stage = pending.pop()
+            if getattr(run, "parent_task_run_id", None):
+                placeholders.add(str(run.parent_task_run_id))
             if stage is None:
                 flow_name = client.read_flow(run.flow_id).name
                 found = stage_of_flow(flow_name)
@@ -171,6 +175,7 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
             pending += [(g, stage) for g in grand]
         for stage, ids in groups.items():
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            runs = [r for r in runs if str(r.id) not in placeholders]
             if stage == Stage.TEACHER:
                 runs = [r for r in runs if r.name.startswith(Stage.TEACHER.value)]
             states = [r.state.name for r in runs if r.state is not None]
