@@ -17,8 +17,8 @@ from instaflow_core.config import CurationConfig, StorageConfig, load
 from instaflow_core.curation.prompts import CurationReport
 from instaflow_core.curation.sniff import binary_reason, sniff
 from instaflow_core.errors import ConfigError, DataError, StorageError
-from instaflow_core.registration.rules import model_name_problem
 from instaflow_core.evaluation.names import metric_headers
+from instaflow_core.registration.rules import model_name_problem
 from instaflow_core.store import Store
 from tasks.curation import CurationRefused, check_report
 from tasks.retries import is_transient, resume_hint
@@ -136,7 +136,7 @@ def test_model_names_and_endpoints_are_validated() -> None:
 
 # ------------------------------------------------------------------------------------------- headers
 def test_metric_headers_name_the_network_unless_the_real_one_ran() -> None:
-    from tasks.evaluation import display_rows
+    from instaflow_core.evaluation.stage import display_rows
 
     tiny = {
         "fid_features": "tiny-random CLIP (seed 0; stand-in, not paper-comparable)",

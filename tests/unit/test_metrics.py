@@ -27,7 +27,6 @@ from instaflow_core.evaluation.feature_nets import (
     load_clip,
     tiny_clip,
 )
-from instaflow_core.registration.rules import check_gate
 from instaflow_core.evaluation.metrics import (
     FeatureStats,
     clip_score,
@@ -37,6 +36,7 @@ from instaflow_core.evaluation.metrics import (
     measure_latency,
 )
 from instaflow_core.inference.images import image_grid
+from instaflow_core.registration.rules import check_gate
 
 
 # ------------------------------------------------------------------------------------------- Frechet
