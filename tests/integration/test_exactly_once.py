@@ -167,7 +167,7 @@ def test_an_old_table_is_upgraded_in_place(local_storage_cfg):
     import pyarrow as pa
     from lancedb.index import BTree
 
-    from instaflow_core.generation.exactly_once import upgrade_table
+    from instaflow_core.generation.pairs import upgrade_table
     from instaflow_core.generation.triplets import build_rows
     from instaflow_core.store import merge_rows
 
