@@ -209,7 +209,9 @@ def test_reflow_takes_a_table_at_another_resolution(local_inputs):
     other.models.tiny.sample_size = 4
     with prefect_settings(other.storage, other.orchestration):
         small_teacher = teacher_model(other.models, other.storage)
-    assert TrainJob.make(Stage.REFLOW, other.reflow, other.storage, triplets, small_teacher).check_inputs() == (
+    assert TrainJob.make(
+        Stage.REFLOW, other.reflow, other.storage, triplets, small_teacher
+    ).check_inputs() == (
         4,
         8,
         8,

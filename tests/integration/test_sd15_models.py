@@ -12,8 +12,8 @@ import torch
 
 from instaflow_core.config import ModelsConfig, StorageConfig
 from instaflow_core.errors import DataError
-from instaflow_core.models.folder_layout import weights_bytes
 from instaflow_core.models.family import get_family, read_index
+from instaflow_core.models.folder_layout import weights_bytes
 from instaflow_core.models.loading import load_source
 from instaflow_core.models.sources import VARIANT_IGNORE, hub_patterns, hub_snapshot, pipeline_components
 from instaflow_core.preflight import checks

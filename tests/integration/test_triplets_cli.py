@@ -322,9 +322,7 @@ def test_show_decodes_with_the_teacher_recorded_in_the_table(local_storage_cfg, 
 
     def grid(model) -> np.ndarray:
         with torch.inference_mode():
-            return image_grid(
-                decode_latents(model, x1), 2, captions=captions, min_side=128, background=255
-            )
+            return image_grid(decode_latents(model, x1), 2, captions=captions, min_side=128, background=255)
 
     got = np.asarray(Image.open(out).convert("RGB"))
     assert np.array_equal(got, grid(other))

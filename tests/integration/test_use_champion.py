@@ -108,8 +108,8 @@ def test_onnx_export_matches_pytorch_and_is_recorded(registered_tiny: Any, tmp_p
     from mlflow import MlflowClient
 
     from instaflow_core.inference.generate import load_model_folder
-    from instaflow_core.inference.pipeline import InstaFlowPipeline
     from instaflow_core.inference.onnx_export import GRAPHS, OnnxOneStep
+    from instaflow_core.inference.pipeline import InstaFlowPipeline
     from instaflow_core.rectified_flow import noise_from_seeds
 
     reg = registered_tiny

@@ -84,9 +84,9 @@ def test_sigkill_generate_reflow_distill_then_rerun(prefect_api, children, tmp_p
     from instaflow_core.generation.solvers import teacher_latents
     from instaflow_core.generation.triplets import rows_to_latents
     from instaflow_core.models.loading import load_model
-    from tasks.teacher import teacher_model
     from instaflow_core.refs import Stage
     from instaflow_core.training.job import TrainJob
+    from tasks.teacher import teacher_model
 
     rng = random.Random(SEED)
     cfg = load("tiny", [f"storage.root={tmp_path / 'store'}", *SETS])
