@@ -328,8 +328,8 @@ def generate(
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     from flows.generate import generate_flow
+    from instaflow_core.generation.shards import parse_shard_slice
     from instaflow_core.store import Store
-    from tasks.generation import parse_shard_slice
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
     inputs = _inputs(cfg, Stage.GENERATE)
