@@ -12,10 +12,10 @@ import pytest
 from flows.curate import curate_flow
 from instaflow_core.config import InstaflowConfig, StorageConfig, load
 from instaflow_core.curation.prompts import prompt_id, whitespace_counter
+from instaflow_core.curation.stage import PROMPTS_TABLE, curate_into_table
 from instaflow_core.errors import DataError
 from instaflow_core.store import Store, get_metadata, list_versions, open_table
 from tasks.caching import prefect_settings
-from tasks.curation import PROMPTS_TABLE, curate_into_table
 
 
 def _cfg(storage: StorageConfig, sources: list[dict], **curation) -> InstaflowConfig:

@@ -10,6 +10,7 @@ import torch
 
 from instaflow_core.config import CaptionSource, CurationConfig, ImageSetConfig, StorageConfig, TrainConfig
 from instaflow_core.curation.images import IMAGES_META_KEY, images_of, read_images, write_image_table
+from instaflow_core.curation.stage import curate_into_table
 from instaflow_core.errors import DataError
 from instaflow_core.experiments.digits.config import DigitsModelConfig
 from instaflow_core.experiments.digits.images import SOURCE as DIGITS_SOURCE
@@ -17,7 +18,6 @@ from instaflow_core.refs import ModelKind, ModelRef, Stage
 from instaflow_core.store import Store
 from instaflow_core.training.job import TrainJob
 from instaflow_core.training.pretrain import image_batches, save_initial_folder
-from tasks.curation import curate_into_table
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SOURCE = CaptionSource(path=DIGITS_SOURCE, format="digits")

@@ -16,11 +16,11 @@ import pytest
 from instaflow_core.config import CurationConfig, StorageConfig, load
 from instaflow_core.curation.prompts import CurationReport
 from instaflow_core.curation.sniff import binary_reason, sniff
+from instaflow_core.curation.stage import CurationRefused, check_report
 from instaflow_core.errors import ConfigError, DataError, StorageError
 from instaflow_core.evaluation.names import metric_headers
 from instaflow_core.registration.rules import model_name_problem
 from instaflow_core.store import Store
-from tasks.curation import CurationRefused, check_report
 from tasks.retries import is_transient, resume_hint
 
 LFS = fsspec.filesystem("file")
