@@ -338,10 +338,12 @@ def distill(
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     from flows.distill import distill_flow
     from instaflow_core.store import Store
+    from tasks.lineage import latest_ref
 
     rf = _need(cfg, ModelKind.RF2, "reflow")
     prompts = _need(cfg, "prompts", "curate")
-    ref = _run(distill_flow, cfg, rf, prompts)
+    teacher = latest_ref(cfg.storage, "teacher")  # the quality curves' reference (protocol teacher), if known
+    ref = _run(distill_flow, cfg, rf, prompts, teacher=teacher)
     _remember(cfg, instaflow=ref)
     console.print(f"InstaFlow: {_where(Store(cfg.storage).resolve(ref.uri))}", soft_wrap=True)
 
