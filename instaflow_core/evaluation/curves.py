@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from instaflow_core.config import EvaluationConfig, ModelsConfig, StorageConfig
 from instaflow_core.errors import ConfigError
+from instaflow_core.models.family import Model
 from instaflow_core.refs import ModelKind, ModelRef, Stage, TableRef
 
 log = logging.getLogger("instaflow.evaluation")
@@ -134,6 +136,26 @@ def fixed_items(prompts: list[str], samples: int, seed: int) -> list[Any]:
     ]
 
 
+@dataclass
+class _FrozenText(Model):
+    """The evaluated model: the text encoders are frozen, so each prompt list's condition is computed once per
+    stage and reused at every point (kept on the CPU between points); everything else is the Model's."""
+
+    conditions: dict[tuple[str, tuple[str, ...]], Any] = field(default_factory=dict)
+
+    def _cached(self, kind: str, prompts: Any, make: Any) -> Any:
+        key = (kind, (prompts,) if isinstance(prompts, str) else tuple(prompts))
+        if key not in self.conditions:
+            self.conditions[key] = make(prompts).to("cpu")
+        return self.conditions[key].to(self.device)
+
+    def encode(self, prompts: Any) -> Any:
+        return self._cached("encode", prompts, super().encode)
+
+    def negative(self, prompts: Any) -> Any:
+        return self._cached("negative", prompts, super().negative)
+
+
 class TrainingCurves:
     """The loop's Evaluator for one training stage (see the module docstring). `base` is the stage's student
     (family Model): its parts other than the denoiser are shared with the evaluated view; when training reads
@@ -158,6 +180,9 @@ class TrainingCurves:
         self.info: dict[str, Any] = {}
         self.best: dict[str, Any] | None = None
         self._ready = False
+        self._conditions: dict[
+            tuple[str, tuple[str, ...]], Any
+        ] = {}  # the fixed prompts' (frozen) conditions
 
     # ---- once ----------------------------------------------------------------------------------------
     def eval_config(self, protocol: str) -> EvaluationConfig:
@@ -256,20 +281,19 @@ class TrainingCurves:
         parts = dict(base.parts)
         if not base.text_parts():
             family = base.family
-            loaded = family.load(self.base_dir, skip=(family.denoiser,)).to(base.device)
+            loaded = family.load(self.base_dir, skip=(family.denoiser, *parts)).to(base.device)
             parts = {**loaded.parts, **parts}
         return parts
 
     # ---- every point ---------------------------------------------------------------------------------
     def __call__(self, step: int, ema_module: Any) -> dict[str, Any]:
         from instaflow_core.evaluation.sampling import evaluate_sampler
-        from instaflow_core.models.family import Model
 
         if not self._ready:
             self.prepare()
         net = getattr(ema_module, "net", ema_module)  # the Velocity wrapper's denoiser
         family = self.base.family
-        model = Model(family, {**self.view, family.denoiser: net}, self.base.folder)
+        model = _FrozenText(family, {**self.view, family.denoiser: net}, self.base.folder, self._conditions)
         flows = self.stage in (Stage.PRETRAIN, Stage.REFLOW)
         result = evaluate_sampler(
             model, self.sampler, self.prompts, self.seeds, fid_net=self.net, clip_net=self.clip,
