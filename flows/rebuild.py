@@ -3,7 +3,8 @@ registered model.
 
 Every stage is a subflow (so the Prefect run graph shows them) whose tasks are cached on the references they
 consume: a rebuild with nothing changed is all cache hits, and a changed config section recomputes only the
-stages downstream of it. `refresh` forces a stage and everything after it.
+stages downstream of it. `refresh` forces a stage and every stage that depends on its outputs (the stage
+graph, `instaflow_core.refs.GRAPH`: which stages consume what, and which of teacher / pretrain runs).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from flows.generate import generate_flow
 from flows.pretrain import pretrain_flow
 from flows.reflow import reflow_flow
 from flows.register import register_flow
-from instaflow_core.config import PRETRAINED_TEACHER, InstaflowConfig
-from instaflow_core.evaluation.stage import CONTROL
-from instaflow_core.refs import ModelKind, Stage, parse_stages
+from instaflow_core.config import InstaflowConfig
+from instaflow_core.refs import RefName, Stage, downstream, parse_stages, topological_order
 from tasks.caching import stage_settings
 from tasks.lineage import finish_rebuild, save_resolved_config
 from tasks.teacher import teacher_model
@@ -35,19 +35,20 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     """Curate -> (pretrain) -> generate -> reflow -> distill -> evaluate -> register (-> promote when the gate
     passes). `models.teacher: pretrain` trains the teacher on the curated images; any other teacher is resolved."""
     started = time.perf_counter()
-    forced = parse_stages(refresh, "--refresh")
+    forced = downstream(parse_stages(refresh, "--refresh"))
+    if forced:
+        print(f"--refresh: forcing {', '.join(s for s in topological_order() if s in forced)}")
     ctx = FlowRunContext.get()
     run_id = str(ctx.flow_run.id) if ctx else time.strftime("%Y%m%d-%H%M%S")
     config_uri = save_resolved_config(cfg, run_id)
     mlflow_run = start_rebuild_run(cfg, run_id)  # stage runs nest under it (not part of any cache key)
 
-    pretrained = cfg.models.teacher == PRETRAINED_TEACHER
-    if not pretrained:
+    if Stage.TEACHER.runs(cfg):  # a given teacher, resolved (else the pretrain stage trains one)
         with stage_settings(Stage.TEACHER, forced):
             teacher = teacher_model(cfg.models, cfg.storage)
     with stage_settings(Stage.CURATE, forced):
         prompts = curate_flow(cfg)
-    if pretrained:
+    if Stage.PRETRAIN.runs(cfg):
         with stage_settings(Stage.PRETRAIN, forced):
             teacher = pretrain_flow(cfg, prompts, mlflow_parent_run_id=mlflow_run)
     with stage_settings(Stage.GENERATE, forced):
@@ -63,11 +64,11 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
             else None
         )
     with stage_settings(Stage.EVALUATE, forced):
-        models = {ModelKind.RF2: rf, ModelKind.INSTAFLOW: one_step}
+        models = {RefName.RF2: rf, RefName.INSTAFLOW: one_step}
         if control is not None:
-            models[CONTROL] = control
+            models[RefName.CONTROL] = control
         evaluation = evaluate_flow(cfg, models, teacher, prompts, parent_run_id=mlflow_run)
-    refs = {"teacher": teacher, "prompts": prompts, "triplets": triplets, **models}
+    refs = {RefName.TEACHER: teacher, RefName.PROMPTS: prompts, RefName.TRIPLETS: triplets, **models}
     lineage = {name: ref.key() for name, ref in refs.items()}
     with stage_settings(Stage.REGISTER, forced):
         registered = register_flow(cfg, one_step, evaluation, lineage, rf_model=rf, parent_run_id=mlflow_run)

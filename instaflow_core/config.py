@@ -28,6 +28,7 @@ from pydantic import (
 
 from instaflow_core.errors import ConfigError
 from instaflow_core.overrides import apply_override, format_validation, parse_override
+from instaflow_core.refs import PRETRAINED_TEACHER
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"  # package data: found by wheel installs too
 # Sections that were renamed (one word per stage): a preset or override using the old name gets told the new one.
@@ -37,8 +38,6 @@ MOVED_KEYS = {
     "models.digits": "digits.model",
     "evaluation.digits": "digits.classifier (grid_prompts / grid_labels: evaluation.grid_prompts / grid_labels)",
 }
-# models.teacher: the pretrain stage trains the teacher (section `pretraining`) instead of resolving one
-PRETRAINED_TEACHER = "pretrain"
 # Experiments' own sections: the section name -> "module:Class". The vocabulary names where a known-answer
 # experiment keeps its settings and imports that module only when a config has the section, so config.py
 # depends on no experiment (the experiment imports `Section` from here).

@@ -13,14 +13,14 @@ import hashlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from instaflow_core.config import OrchestrationConfig, StorageConfig, stable_hash
-from instaflow_core.refs import Stage
+from instaflow_core.refs import Stage, downstream
 
 WINDOW_ENV = (
     "INSTAFLOW_RETRY_WINDOW_S"  # the run's retry window (prefect_settings sets it; tasks/retries.py reads it)
@@ -192,14 +192,14 @@ def root_flow_run_id() -> str:
 
 
 @contextlib.contextmanager
-def stage_settings(stage: Stage, forced: list[Stage]) -> Iterator[None]:
+def stage_settings(stage: Stage, forced: Iterable[Stage]) -> Iterator[None]:
     """Prefect settings for one stage's subflow of the rebuild.
 
     - Heartbeats off for the stage subflows: Prefect's heartbeat thread sleeps in 1 s steps and is joined when a
       flow run ends, which added ~1 s to every stage (most of a no-change rebuild's time). The rebuild's own run
       keeps its heartbeat, so a crashed rebuild is still detected.
-    - Refresh the cache (force re-execution) of every task in this stage when it is at or after the first stage
-      the user asked to refresh (`forced`).
+    - Refresh the cache (force re-execution) of every task in this stage when the user asked to refresh it
+      (`forced`) or a stage whose outputs it depends on (the stage graph's `downstream`).
     """
     from prefect.settings import (
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -207,9 +207,8 @@ def stage_settings(stage: Stage, forced: list[Stage]) -> Iterator[None]:
         temporary_settings,
     )
 
-    order = list(Stage)
     updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    if forced and order.index(stage) >= min(order.index(s) for s in forced):
+    if stage in downstream(forced):
         updates[PREFECT_TASKS_REFRESH_CACHE] = True
     with temporary_settings(updates=updates):
         yield

@@ -13,24 +13,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from instaflow_core.config import StorageConfig
-from instaflow_core.refs import ModelKind, ModelRef, TableRef
+from instaflow_core.refs import ModelRef, RefName, Stage, TableRef, stage_of_flow
 from instaflow_core.store import Store
 
 logger = logging.getLogger("instaflow.lineage")
 
 LATEST = "refs/latest.json"
 LATEST_EVAL = "refs/latest-eval.json"  # the last evaluation result: `instaflow register` registers with it
-
-# Subflow name fragment -> stage name (for the "which stages ran" report).
-_STAGE_OF_FLOW = {
-    "curate": "curate",
-    "pretrain": "pretrain",
-    "generate": "generate",
-    "reflow": "reflow",
-    "distill": "distill",
-    "evaluat": "evaluate",
-    "regist": "register",
-}
 
 
 def remember_refs(storage: StorageConfig, refs: dict[str, BaseModel]) -> str:
@@ -52,7 +41,7 @@ def load_latest(storage: StorageConfig) -> dict[str, Any]:
 
 
 def latest_ref(storage: StorageConfig, name: str) -> TableRef | ModelRef | None:
-    """The last recorded reference of a stage output (prompts, triplets, teacher, 2rf, instaflow)."""
+    """The last recorded reference of a stage output, by name (`RefName`: prompts, teacher, triplets, ...)."""
     raw = load_latest(storage).get(name)
     if raw is None:
         return None
@@ -89,13 +78,13 @@ def lineage_chain(refs: dict[str, BaseModel], evaluation: dict[str, Any], regist
         "## InstaFlow rebuild lineage",
         "",
         "```",
-        f"prompts      {k('prompts')}",
+        f"prompts      {k(RefName.PROMPTS)}",
         "   |  teacher solves its ODE (generation)",
-        f"triplets     {k('triplets')}    teacher {k('teacher')}",
+        f"triplets     {k(RefName.TRIPLETS)}    teacher {k(RefName.TEACHER)}",
         "   |  reflow (text-conditioned rectified flow)",
-        f"2-RF         {k(ModelKind.RF2)}",
+        f"2-RF         {k(RefName.RF2)}",
         "   |  distillation (pairs from the 2-RF, one-step student)",
-        f"InstaFlow    {k(ModelKind.INSTAFLOW)}",
+        f"InstaFlow    {k(RefName.INSTAFLOW)}",
         "   |  evaluation",
         f"metrics      {evaluation.get('uri', '-')}",
         "   |  registration",
@@ -126,8 +115,9 @@ def emit_assets(refs: dict[str, BaseModel]) -> None:
         from prefect.assets import Asset, materialize
     except ImportError:  # older Prefect: nothing to emit
         return
-    order = ["prompts", "triplets", ModelKind.RF2, ModelKind.INSTAFLOW]
-    upstream: list[Any] = [Asset(key=_asset_key(refs["teacher"]))] if "teacher" in refs else []
+    order = [RefName.PROMPTS, RefName.TRIPLETS, RefName.RF2, RefName.INSTAFLOW]
+    teacher = refs.get(RefName.TEACHER)
+    upstream: list[Any] = [Asset(key=_asset_key(teacher))] if teacher is not None else []
     for name in order:
         ref = refs.get(name)
         if ref is None:
@@ -148,7 +138,10 @@ def emit_assets(refs: dict[str, BaseModel]) -> None:
 
 
 def stage_states(flow_run_id: str) -> dict[str, str]:
-    """For one rebuild run: each stage -> "ran" if any of its tasks executed, "cached" if all were cache hits."""
+    """For one rebuild run: each stage -> "ran" if any of its tasks executed, "cached" if all were cache hits.
+
+    A stage subflow (`instaflow-<verb>`, the stage graph's `stage_of_flow`) and every flow under it count for
+    its stage; the teacher stage is the rebuild's own `teacher-*` tasks."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -161,13 +154,18 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
         children = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
         )
-        groups: dict[str, list[str]] = {"teacher": [flow_run_id]}
-        pending = [(c, None) for c in children]
+        groups: dict[str, list[str]] = {Stage.TEACHER.value: [flow_run_id]}
+        pending: list[tuple[Any, str | None]] = [(c, None) for c in children]
+        # a subflow call is also a task run of its parent (Prefect's placeholder): not work that ran
+        placeholders: set[str] = set()
         while pending:
             run, stage = pending.pop()
+            if getattr(run, "parent_task_run_id", None):
+                placeholders.add(str(run.parent_task_run_id))
             if stage is None:
                 flow_name = client.read_flow(run.flow_id).name
-                stage = next((s for frag, s in _STAGE_OF_FLOW.items() if frag in flow_name), flow_name)
+                found = stage_of_flow(flow_name)
+                stage = found.value if found is not None else flow_name
             groups.setdefault(stage, []).append(str(run.id))
             grand = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
@@ -177,8 +175,9 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
             pending += [(g, stage) for g in grand]
         for stage, ids in groups.items():
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
-            if stage == "teacher":
-                runs = [r for r in runs if r.name.startswith("teacher")]
+            runs = [r for r in runs if str(r.id) not in placeholders]
+            if stage == Stage.TEACHER:
+                runs = [r for r in runs if r.name.startswith(Stage.TEACHER.value)]
             states = [r.state.name for r in runs if r.state is not None]
             if not states:
                 continue

@@ -14,31 +14,13 @@ from pathlib import Path
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.preflight import checks
 from instaflow_core.preflight.checks import PreflightError
-from instaflow_core.refs import Stage
+from instaflow_core.refs import GRAPH, Check, Stage
 
-# Which checks each stage needs (a rebuild: all of them). The teacher check also yields the geometry the
-# resolution check reads, so it always runs before it.
-STAGE_CHECKS: dict[Stage, tuple[str, ...]] = {
-    Stage.TEACHER: ("storage", "teacher"),
-    Stage.CURATE: ("storage", "sources", "teacher"),
-    Stage.PRETRAIN: ("storage", "teacher", "tracking"),  # curation counts tokens with the teacher's tokenizer
-    Stage.GENERATE: ("storage", "teacher", "sampler", "resolution"),
-    Stage.REFLOW: ("storage", "teacher", "tracking"),
-    Stage.DISTILL: ("storage", "lpips", "resolution", "tracking"),
-    Stage.EVALUATE: ("storage", "teacher", "sampler", "evaluation", "resolution", "tracking"),
-    Stage.REGISTER: ("storage", "registry", "tracking"),
-}
-ORDER = (
-    "storage",
-    "sources",
-    "teacher",
-    "sampler",
-    "resolution",
-    "lpips",
-    "evaluation",
-    "registry",
-    "tracking",
-)
+# Which checks each stage needs: the stage graph's (a rebuild: all of them), kept here by name for importers.
+STAGE_CHECKS: dict[Stage, tuple[Check, ...]] = {stage: spec.checks for stage, spec in GRAPH.items()}
+ORDER: tuple[Check, ...] = tuple(
+    Check
+)  # the run order: the teacher check yields the resolution check's geometry
 
 
 def tracking_problems(cfg: InstaflowConfig) -> list[str]:
@@ -78,9 +60,9 @@ class PreflightReport:
             raise PreflightError(self.problems)
 
 
-def checks_for(stages: Iterable[Stage] | None) -> list[str]:
-    """The check names the stages need, in run order (None: every stage, as a rebuild)."""
-    wanted = set().union(*(STAGE_CHECKS[s] for s in (stages if stages is not None else list(Stage))))
+def checks_for(stages: Iterable[Stage] | None) -> list[Check]:
+    """The checks the stages need (the graph's), in run order (None: every stage, as a rebuild)."""
+    wanted = set().union(*(GRAPH[s].checks for s in (stages if stages is not None else list(Stage))))
     return [name for name in ORDER if name in wanted]
 
 
@@ -92,20 +74,22 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
         problems, geometry[0] = checks.teacher_problems(cfg.models, cfg.storage)
         return problems
 
-    runners: dict[str, Callable[[], list[str]]] = {
-        "storage": lambda: checks.storage_problems(cfg.storage),
-        "sources": lambda: checks.source_problems(cfg.curation, cfg.storage),
-        "teacher": teacher,
-        "sampler": lambda: checks.setting_problems(cfg),  # the settings the teacher's family takes
-        "resolution": lambda: checks.resolution_problems(cfg, geometry[0]),
-        "lpips": lambda: checks.lpips_problems(cfg.distillation),
-        "evaluation": lambda: checks.evaluation_problems(cfg.evaluation, cfg.models, cfg.storage),
-        "registry": lambda: checks.registry_problems(cfg.registration),
-        "tracking": lambda: tracking_problems(cfg),
+    runners: dict[Check, Callable[[], list[str]]] = {
+        Check.STORAGE: lambda: checks.storage_problems(cfg.storage),
+        Check.SOURCES: lambda: checks.source_problems(cfg.curation, cfg.storage),
+        Check.TEACHER: teacher,
+        Check.SAMPLER: lambda: checks.setting_problems(cfg),  # the settings the teacher's family takes
+        Check.RESOLUTION: lambda: checks.resolution_problems(cfg, geometry[0]),
+        Check.LPIPS: lambda: checks.lpips_problems(cfg.distillation),
+        Check.EVALUATION: lambda: checks.evaluation_problems(cfg.evaluation, cfg.models, cfg.storage),
+        Check.REGISTRY: lambda: checks.registry_problems(cfg.registration),
+        Check.TRACKING: lambda: tracking_problems(cfg),
     }
     names = checks_for(stages)
-    if "resolution" in names and "teacher" not in names:  # the geometry comes from the teacher's configs
-        names.insert(names.index("resolution"), "teacher")
+    if (
+        Check.RESOLUTION in names and Check.TEACHER not in names
+    ):  # the geometry comes from the teacher's configs
+        names.insert(names.index(Check.RESOLUTION), Check.TEACHER)
     report = PreflightReport()
     for name in names:
         t0 = time.perf_counter()
@@ -113,7 +97,7 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
             problems = runners[name]()
         except Exception as err:  # noqa: BLE001 - a check that breaks is itself a problem to report
             problems = [f"{name} check failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"]
-        report.results.append(CheckResult(name, problems, time.perf_counter() - t0))
+        report.results.append(CheckResult(str(name), problems, time.perf_counter() - t0))
     return report
 
 

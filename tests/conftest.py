@@ -106,9 +106,8 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The tiny SD components (random init, fixed seed), built once per test module."""
-    from instaflow_core.models.tiny import build_tiny
-
+    """The tiny SD model (a `Model` of the SD family: random init, fixed seed), built once per test module."""
     from instaflow_core.config import TinyModelConfig
+    from instaflow_core.models.sd import build_tiny
 
     return build_tiny(TinyModelConfig())

@@ -26,13 +26,17 @@ CHECK_PROMPTS = ["a red car", "a photo of a cat"]
 def check_against_torch(model: object, onnx_dir: Path, guidance: float = 1.0) -> float:
     """Max abs error between onnxruntime's and PyTorch's one-step images (float, [0, 1]), same noise."""
     import numpy as np
+    import torch
 
-    from instaflow_core.inference.generate import flow_images
+    from instaflow_core.inference.generate import flow_latents_from
     from instaflow_core.inference.onnx_export import OnnxOneStep
     from instaflow_core.rectified_flow import noise_from_seeds
 
     x0 = noise_from_seeds([0, 1], model.latent_shape())
-    reference = flow_images(model, CHECK_PROMPTS, [0, 1], 1, guidance).astype(np.float32) / 255.0
+    with torch.no_grad():  # float images, as the ONNX decoder graph gives them (no uint8 rounding)
+        x1 = flow_latents_from(model, x0, model.encode(CHECK_PROMPTS), 1, guidance)
+        images = model.family.decode(model, x1)
+    reference = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     got = OnnxOneStep(onnx_dir)(CHECK_PROMPTS, x0.numpy(), guidance)
     return float(np.abs(reference - got).max())
 

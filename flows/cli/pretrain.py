@@ -7,10 +7,10 @@ curated from and records it as the latest `teacher`, so `instaflow generate` / `
 from __future__ import annotations
 
 from flows.cli.options import PresetOpt, SetOpt
-from flows.cli.run import PrefectApiOpt, _need, _prepare, _remember, _run, console
+from flows.cli.run import PrefectApiOpt, _inputs, _prepare, _remember, _run, console
 from instaflow_core.config import PRETRAINED_TEACHER
 from instaflow_core.errors import ConfigError
-from instaflow_core.refs import Stage
+from instaflow_core.refs import RefName, Stage
 
 
 def pretrain(
@@ -20,10 +20,10 @@ def pretrain(
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.PRETRAIN])
     from flows.pretrain import pretrain_flow
 
-    if cfg.models.teacher != PRETRAINED_TEACHER:
+    if not Stage.PRETRAIN.runs(cfg):
         raise ConfigError(
-            f"models.teacher is {cfg.models.teacher!r}: pretraining runs when it is `pretrain` (e.g. --preset digits)"
+            f"models.teacher is {cfg.models.teacher!r}: pretraining runs when it is `{PRETRAINED_TEACHER}` (e.g. --preset digits)"
         )
-    ref = _run(pretrain_flow, cfg, _need(cfg, "prompts", "curate"))
-    _remember(cfg, teacher=ref)
+    ref = _run(pretrain_flow, cfg, _inputs(cfg, Stage.PRETRAIN)[RefName.PROMPTS])
+    _remember(cfg, **{RefName.TEACHER: ref})
     console.print(f"1-RF teacher: {ref.uri}")

@@ -1,13 +1,16 @@
 """`instaflow rebuild` and the stage commands (`curate`, `generate`, `reflow`, `distill`, `evaluate`, `register`).
 
-A stage run on its own takes its inputs from the latest outputs recorded in the store by earlier runs.
+A stage run on its own takes its inputs (the stage graph's, `instaflow_core.refs.GRAPH`) from the latest
+outputs recorded in the store by earlier runs; a missing one names the command that makes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -15,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli.options import PresetOpt, SetOpt, load_config
-from instaflow_core.config import PRETRAINED_TEACHER, InstaflowConfig
+from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import InstaflowError
-from instaflow_core.refs import ModelKind, Stage
+from instaflow_core.refs import FLOW_PREFIX, GRAPH, RefName, Stage, producer, topological_order
 
 console = Console()
 
@@ -84,18 +87,16 @@ def _prepare(
     return cfg
 
 
-def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
-    """Run a flow with the run's log file, the embedded API under a watchdog and one-line errors."""
+@contextlib.contextmanager
+def _session(cfg: InstaflowConfig, command: str, debug: bool = False) -> Iterator[None]:
+    """A command's Prefect context: its log file, the API it was pointed at (else the embedded one, under a
+    watchdog) and the result storage of its store."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.states import State
 
     from flows.cli import logs
     from flows.cli.server import start_embedded_api
     from tasks.caching import prefect_settings
-    from tasks.retries import describe, is_transient, resume_hint
 
-    debug = os.environ.get("INSTAFLOW_DEBUG") == "1"
-    command = getattr(flow_fn, "name", flow_fn.__name__).removeprefix("instaflow-")
     # Prefect read its settings when it was imported: an API chosen later (--prefect-api, --stack) must be
     # applied through its settings context, not just the environment
     api = os.environ.get("PREFECT_API_URL")
@@ -105,7 +106,19 @@ def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
     ):
         start_embedded_api(logs.CURRENT)
         with prefect_settings(cfg.storage, cfg.orchestration):
-            result = flow_fn(cfg, *args, return_state=True, **kwargs)
+            yield
+
+
+def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
+    """Run a flow with the run's log file, the embedded API under a watchdog and one-line errors."""
+    from prefect.states import State
+
+    from tasks.retries import describe, is_transient, resume_hint
+
+    debug = os.environ.get("INSTAFLOW_DEBUG") == "1"
+    command = getattr(flow_fn, "name", flow_fn.__name__).removeprefix(FLOW_PREFIX)
+    with _session(cfg, command, debug):
+        result = flow_fn(cfg, *args, return_state=True, **kwargs)
     if isinstance(result, State):
         if result.is_failed() or result.is_crashed():
             try:
@@ -124,13 +137,31 @@ def _run(flow_fn: Any, cfg: InstaflowConfig, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def _need(cfg: InstaflowConfig, name: str, hint: str) -> Any:
-    from tasks.lineage import latest_ref
+def _need(cfg: InstaflowConfig, name: str) -> Any:
+    """One input of a stage command: the latest `name` in the store, or one line naming the command that makes
+    it. The teacher stage, which has no command (it resolves a given teacher), runs here instead."""
+    from tasks.lineage import latest_evaluation, latest_ref
 
-    ref = latest_ref(cfg.storage, name)
+    maker = producer(name, cfg)
+    if maker is Stage.TEACHER:
+        from tasks.teacher import teacher_model
+
+        with _session(cfg, maker, os.environ.get("INSTAFLOW_DEBUG") == "1"):
+            ref = teacher_model(cfg.models, cfg.storage)
+        _remember(cfg, **{name: ref})
+        return ref
+    ref = latest_evaluation(cfg.storage) if name == RefName.EVALUATION else latest_ref(cfg.storage, name)
     if ref is None:
-        raise InstaflowError(f"no {name} in {cfg.storage.root} yet: run `instaflow {hint}` first")
+        raise InstaflowError(f"no {name} in {cfg.storage.root} yet: run `instaflow {maker}` first")
     return ref
+
+
+def _inputs(cfg: InstaflowConfig, stage: Stage) -> dict[str, Any]:
+    """Every input of `stage` (the graph's): the stored ones first, in the order their stages run (a missing
+    one names the earliest command to run), then the teacher stage's, the only one that does work here."""
+    made_by, order = {name: producer(name, cfg) for name in GRAPH[stage].inputs}, topological_order()
+    names = sorted(made_by, key=lambda n: (made_by[n] is Stage.TEACHER, order.index(made_by[n])))
+    return {name: _need(cfg, name) for name in names}
 
 
 def _remember(cfg: InstaflowConfig, **refs: Any) -> None:
@@ -142,7 +173,9 @@ def _remember(cfg: InstaflowConfig, **refs: Any) -> None:
 def rebuild(
     preset: str = PresetOpt,
     set_: list[str] = SetOpt,
-    refresh: list[str] = typer.Option(None, "--refresh", help="Force this stage and every stage after it."),
+    refresh: list[str] = typer.Option(
+        None, "--refresh", help="Force this stage and every stage that depends on it."
+    ),
     prefect_api: str | None = PrefectApiOpt,
     use_stack: bool = StackOpt,
     json_out: str | None = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
@@ -209,13 +242,13 @@ def _print_summary(cfg: InstaflowConfig, summary: dict[str, Any]) -> None:
     t.add_column("what")
     t.add_column("where", overflow="fold")  # never cut a path with an ellipsis
     paths: list[tuple[str, str]] = []  # long paths, printed once more on their own lines (copy-paste)
-    for name in ("prompts", "triplets"):
+    for name in (RefName.PROMPTS, RefName.TRIPLETS):
         r = refs.get(name, {})
         t.add_row(
             f"table {name}",
             f"{_where(r.get('db_uri'))}/{r.get('table')} @ v{r.get('version')} ({r.get('rows')} rows)",
         )
-    for name in ("teacher", ModelKind.RF2, ModelKind.INSTAFLOW):
+    for name in (RefName.TEACHER, RefName.RF2, RefName.INSTAFLOW):
         t.add_row(f"model {name}", _where(refs.get(name, {}).get("uri")))
     ev = summary.get("evaluation", {}) or {}
     t.add_row("metrics", _where(ev.get("uri")))
@@ -274,7 +307,7 @@ def curate(
     from instaflow_core.store import Store
 
     ref = _run(curate_flow, cfg)
-    _remember(cfg, prompts=ref)
+    _remember(cfg, **{RefName.PROMPTS: ref})
     console.print(
         f"prompts: {_where(Store(cfg.storage).resolve(ref.key()))} ({ref.rows} rows)", soft_wrap=True
     )
@@ -295,14 +328,13 @@ def generate(
     """Stage 2: the teacher turns (prompt, seed) into (text, noise, latent) triplets."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.GENERATE])
     from flows.generate import generate_flow
+    from instaflow_core.generation.shards import parse_shard_slice
     from instaflow_core.store import Store
-    from tasks.generation import parse_shard_slice
 
     parse_shard_slice(shard_slice)  # a malformed slice fails before any work
-    prompts = _need(cfg, "prompts", "curate")
-    teacher = _need(cfg, "teacher", "pretrain") if cfg.models.teacher == PRETRAINED_TEACHER else None
-    ref = _run(generate_flow, cfg, prompts, teacher, shard_slice=shard_slice)
-    _remember(cfg, triplets=ref)
+    inputs = _inputs(cfg, Stage.GENERATE)
+    ref = _run(generate_flow, cfg, inputs[RefName.PROMPTS], inputs[RefName.TEACHER], shard_slice=shard_slice)
+    _remember(cfg, **{RefName.TRIPLETS: ref})
     console.print(
         f"triplets: {_where(Store(cfg.storage).resolve(ref.key()))} ({ref.rows} rows)", soft_wrap=True
     )
@@ -315,19 +347,10 @@ def reflow(
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REFLOW])
     from flows.reflow import reflow_flow
     from instaflow_core.store import Store
-    from tasks.teacher import teacher_model
 
-    triplets = _need(cfg, "triplets", "generate")
-    from flows.cli import logs
-    from tasks.caching import prefect_settings
-
-    if cfg.models.teacher == PRETRAINED_TEACHER:  # trained by `instaflow pretrain`, not resolved
-        teacher = _need(cfg, "teacher", "pretrain")
-    else:
-        with logs.routed(cfg.storage, "teacher"), prefect_settings(cfg.storage, cfg.orchestration):
-            teacher = teacher_model(cfg.models, cfg.storage)
-    ref = _run(reflow_flow, cfg, triplets, teacher)
-    _remember(cfg, teacher=teacher, **{ModelKind.RF2: ref})
+    inputs = _inputs(cfg, Stage.REFLOW)
+    ref = _run(reflow_flow, cfg, inputs[RefName.TRIPLETS], inputs[RefName.TEACHER])
+    _remember(cfg, **{RefName.RF2: ref})
     console.print(f"2-RF: {_where(Store(cfg.storage).resolve(ref.uri))}", soft_wrap=True)
 
 
@@ -340,11 +363,12 @@ def distill(
     from instaflow_core.store import Store
     from tasks.lineage import latest_ref
 
-    rf = _need(cfg, ModelKind.RF2, "reflow")
-    prompts = _need(cfg, "prompts", "curate")
-    teacher = latest_ref(cfg.storage, "teacher")  # the quality curves' reference (protocol teacher), if known
-    ref = _run(distill_flow, cfg, rf, prompts, teacher=teacher)
-    _remember(cfg, instaflow=ref)
+    inputs = _inputs(cfg, Stage.DISTILL)
+    teacher = latest_ref(
+        cfg.storage, RefName.TEACHER
+    )  # the quality curves' reference (protocol teacher), if known
+    ref = _run(distill_flow, cfg, inputs[RefName.RF2], inputs[RefName.PROMPTS], teacher=teacher)
+    _remember(cfg, **{RefName.INSTAFLOW: ref})
     console.print(f"InstaFlow: {_where(Store(cfg.storage).resolve(ref.uri))}", soft_wrap=True)
 
 
@@ -356,13 +380,9 @@ def evaluate(
     from flows.evaluate import evaluate_flow
     from tasks.lineage import remember_evaluation
 
-    models = {
-        kind: _need(cfg, kind, stage)
-        for kind, stage in ((ModelKind.RF2, "reflow"), (ModelKind.INSTAFLOW, "distill"))
-    }
-    result = _run(
-        evaluate_flow, cfg, models, _need(cfg, "teacher", "reflow"), _need(cfg, "prompts", "curate")
-    )
+    inputs = _inputs(cfg, Stage.EVALUATE)
+    models = {name: inputs[name] for name in (RefName.RF2, RefName.INSTAFLOW)}
+    result = _run(evaluate_flow, cfg, models, inputs[RefName.TEACHER], inputs[RefName.PROMPTS])
     remember_evaluation(cfg.storage, result)
     shown = _resolved(cfg, {k: v for k, v in result.items() if k != "table"})
     console.print_json(json.dumps(shown, default=str))
@@ -374,14 +394,9 @@ def register(
     """Stage 6: register InstaFlow (and the 2-RF) in MLflow; promote to champion if the gate passes."""
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.REGISTER])
     from flows.register import register_flow
-    from tasks.lineage import latest_evaluation
 
-    evaluation = latest_evaluation(cfg.storage)
-    if evaluation is None:
-        raise InstaflowError("no evaluation yet: run `instaflow evaluate` first")
-    model, rf = _need(cfg, ModelKind.INSTAFLOW, "distill"), _need(cfg, ModelKind.RF2, "reflow")
-    lineage = {
-        n: _need(cfg, n, "rebuild").key() for n in ("teacher", "prompts", "triplets", *ModelKind.trained())
-    }
+    inputs = _inputs(cfg, Stage.REGISTER)
+    evaluation, model, rf = (inputs[n] for n in (RefName.EVALUATION, RefName.INSTAFLOW, RefName.RF2))
+    lineage = {n: ref.key() for n, ref in inputs.items() if n != RefName.EVALUATION}  # what it was made from
     result = _run(register_flow, cfg, model, evaluation, lineage, rf_model=rf)
     console.print_json(json.dumps(_resolved(cfg, result), default=str))

@@ -53,14 +53,12 @@ from instaflow_core.evaluation.sampling import (
 )
 from instaflow_core.inference.images import png_bytes
 from instaflow_core.models.loading import load_model
-from instaflow_core.refs import ModelKind, ModelRef, TableRef
+from instaflow_core.refs import ModelKind, ModelRef, RefName, TableRef
 from instaflow_core.store import Store
 
 log = logging.getLogger("instaflow.evaluation")
 
-CONTROL = (
-    "control"  # the models-dict label of distill(teacher), the paper's control (distillation.teacher_control)
-)
+CONTROL = RefName.CONTROL  # the models-dict label of distill(teacher), the paper's control (teacher_control)
 
 
 def _slug(text: str) -> str:

@@ -39,11 +39,6 @@ class Geometry:
             int(unet.get("in_channels", 4)), (int(h), int(w)), 2 ** (vae_levels - 1), 2 ** (levels - 1)
         )
 
-    @classmethod
-    def of(cls, components: Any) -> Geometry:
-        """The geometry of loaded SDComponents (their modules' configs)."""
-        return cls.from_configs(dict(components.unet.config), dict(components.vae.config))
-
     @property
     def native_resolution(self) -> int:
         """The image side the UNet was configured for (512 for SD 1.5)."""
@@ -94,7 +89,7 @@ class Geometry:
 
 
 def tiny_geometry(tiny_cfg: Any) -> Geometry:
-    """The tiny teacher's geometry from its config (models.tiny), without building it (see models/tiny.py)."""
+    """The tiny teacher's geometry from its config (models.tiny), without building it (see models/sd.py's `build_tiny`)."""
     return Geometry(
         in_channels=4,
         sample_size=(int(tiny_cfg.sample_size), int(tiny_cfg.sample_size)),

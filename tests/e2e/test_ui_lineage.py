@@ -1,7 +1,8 @@
 """Lineage where users look for it.
 
 - `instaflow lineage NAME@ALIAS|VERSION` prints the chain back to the prompt set from MLflow tags alone (the
-  tags are made by flows/register.py's `lineage_tags`, the producer, so a renamed tag breaks this test).
+  tags are made by registration/rules.py's `lineage_tags`, the producer the register flow calls, so a renamed
+  tag breaks this test).
 - The browser check (slow): the local stack up on free ports, a tiny rebuild run against it (S3 store, MLflow
   server, Prefect server), then headless Chromium opens the Prefect UI's artifacts page, the lineage artifact
   and the rebuild's flow run page and finds the `instaflow-lineage` artifact on each; screenshots are kept
@@ -37,12 +38,16 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A sqlite MLflow registry with the one-step model and its 2-RF, tagged as the register stage tags them."""
     from mlflow import MlflowClient
 
-    from flows.register import lineage_tags
     from instaflow_core.config import load, stable_hash
+    from instaflow_core.registration.rules import lineage_tags
+    from tasks.caching import code_version, git_sha
 
     tmp_path = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tags = lineage_tags(load("tiny"), LINEAGE, {"uri": "/s/eval/e.json", "run_id": "r123"})
+    tags = lineage_tags(
+        load("tiny"), LINEAGE, {"uri": "/s/eval/e.json", "run_id": "r123"},
+        code_version=code_version(), git_sha=git_sha(),
+    )  # fmt: skip
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for name, kind in (("instaflow-tiny", "instaflow"), ("instaflow-tiny-2rf", "2rf")):
         client.create_registered_model(name)

@@ -13,12 +13,13 @@ import torch
 from flows.distill import PAIRS_TABLE, distill_flow
 from flows.reflow import reflow_flow
 from instaflow_core.errors import ConfigError
+from instaflow_core.models.family import STAGE_META
+from instaflow_core.refs import Stage
 from instaflow_core.store import Store, open_ref
+from instaflow_core.training.job import TrainJob
 from instaflow_core.training.lpips import TinyLPIPS, build_lpips, lpips_distance
-from instaflow_core.training.student import STAGE_META
 from tasks.caching import prefect_settings
-from tasks.training import make_job, read_summary
-from tests.integration.test_reflow_flow import load_pipeline, make_inputs, mlflow_run, tiny_cfg
+from tests.integration.test_reflow_flow import folder_pipeline, make_inputs, mlflow_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,7 +42,7 @@ def _check_chain(cfg, prompts, rf, one):
     assert one.kind == "instaflow" and store.resolve(one.uri).startswith(store.uri("models", "instaflow-"))
 
     # the pairs: one row per train prompt (images_per_prompt 1), solved by this 2-RF with Euler + guidance 1.5
-    pairs_table = open_ref(store, _pairs_ref(cfg, store))
+    pairs_table = open_ref(store, _pairs_ref(cfg, store, rf, prompts))
     solver = {"kind": "rf", "scheduler": "euler", "steps": 2, "guidance": 1.5}
     rows = pairs_table.search().where(f"teacher = '{rf.source}'").limit(None).to_arrow()
     assert rows.num_rows == prompts.rows
@@ -49,12 +50,12 @@ def _check_chain(cfg, prompts, rf, one):
 
     meta = json.loads(store.read_bytes(f"{one.uri}/{STAGE_META}"))
     assert meta["kind"] == "instaflow" and meta["steps"] == 4 and meta["weights"] == "ema"
-    pipe = load_pipeline(store, one.uri)
+    pipe = folder_pipeline(store, one.uri)
     out = pipe(["a photo of a cat", "a red car"], num_inference_steps=1, output_type="np").images
     assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()
 
-    job = make_job("distill", cfg.distillation, cfg.storage, _pairs_ref(cfg, store), rf)
-    summary = read_summary(job)
+    job = TrainJob.make(Stage.DISTILL, cfg.distillation, cfg.storage, _pairs_ref(cfg, store, rf, prompts), rf)
+    summary = job.summary()
     assert summary["steps"] == 4 and summary["sample_steps"] == 1
     assert [r["stage"] for r in summary["history"]] == [0, 1]  # l2 then lpips
     client, run = mlflow_run(cfg, summary["mlflow_run_id"])
@@ -65,18 +66,19 @@ def _check_chain(cfg, prompts, rf, one):
     ]
 
 
-def _pairs_ref(cfg, store):
+def _pairs_ref(cfg, store, rf, prompts):
     """The distill_pairs TableRef the flow trained on (its latest version)."""
     from instaflow_core.store import table_ref
 
-    return table_ref(store, PAIRS_TABLE, config_hash=_job_hash(cfg))
+    return table_ref(store, PAIRS_TABLE, config_hash=_job_hash(cfg, rf, prompts))
 
 
-def _job_hash(cfg):
+def _job_hash(cfg, rf, prompts):
+    from instaflow_core.generation.pairs import PairGeneration
     from instaflow_core.generation.triplets import PairsJob
-    from tasks.generation import job_hash
 
-    return job_hash(PairsJob.from_distill_pairs(cfg.distillation.pairs, table=PAIRS_TABLE))
+    job = PairsJob.from_distill_pairs(cfg.distillation.pairs, table=PAIRS_TABLE)
+    return PairGeneration(job, rf, prompts, cfg.storage).job_hash()
 
 
 def test_distill_flow_local(prefect_api, local_storage_cfg):
@@ -94,9 +96,9 @@ def test_reflow_and_distill_on_s3(prefect_api, s3_storage_cfg):
     prompts, triplets, teacher, rf, one = _chain(cfg)
     assert all(Store(cfg.storage).resolve(m.uri).startswith("s3://") for m in (rf, one))
     store = Store(cfg.storage)
-    job = make_job("reflow", cfg.reflow, cfg.storage, triplets, teacher)
+    job = TrainJob.make(Stage.REFLOW, cfg.reflow, cfg.storage, triplets, teacher)
     assert store.exists(f"{job.ckpt_dir}/latest") and store.exists(job.samples_uri)
-    assert read_summary(job)["steps"] == cfg.reflow.stages[0].steps
+    assert job.summary()["steps"] == cfg.reflow.stages[0].steps
     _check_chain(cfg, prompts, rf, one)
 
 

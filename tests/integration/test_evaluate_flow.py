@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from instaflow_core.models.tiny import build_tiny
 
 from instaflow_core.config import load
 from instaflow_core.curation.prompts import PROMPTS_SCHEMA
+from instaflow_core.models.sd import build_tiny
 from instaflow_core.refs import ModelRef
 from instaflow_core.store import Store, create_table, merge_rows, table_ref
 from tasks.caching import prefect_settings
@@ -168,7 +168,8 @@ def test_coco_reference_statistics_are_cached_in_the_store(local_storage_cfg, tm
 
     from instaflow_core.config import EvaluationConfig, ModelsConfig
     from instaflow_core.evaluation.metrics import FeatureStats
-    from tasks.evaluation import input_identity, reference_stats
+    from instaflow_core.evaluation.stage import input_identity
+    from tasks.evaluation import reference_stats
 
     images_dir = tmp_path / "val2017"
     images_dir.mkdir()

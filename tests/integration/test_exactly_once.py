@@ -165,9 +165,9 @@ def test_an_old_table_is_upgraded_in_place(local_storage_cfg):
     `upgrade_table` (what the prepare task runs) declares the key and drops the index, keeping every row and
     version; merges into it are keyed from then on."""
     import pyarrow as pa
-    from instaflow_core.generation.exactly_once import upgrade_table
     from lancedb.index import BTree
 
+    from instaflow_core.generation.pairs import upgrade_table
     from instaflow_core.generation.triplets import build_rows
     from instaflow_core.store import merge_rows
 

@@ -105,14 +105,13 @@ def test_generate_tiny_local(prefect_api, local_storage_cfg):
     }  # fmt: skip
 
     # x1 is the teacher's ODE solution from the stored seed's noise (the dataset regenerates the same X0)
-    from instaflow_core.generation.teacher import solve_teacher
-
+    from instaflow_core.generation.solvers import teacher_latents
     from instaflow_core.models.loading import load_model
 
-    comps = load_model(teacher, cfg.storage, cfg.models)
+    model = load_model(teacher, cfg.storage, cfg.models)
     sample = got.slice(0, 3)
-    x1 = solve_teacher(
-        comps, sample.column("prompt").to_pylist(), sample.column("seed").to_pylist(), steps=2, guidance=5.0
+    x1 = teacher_latents(
+        model, sample.column("prompt").to_pylist(), sample.column("seed").to_pylist(), steps=2, guidance=5.0
     )
     torch.testing.assert_close(
         torch.from_numpy(rows_to_latents(sample.column("x1"), (4, 8, 8)).astype("float32")),
@@ -195,7 +194,7 @@ def test_shard_slices_share_the_work_then_a_full_run_finishes(prefect_api, local
 def test_runner_and_slice_options():
     from instaflow_core.config import OrchestrationConfig
     from instaflow_core.errors import ConfigError
-    from tasks.generation import parse_shard_slice
+    from instaflow_core.generation.shards import parse_shard_slice
     from tasks.runners import make_task_runner
 
     assert parse_shard_slice(None) is None and parse_shard_slice("2/8") == (2, 8)
@@ -211,18 +210,20 @@ def test_runner_and_slice_options():
 
 
 def test_teacher_refs_point_at_external_models_without_copying(tmp_path, local_storage_cfg):
-    from instaflow_core.models.tiny import build_tiny
-
     from instaflow_core.config import ModelsConfig
-    from instaflow_core.models.loading import load_model, model_latent_shape
+    from instaflow_core.models.loading import load_model
+    from instaflow_core.models.sd import build_tiny
+    from instaflow_core.models.sources import model_geometry
     from tasks.teacher import teacher_model
 
     folder = build_tiny().save(tmp_path / "my-teacher")
     ref = teacher_model.fn(ModelsConfig(teacher=str(folder)), local_storage_cfg)
     assert ref.uri == f"file://{folder}" and ref.source == str(folder) and ref.kind == "teacher"
     assert not Store(local_storage_cfg).exists(Store(local_storage_cfg).uri("models"))  # nothing copied
-    assert model_latent_shape(ref, local_storage_cfg) == (4, 8, 8)
-    assert load_model(ref, local_storage_cfg).unet.config.sample_size == 8
+    assert model_geometry(ref.uri, local_storage_cfg, kind=str(ref.kind)).latent_shape(None) == (4, 8, 8)
+    loaded = load_model(ref, local_storage_cfg)
+    assert loaded.family.name == "sd" and loaded.denoiser.config.sample_size == 8
+    assert loaded.latent_shape() == (4, 8, 8)
     half = teacher_model.fn(ModelsConfig(teacher=str(folder), dtype="float16"), local_storage_cfg)
     assert half.source != ref.source  # the dtype changes outputs, so it is part of the teacher's identity
     hub = teacher_model.fn(

@@ -114,15 +114,14 @@ def test_sigkill_midway_then_rerun_is_exactly_once(prefect_api, tmp_path):
     assert len(set(table.column("run_id").to_pylist())) == 2  # resumed: rows of the killed run were kept
 
     # every stored seed regenerates the noise that produced its latent (re-solved with the teacher)
-    from instaflow_core.generation.teacher import solve_teacher
-
+    from instaflow_core.generation.solvers import teacher_latents
     from instaflow_core.models.loading import load_model
     from tasks.teacher import teacher_model
 
     with prefect_settings(cfg.storage, cfg.orchestration):
-        comps = load_model(teacher_model(cfg.models, cfg.storage), cfg.storage, cfg.models)
-    x1 = solve_teacher(
-        comps,
+        model = load_model(teacher_model(cfg.models, cfg.storage), cfg.storage, cfg.models)
+    x1 = teacher_latents(
+        model,
         table.column("prompt").to_pylist(),
         table.column("seed").to_pylist(),
         steps=cfg.generation.num_inference_steps,

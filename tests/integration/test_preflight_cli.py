@@ -101,7 +101,7 @@ def test_stage_commands_run_their_own_checks_first(work) -> None:
     )
     # refused when the config loads (the name rule is a config validator), before the stage looks for inputs
     assert out.returncode == 1 and "registration.model_name" in out.stderr and "'team/model'" in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "no evaluation yet" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "no evaluation" not in out.stderr, out.stderr
     lpips = _sets(root, "distillation.stages=[{steps: 1, batch_size: 2, loss: lpips}]")
     out, _ = _instaflow(["distill", "--preset", "tiny"] + lpips, cwd)
     assert out.returncode == 1 and "lpips_weights is not set" in out.stderr

@@ -7,23 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from instaflow_core.experiments.digits_config import ImageSetConfig
 
-from instaflow_core.config import CaptionSource, CurationConfig, ModelsConfig, StorageConfig, TrainConfig
-from instaflow_core.curation.images import (
-    DIGITS_SOURCE,
-    IMAGES_META_KEY,
-    images_of,
-    read_images,
-    write_image_table,
-)
+from instaflow_core.config import CaptionSource, CurationConfig, ImageSetConfig, StorageConfig, TrainConfig
+from instaflow_core.curation.images import IMAGES_META_KEY, images_of, read_images, write_image_table
 from instaflow_core.errors import DataError
-from instaflow_core.refs import ModelKind, ModelRef
+from instaflow_core.experiments.digits.config import DigitsModelConfig
+from instaflow_core.experiments.digits.images import SOURCE as DIGITS_SOURCE
+from instaflow_core.refs import ModelKind, ModelRef, Stage
 from instaflow_core.store import Store
-from instaflow_core.training.job import check_job_inputs, run_train_job
+from instaflow_core.training.job import TrainJob
 from instaflow_core.training.pretrain import image_batches, save_initial_folder
 from tasks.curation import curate_into_table
-from tasks.training import make_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SOURCE = CaptionSource(path=DIGITS_SOURCE, format="digits")
@@ -47,7 +41,7 @@ def store_with_digits(tmp_path_factory: pytest.TempPathFactory):
         curation, store, token_counter(tiny_tokenizer()), metadata={IMAGES_META_KEY: images.model_dump_json()}
     )
     folder = root / "init"
-    save_initial_folder(ModelsConfig(), folder)
+    save_initial_folder("digits", DigitsModelConfig(), folder)
     base = ModelRef(uri=f"file://{folder}", kind=ModelKind.RF1, source="digits-init-test")
     return storage, images, prompts, report, base
 
@@ -65,9 +59,9 @@ def test_the_image_table_and_its_prompts(store_with_digits):
 
 def test_batches_meet_fresh_noise_and_are_reproducible(store_with_digits):
     storage, _, prompts, _, _ = store_with_digits
-    from instaflow_core.models.digits import DigitsPixelVAE
+    from instaflow_core.experiments.digits.model import build_digits
 
-    factory = image_batches(prompts, storage, DigitsPixelVAE(), (1, 8, 8), seed=0)
+    factory = image_batches(prompts, storage, build_digits(), (1, 8, 8), seed=0)
 
     class Req:
         stage_index, micro_batch_size, start, rank, world_size, seed = 0, 64, 0, 0, 1, 0
@@ -89,14 +83,14 @@ def _job(storage, prompts, base, ckpt: Path, steps: int = 6):
         stages=[{"steps": steps, "batch_size": 32}], lr=2e-3, warmup_steps=1, ema_decay=0.5,
         caption_dropout=0.1, checkpoint_every=3, log_every=1, sample_prompts=["digit 3"], sample_steps=2,
     )  # fmt: skip
-    job = make_job("pretrain", cfg, storage, prompts, base)
+    job = TrainJob.make(Stage.PRETRAIN, cfg, storage, prompts, base)
     return job.model_copy(update={"ckpt_dir": f"file://{ckpt}", "out_uri": f"file://{ckpt}-model"})
 
 
 def test_pretraining_resumes_where_it_was_killed(store_with_digits, tmp_path):
     storage, _, prompts, _, base = store_with_digits
-    check_job_inputs(_job(storage, prompts, base, tmp_path / "a"))
-    whole = run_train_job(_job(storage, prompts, base, tmp_path / "a"))
+    _job(storage, prompts, base, tmp_path / "a").check_inputs()
+    whole = _job(storage, prompts, base, tmp_path / "a").run()
 
     class Killed(Exception):
         pass
@@ -106,16 +100,18 @@ def test_pretraining_resumes_where_it_was_killed(store_with_digits, tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        run_train_job(_job(storage, prompts, base, tmp_path / "b"), on_log=kill_after_checkpoint)
-    resumed = run_train_job(_job(storage, prompts, base, tmp_path / "b"))
+        _job(storage, prompts, base, tmp_path / "b").run(on_log=kill_after_checkpoint)
+    resumed = _job(storage, prompts, base, tmp_path / "b").run()
     assert resumed["start_step"] == 3 and resumed["steps"] == 6
     assert [h["loss"] for h in resumed["history"]] == pytest.approx(
         [h["loss"] for h in whole["history"]], rel=1e-5
     )
-    from instaflow_core.models.loading import load_components
+    from instaflow_core.models.loading import load_source
 
-    a = load_components(tmp_path / "a-model").unet.state_dict()
-    b = load_components(tmp_path / "b-model").unet.state_dict()
+    loaded = load_source(tmp_path / "a-model")
+    assert loaded.family.name == "digits"  # the pretrained teacher is a folder of the base's family
+    a = loaded.denoiser.state_dict()
+    b = load_source(tmp_path / "b-model").denoiser.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     meta = (tmp_path / "a-model" / "instaflow.json").read_text()
@@ -134,4 +130,4 @@ def test_prompts_without_images_get_one_line(store_with_digits, tmp_path):
         Store(storage), token_counter(tiny_tokenizer()), table_name="plain_prompts",
     )  # fmt: skip
     with pytest.raises(DataError, match="not curated from images"):
-        check_job_inputs(_job(storage, plain, base, tmp_path / "c"))
+        _job(storage, plain, base, tmp_path / "c").check_inputs()

@@ -154,18 +154,17 @@ def test_a_worker_killed_mid_shard_is_retried_exactly_once(prefect_api, ray_clus
     torch.testing.assert_close(
         x0.reshape(96, 4, 8, 8), noise_from_seeds(seeds, (4, 8, 8)), atol=2e-3, rtol=1e-3
     )
-    from instaflow_core.generation.teacher import solve_teacher
-
+    from instaflow_core.generation.solvers import teacher_latents
     from instaflow_core.generation.triplets import rows_to_latents
     from instaflow_core.models.loading import load_model
     from tasks.caching import prefect_settings
     from tasks.teacher import teacher_model
 
     with prefect_settings(cfg.storage, cfg.orchestration):
-        comps = load_model(teacher_model(cfg.models, cfg.storage), cfg.storage, cfg.models)
+        model = load_model(teacher_model(cfg.models, cfg.storage), cfg.storage, cfg.models)
     some = table.slice(0, 6)
-    x1 = solve_teacher(
-        comps, some.column("prompt").to_pylist(), some.column("seed").to_pylist(),
+    x1 = teacher_latents(
+        model, some.column("prompt").to_pylist(), some.column("seed").to_pylist(),
         steps=cfg.generation.num_inference_steps, guidance=cfg.generation.guidance_scale,
         scheduler=cfg.generation.scheduler,
     )  # fmt: skip

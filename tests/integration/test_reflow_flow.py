@@ -22,12 +22,12 @@ from flows.generate import generate_flow
 from flows.reflow import reflow_flow
 from instaflow_core.config import InstaflowConfig, StorageConfig, load
 from instaflow_core.errors import DataError, TrainingError
-from instaflow_core.refs import ModelRef, TableRef
+from instaflow_core.models.family import STAGE_META
+from instaflow_core.refs import ModelRef, Stage, TableRef
 from instaflow_core.store import Store
-from instaflow_core.training.student import STAGE_META
+from instaflow_core.training.job import TrainJob
 from tasks.caching import prefect_settings
 from tasks.teacher import teacher_model
-from tasks.training import make_job, read_summary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,7 +71,8 @@ def make_inputs(cfg: InstaflowConfig) -> tuple[TableRef, TableRef, ModelRef]:
     return prompts, triplets, teacher
 
 
-def load_pipeline(store: Store, uri: str):
+def folder_pipeline(store: Store, uri: str):
+    """diffusers' pipeline over a saved folder (what users of the SD family's students load)."""
     from instaflow_core.inference.pipeline import InstaFlowPipeline
 
     pipe = InstaFlowPipeline.from_pretrained(str(store.local_copy(uri)))
@@ -101,7 +102,7 @@ def test_reflow_flow_local_end_to_end_cache_and_resume(local_inputs):
     with prefect_settings(cfg.storage, cfg.orchestration):
         rf = reflow_flow(cfg, triplets, teacher, mlflow_parent_run_id=None)
     store = Store(cfg.storage)
-    job = make_job("reflow", cfg.reflow, cfg.storage, triplets, teacher)
+    job = TrainJob.make(Stage.REFLOW, cfg.reflow, cfg.storage, triplets, teacher)
     assert rf.kind == "2rf" and store.resolve(rf.uri) == job.out_uri and rf.source == f"2rf-{job.key}"
     assert rf.uri.startswith("store://models/2rf-")  # store-relative: a moved store still resolves it
 
@@ -119,12 +120,12 @@ def test_reflow_flow_local_end_to_end_cache_and_resume(local_inputs):
     ).read_bytes()
 
     # the folder loads in the one-step / N-step pipeline and generates
-    pipe = load_pipeline(store, rf.uri)
+    pipe = folder_pipeline(store, rf.uri)
     out = pipe("a photo of a cat", num_inference_steps=2, guidance_scale=1.5, output_type="np").images
     assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
 
     # summary, sample grid, MLflow run with per-step metrics and the grid as an artifact
-    summary = read_summary(job)
+    summary = job.summary()
     assert summary["steps"] == REFLOW_STEPS and summary["start_step"] == 0
     assert [r["step"] for r in summary["history"]] == [2, 4, 6]
     assert store.exists(job.samples_uri)
@@ -155,7 +156,7 @@ def test_reflow_flow_local_end_to_end_cache_and_resume(local_inputs):
     ):
         rerun = reflow_flow(cfg, triplets, teacher)
     assert rerun == rf
-    summary2 = read_summary(job)
+    summary2 = job.summary()
     assert summary2["start_step"] == REFLOW_STEPS and summary2["steps"] == REFLOW_STEPS
     assert summary2["mlflow_run_id"] == summary["mlflow_run_id"]  # the same run continued
 
@@ -177,7 +178,7 @@ def test_reflow_nested_run_and_pseudo_huber(local_inputs):
     cfg2 = InstaflowConfig.model_validate(data)
     with prefect_settings(cfg2.storage, cfg2.orchestration):
         rf = reflow_flow(cfg2, triplets, teacher, mlflow_parent_run_id=parent)
-    summary = read_summary(make_job("reflow", cfg2.reflow, cfg2.storage, triplets, teacher))
+    summary = TrainJob.make(Stage.REFLOW, cfg2.reflow, cfg2.storage, triplets, teacher).summary()
     assert summary["steps"] == 4 and rf.source.endswith(summary["model_uri"].rsplit("2rf-", 1)[-1])
     _, run = mlflow_run(cfg2, summary["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent
@@ -194,7 +195,7 @@ def test_reflow_rejects_wrong_latent_shape_before_training(local_inputs):
         x4_teacher = teacher_model(other.models, other.storage)
         with pytest.raises(DataError, match=r"\(4, 8, 8\) made at 16 px.*\(4, 4, 4\)"):
             reflow_flow(other, triplets, x4_teacher)
-    job = make_job("reflow", other.reflow, other.storage, triplets, x4_teacher)
+    job = TrainJob.make(Stage.REFLOW, other.reflow, other.storage, triplets, x4_teacher)
     store = Store(other.storage)
     assert not store.exists(f"{job.ckpt_dir}/latest") and not store.exists(job.out_uri)
 
@@ -202,14 +203,15 @@ def test_reflow_rejects_wrong_latent_shape_before_training(local_inputs):
 def test_reflow_takes_a_table_at_another_resolution(local_inputs):
     """SD UNets run at any size their down-sampling divides: a teacher configured for 4x4 latents (8 px) trains
     on a 16 px table (its 8x8 latents); a table whose latents the UNet cannot divide is refused."""
-    from instaflow_core.training.job import check_job_inputs
 
     cfg, _prompts, triplets, _teacher = local_inputs
     other = cfg.model_copy(deep=True)
     other.models.tiny.sample_size = 4
     with prefect_settings(other.storage, other.orchestration):
         small_teacher = teacher_model(other.models, other.storage)
-    assert check_job_inputs(make_job("reflow", other.reflow, other.storage, triplets, small_teacher)) == (
+    assert TrainJob.make(
+        Stage.REFLOW, other.reflow, other.storage, triplets, small_teacher
+    ).check_inputs() == (
         4,
         8,
         8,
@@ -219,27 +221,25 @@ def test_reflow_takes_a_table_at_another_resolution(local_inputs):
     with prefect_settings(deep.storage, deep.orchestration):
         deep_teacher = teacher_model(deep.models, deep.storage)
     with pytest.raises(DataError, match="cannot run at that size"):
-        check_job_inputs(make_job("reflow", deep.reflow, deep.storage, triplets, deep_teacher))
+        TrainJob.make(Stage.REFLOW, deep.reflow, deep.storage, triplets, deep_teacher).check_inputs()
 
 
 def test_reflow_rejects_empty_table(local_inputs):
     cfg, _prompts, triplets, teacher = local_inputs
     from instaflow_core.generation.triplets import triplet_schema
     from instaflow_core.store import create_table, table_ref
-    from instaflow_core.training.job import check_job_inputs
 
     store = Store(cfg.storage)
     create_table(store, "empty_triplets", triplet_schema((4, 8, 8)), metadata={})
     empty = table_ref(store, "empty_triplets")
-    job = make_job("reflow", cfg.reflow, cfg.storage, empty, teacher)
+    job = TrainJob.make(Stage.REFLOW, cfg.reflow, cfg.storage, empty, teacher)
     with pytest.raises(DataError, match="empty|no rows|0 rows"):
-        check_job_inputs(job)
+        job.check_inputs()
 
 
 def test_non_finite_loss_names_step_and_checkpoint(local_inputs):
     """lr = 1e30 blows the weights up: one TrainingError line with the step and the last good checkpoint."""
     cfg, _prompts, triplets, teacher = local_inputs
-    from instaflow_core.training.job import run_train_job
 
     section = cfg.reflow.model_copy(
         update={
@@ -250,10 +250,10 @@ def test_non_finite_loss_names_step_and_checkpoint(local_inputs):
             "stages": cfg.reflow.stages,
         }
     )
-    job = make_job("reflow", section, cfg.storage, triplets, teacher)
+    job = TrainJob.make(Stage.REFLOW, section, cfg.storage, triplets, teacher)
     torch.manual_seed(0)
     with pytest.raises(TrainingError) as info:
-        run_train_job(job)
+        job.run()
     msg = str(info.value)
     assert "non-finite" in msg and "at step" in msg and "last good checkpoint" in msg
     assert "\n" not in msg
@@ -269,11 +269,11 @@ def test_reflow_two_processes_through_accelerate_launch(local_inputs):
     cfg2 = InstaflowConfig.model_validate(data)
     with prefect_settings(cfg2.storage, cfg2.orchestration):
         rf = reflow_flow(cfg2, triplets, teacher)
-    summary = read_summary(make_job("reflow", cfg2.reflow, cfg2.storage, triplets, teacher))
+    summary = TrainJob.make(Stage.REFLOW, cfg2.reflow, cfg2.storage, triplets, teacher).summary()
     assert summary["steps"] == 2 and [r["step"] for r in summary["history"]] == [1, 2]
     client, run = mlflow_run(cfg2, summary["mlflow_run_id"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
-    pipe = load_pipeline(Store(cfg2.storage), rf.uri)
+    pipe = folder_pipeline(Store(cfg2.storage), rf.uri)
     assert pipe("a cat", num_inference_steps=1, output_type="np").images.shape == (1, 16, 16, 3)
 
 
@@ -301,25 +301,25 @@ def test_batch_factory_resumes_at_the_same_batch(local_inputs):
 
 def test_init_from_any_weights_layout(tmp_path):
     """reflow.init_from accepts a diffusers folder, a UNet folder, a .safetensors file or a checkpoint folder."""
-    from instaflow_core.models.tiny import build_tiny
     from safetensors.torch import save_file
 
-    from instaflow_core.training.student import load_student, load_unet_weights
+    from instaflow_core.models.sd import build_tiny
+    from instaflow_core.training.student import load_denoiser_weights, load_student
 
     base = build_tiny()
     base.save(tmp_path / "base")
     other = build_tiny(load("tiny").models.tiny.model_copy(update={"seed": 7}))  # different weights
     other.save(tmp_path / "other")
-    want = other.unet.state_dict()
+    want = other.denoiser.state_dict()
     save_file({f"unet.{k}": v.contiguous() for k, v in want.items()}, str(tmp_path / "ema.safetensors"))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "ema.safetensors").write_bytes((tmp_path / "ema.safetensors").read_bytes())
     for source in ("other", "other/unet", "ema.safetensors", "ckpt"):
-        comps = load_student(tmp_path / "base", tmp_path / source)
-        got = comps.unet.state_dict()
+        model = load_student(tmp_path / "base", tmp_path / source)
+        got = model.denoiser.state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want), source
     wrong = build_tiny(load("tiny").models.tiny.model_copy(update={"unet_channels": [32, 32]}))
     with pytest.raises(DataError, match="do not fit"):
-        load_unet_weights(wrong.unet, tmp_path / "other")
+        load_denoiser_weights(wrong.denoiser, tmp_path / "other")
     with pytest.raises(DataError, match="not found"):
-        load_unet_weights(wrong.unet, tmp_path / "missing")
+        load_denoiser_weights(wrong.denoiser, tmp_path / "missing")

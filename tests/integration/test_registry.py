@@ -28,7 +28,7 @@ NAME = "instaflow-test"
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from instaflow_core.models.tiny import build_tiny
+    from instaflow_core.models.sd import build_tiny
 
     return build_tiny().save(tmp_path_factory.mktemp("models") / "instaflow")
 

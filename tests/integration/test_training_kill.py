@@ -18,10 +18,11 @@ import pytest
 
 from flows.reflow import reflow_flow
 from instaflow_core.config import StorageConfig
+from instaflow_core.refs import Stage
 from instaflow_core.store import Store
+from instaflow_core.training.job import TrainJob
 from tasks.caching import prefect_settings
 from tasks.tracking.runs import RUN_FILE
-from tasks.training import make_job, read_summary
 from tests.integration.test_reflow_flow import make_inputs, mlflow_run, tiny_cfg
 from tests.support import REPO
 
@@ -58,7 +59,7 @@ def test_sigkill_mid_training_then_rerun_resumes(prefect_api, tmp_path):
         ],
     )
     _prompts, triplets, teacher = make_inputs(cfg)
-    job = make_job("reflow", cfg.reflow, cfg.storage, triplets, teacher)
+    job = TrainJob.make(Stage.REFLOW, cfg.reflow, cfg.storage, triplets, teacher)
     store = Store(cfg.storage)
     latest = store.local_path(f"{job.ckpt_dir}/latest")
 
@@ -97,12 +98,12 @@ def test_sigkill_mid_training_then_rerun_resumes(prefect_api, tmp_path):
     killed_at = int(latest.read_text().strip().rsplit("-", 1)[-1])
     assert 0 < killed_at < STEPS, "the kill must land mid-training"
     run_id = json.loads(store.read_bytes(f"{job.ckpt_dir}/{RUN_FILE}"))["run_id"]
-    assert read_summary(job) is None  # the killed run never finished
+    assert job.summary() is None  # the killed run never finished
 
     # the rerun (same inputs, same key): resumes from a checkpoint, not from step 0
     with prefect_settings(cfg.storage, cfg.orchestration):
         rf = reflow_flow(cfg, triplets, teacher)
-    summary = read_summary(job)
+    summary = job.summary()
     assert store.resolve(rf.uri) == job.out_uri
     assert summary["start_step"] == killed_at > 0
     assert summary["steps"] == STEPS

@@ -61,10 +61,10 @@ def _make_table(storage: StorageConfig, with_embedding: bool = False, name: str 
     schema = triplet_schema(SHAPE)
     emb = None
     if with_embedding:
-        from instaflow_core.models.tiny import build_tiny
+        from instaflow_core.models.sd import build_tiny
 
-        comps = build_tiny()
-        emb = dict(zip(TEXTS, embed_prompts(comps.text_encoder, comps.tokenizer, TEXTS), strict=True))
+        model = build_tiny()
+        emb = dict(zip(TEXTS, embed_prompts(model["text_encoder"], model["tokenizer"], TEXTS), strict=True))
         schema = schema.append(pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32(), emb[TEXTS[0]].shape[0])))
     table = create_table(store, name, schema)
     rng = np.random.default_rng(0)
@@ -131,10 +131,10 @@ def test_indexes_query_search_stats(local_storage_cfg):
 
 def test_vector_search_finds_the_prompt(local_storage_cfg):
     t = _make_table(local_storage_cfg, with_embedding=True)["table"]
-    from instaflow_core.models.tiny import build_tiny
+    from instaflow_core.models.sd import build_tiny
 
-    comps = build_tiny()
-    vec = embed_prompts(comps.text_encoder, comps.tokenizer, ["a lighthouse at sunset"])[0]
+    model = build_tiny()
+    vec = embed_prompts(model["text_encoder"], model["tokenizer"], ["a lighthouse at sunset"])[0]
     hits = search_vector(t, vec, limit=3)
     assert hits.column("prompt").to_pylist() == ["a lighthouse at sunset"] * 3
     assert hits.column("_distance").to_pylist()[0] < 1e-4
@@ -299,11 +299,11 @@ def test_cli_on_s3(s3_storage_cfg, runner, tmp_path):
 def test_show_decodes_with_the_teacher_recorded_in_the_table(local_storage_cfg, runner, tmp_path):
     """The latents were made by the table's teacher: `show` decodes with its VAE, not with models.teacher."""
     import torch
-    from instaflow_core.models.tiny import build_tiny
     from PIL import Image
 
     from instaflow_core.config import TinyModelConfig
     from instaflow_core.inference.images import decode_latents, image_grid
+    from instaflow_core.models.sd import build_tiny
     from instaflow_core.store import from_tensor_column, set_metadata
     from instaflow_core.store.query import rows_by_id
 
@@ -320,11 +320,9 @@ def test_show_decodes_with_the_teacher_recorded_in_the_table(local_storage_cfg, 
     x1 = torch.from_numpy(from_tensor_column(rows.column("x1"), SHAPE).astype(np.float32))
     captions = rows.column("prompt").to_pylist()
 
-    def grid(comps) -> np.ndarray:
+    def grid(model) -> np.ndarray:
         with torch.inference_mode():
-            return image_grid(
-                decode_latents(comps.vae, x1), 2, captions=captions, min_side=128, background=255
-            )
+            return image_grid(decode_latents(model, x1), 2, captions=captions, min_side=128, background=255)
 
     got = np.asarray(Image.open(out).convert("RGB"))
     assert np.array_equal(got, grid(other))

@@ -107,8 +107,9 @@ def test_onnx_export_matches_pytorch_and_is_recorded(registered_tiny: Any, tmp_p
     import onnx
     from mlflow import MlflowClient
 
-    from instaflow_core.inference.generate import latent_shape, load_pipeline
+    from instaflow_core.inference.generate import load_model_folder
     from instaflow_core.inference.onnx_export import GRAPHS, OnnxOneStep
+    from instaflow_core.inference.pipeline import InstaFlowPipeline
     from instaflow_core.rectified_flow import noise_from_seeds
 
     reg = registered_tiny
@@ -128,11 +129,13 @@ def test_onnx_export_matches_pytorch_and_is_recorded(registered_tiny: Any, tmp_p
             == 18
         )
 
-    pipe = load_pipeline(reg.folder, device="cpu")
+    model = load_model_folder(reg.folder, device="cpu")
+    pipe = InstaFlowPipeline.from_model(model)  # float images in [0, 1], as the ONNX decoder graph gives them
+    pipe.set_progress_bar_config(disable=True)
     runner = OnnxOneStep(out)
     prompts = [*PROMPTS, "a lighthouse at sunset"]
     for batch, guidance in ((1, 1.0), (3, 1.0), (2, 3.0)):  # batch sizes the export was not traced at
-        x0 = noise_from_seeds(list(range(10, 10 + batch)), latent_shape(pipe))
+        x0 = noise_from_seeds(list(range(10, 10 + batch)), model.latent_shape())
         ref = np.asarray(
             pipe(
                 prompts[:batch], num_inference_steps=1, guidance_scale=guidance, latents=x0, output_type="np"
@@ -156,7 +159,7 @@ def test_onnx_export_matches_pytorch_and_is_recorded(registered_tiny: Any, tmp_p
         )
     finally:
         mlflow.set_tracking_uri(None)
-    x0 = noise_from_seeds([0], latent_shape(pipe)).numpy()
+    x0 = noise_from_seeds([0], model.latent_shape()).numpy()
     assert np.array_equal(OnnxOneStep(back)(PROMPTS[:1], x0), runner(PROMPTS[:1], x0))
     res = _cli("sample", "a cat", "-m", f"{reg.name}@champion", "-o", str(tmp_path / "x.png"), *reg.cli)
     assert res.exit_code == 0  # the registered model still loads with the export beside it

@@ -77,16 +77,16 @@ def _check_unique(store: Store, ref, expected: int) -> tuple[int, int]:
 
 
 def test_sigkill_generate_reflow_distill_then_rerun(prefect_api, children, tmp_path, faults) -> None:
-    from instaflow_core.generation.teacher import solve_teacher
-
     from flows.curate import curate_flow
     from flows.distill import distill_flow
     from flows.generate import generate_flow
     from flows.reflow import reflow_flow
+    from instaflow_core.generation.solvers import teacher_latents
     from instaflow_core.generation.triplets import rows_to_latents
     from instaflow_core.models.loading import load_model
+    from instaflow_core.refs import Stage
+    from instaflow_core.training.job import TrainJob
     from tasks.teacher import teacher_model
-    from tasks.training import make_job, read_summary
 
     rng = random.Random(SEED)
     cfg = load("tiny", [f"storage.root={tmp_path / 'store'}", *SETS])
@@ -113,9 +113,9 @@ def test_sigkill_generate_reflow_distill_then_rerun(prefect_api, children, tmp_p
     table = open_ref(store, triplets).to_arrow()
     assert len(set(table.column("run_id").to_pylist())) == 2  # the killed run's rows were kept
     # the noise reproduces from the stored seeds: re-solving the teacher gives the stored latents
-    comps = load_model(teacher, cfg.storage, cfg.models)
-    x1 = solve_teacher(
-        comps,
+    model = load_model(teacher, cfg.storage, cfg.models)
+    x1 = teacher_latents(
+        model,
         table.column("prompt").to_pylist(),
         table.column("seed").to_pylist(),
         steps=cfg.generation.num_inference_steps,
@@ -126,7 +126,7 @@ def test_sigkill_generate_reflow_distill_then_rerun(prefect_api, children, tmp_p
     torch.testing.assert_close(stored, x1, atol=2e-2, rtol=2e-3)
 
     # ---- reflow: killed after a random checkpoint
-    job = make_job("reflow", cfg.reflow, cfg.storage, triplets, teacher)
+    job = TrainJob.make(Stage.REFLOW, cfg.reflow, cfg.storage, triplets, teacher)
     step = rng.choice(range(2, 15, 2))
     log = tmp_path / "reflow.log"
     proc = children.start("reflow", cfg, {"triplets": triplets, "teacher": teacher}, log)
@@ -134,7 +134,7 @@ def test_sigkill_generate_reflow_distill_then_rerun(prefect_api, children, tmp_p
     killed_at = _ckpt_step(store, job.ckpt_dir)
     with prefect_settings(cfg.storage, cfg.orchestration):
         rf = reflow_flow(cfg, triplets, teacher)
-    summary = read_summary(job)
+    summary = job.summary()
     assert summary["start_step"] == killed_at > 0 and summary["steps"] == 16
     assert [r["step"] for r in summary["history"]] == list(range(2, 17, 2))  # continued without a gap
     faults.record("test_kills", "SIGKILL in reflow", 1, note=f"resumed from step {killed_at}/16")

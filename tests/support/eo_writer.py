@@ -3,7 +3,7 @@
 SPEC_JSON: {"storage": StorageConfig dump, "table": name, "coord": plan key, "shards": S, "per_shard": P,
 "batch": B, "ttl": seconds, "order": [shard indices], "sleep": solve seconds per batch}. Roles:
 
-- `leased`: `run_shard` with a claim per shard (the real shard worker), taking the shards in `order`;
+- `leased`: the real shard worker (`ShardWorker`) with a claim per shard, taking the shards in `order`;
 - `rogue`: merges every shard of `order` from scratch with `merge_rows`, no lease, no skip (a writer that knows
   nothing about leases: an old client, or a slice re-run by hand), compacting the table between shards;
 - `commits`: `merge_rows` of disjoint (or, with "overlap", shared) ids in batches, for the commit-rate benchmark.
@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from instaflow_core.config import StorageConfig
-from instaflow_core.generation.shards import ShardClaim, run_shard
+from instaflow_core.generation.shards import ShardClaim, ShardWorker
 from instaflow_core.generation.triplets import SolverSpec, build_rows, expand_jobs, triplet_schema
 from instaflow_core.store import Store, merge_rows, open_table
 from instaflow_core.store.claims import Claims
@@ -61,12 +61,14 @@ def main(role: str, spec: dict) -> dict:
     t0 = time.perf_counter()
     if role == "leased":
         claims = Claims(store, spec["table"], spec["coord"], ttl=spec["ttl"], poll_s=0.3)
+        worker = ShardWorker(
+            table=table, solve=solve_fn(spec["sleep"]), teacher=TEACHER, solver=SOLVER, batch_size=spec["batch"],
+            run_id=role, write=lambda t, r: merge_rows(t, r, "triplet_id"),
+        )  # fmt: skip
         for s in spec["order"]:
-            res = run_shard(
-                jobs=shard_jobs(s, spec["per_shard"]), table=table, solve=solve_fn(spec["sleep"]),
-                batch_size=spec["batch"], teacher=TEACHER, solver=SOLVER, shard=s, run_id=role,
-                done_filter=shard_filter(s), write=lambda t, r: merge_rows(t, r, "triplet_id"),
-                claim=ShardClaim(claims, f"shard-{s}", {"shard": s}),
+            res = worker.run(
+                shard_jobs(s, spec["per_shard"]), s, shard_filter(s),
+                ShardClaim(claims, f"shard-{s}", {"shard": s}),
             )  # fmt: skip
             out["shards"].append([s, res.status, res.written])
     elif role == "rogue":

@@ -13,7 +13,7 @@ import pytest
 
 from instaflow_core.config import OrchestrationConfig
 from instaflow_core.errors import InstaflowError
-from instaflow_core.generation.shards import ShardClaim, run_shard
+from instaflow_core.generation.shards import ShardClaim, ShardWorker
 from instaflow_core.generation.triplets import SolverSpec, expand_jobs, triplet_schema
 from instaflow_core.store import Store, merge_rows
 from instaflow_core.store.claims import Claims
@@ -72,7 +72,7 @@ def _fake_solver(calls):
     return solve
 
 
-def test_run_shard_under_a_claim_commits_in_larger_batches_and_skips_a_shard_done_elsewhere(tmp_path):
+def test_shard_worker_under_a_claim_commits_in_larger_batches_and_skips_a_shard_done_elsewhere(tmp_path):
     store = Store(f"file://{tmp_path}/store")
     table = lancedb.connect(str(tmp_path / "db")).create_table("triplets", schema=triplet_schema((4, 2, 2)))
     jobs = expand_jobs(
@@ -86,35 +86,30 @@ def test_run_shard_under_a_claim_commits_in_larger_batches_and_skips_a_shard_don
         merge_rows(t, rows, "triplet_id")
 
     calls: list[int] = []
-    kwargs = dict(
-        table=table, batch_size=2, teacher="t", solver=SOLVER, shard=0, run_id="r", done_filter="true",
-        claim=ShardClaim(claims, "shard-0"),
-    )  # fmt: skip
-    res = run_shard(jobs=jobs, solve=_fake_solver(calls), write=write, rows_per_commit=5, **kwargs)
+    kwargs = dict(table=table, batch_size=2, teacher="t", solver=SOLVER, run_id="r", write=write)
+    claim0 = ShardClaim(claims, "shard-0")
+    res = ShardWorker(solve=_fake_solver(calls), rows_per_commit=5, **kwargs).run(jobs, 0, "true", claim0)
     assert (res.status, res.written, res.skipped) == ("done", 12, 0)
     assert calls == [2] * 6 and commits == [6, 6]  # 3 batches buffered per commit (>= 5 rows)
     assert claims.done("shard-0")["written"] == 12
-    again = run_shard(jobs=jobs, solve=_fake_solver(calls), write=write, **kwargs)
+    again = ShardWorker(solve=_fake_solver(calls), **kwargs).run(jobs, 0, "true", claim0)
     assert (again.status, again.written) == ("already-done", 0) and len(calls) == 6
 
     # a second writer holds shard 1's lease: ours waits, then finds the rows and solves nothing
     more = expand_jobs([("q0", "u0")], images_per_prompt=3, base_seed=0, teacher="t", solver=SOLVER)
     other = claims.wait("shard-1")
     out: list = []
-    kwargs1 = {
-        **kwargs,
-        "shard": 1,
-        "claim": ShardClaim(claims, "shard-1"),
-        "done_filter": "prompt_id = 'q0'",
-    }
+    done1 = "prompt_id = 'q0'"
     waiter = threading.Thread(
-        target=lambda: out.append(run_shard(jobs=more, solve=_fake_solver(calls), write=write, **kwargs1))
+        target=lambda: out.append(
+            ShardWorker(solve=_fake_solver(calls), **kwargs).run(
+                more, 1, done1, ShardClaim(claims, "shard-1")
+            )
+        )
     )
     waiter.start()
     time.sleep(1.0)  # the waiter has read the (empty) shard and waits on the lease
-    run_shard(
-        jobs=more, solve=_fake_solver(calls), write=write, **{**kwargs1, "claim": None}
-    )  # the holder's work
+    ShardWorker(solve=_fake_solver(calls), **kwargs).run(more, 1, done1, None)  # the holder's work
     claims.mark_done("shard-1", {"written": 3})
     other.release()
     waiter.join(timeout=30)
@@ -122,15 +117,15 @@ def test_run_shard_under_a_claim_commits_in_larger_batches_and_skips_a_shard_don
     assert table.count_rows() == 15
 
 
-def test_run_shard_refuses_a_table_without_the_declared_key(tmp_path):
+def test_shard_worker_refuses_a_table_without_the_declared_key(tmp_path):
     plain = pa.schema([pa.field(f.name, f.type, f.nullable) for f in triplet_schema((4, 2, 2))])
     table = lancedb.connect(str(tmp_path)).create_table("t", schema=plain)
     jobs = expand_jobs([("a", "A")], images_per_prompt=1, base_seed=0, teacher="t", solver=SOLVER)
     with pytest.raises(InstaflowError, match="declared key"):
-        run_shard(
-            jobs=jobs, table=table, solve=_fake_solver([]), batch_size=1, teacher="t", solver=SOLVER, shard=0,
-            run_id="r", done_filter="true", write=lambda t, r: None,
-        )  # fmt: skip
+        ShardWorker(
+            table=table, solve=_fake_solver([]), teacher="t", solver=SOLVER, batch_size=1, run_id="r",
+            write=lambda t, r: None,
+        ).run(jobs, 0, "true")  # fmt: skip
 
 
 def test_ray_task_options_from_config():

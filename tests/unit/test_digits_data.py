@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from instaflow_core.evaluation.digits import (
+
+from instaflow_core.config import CaptionSource, CurationConfig, ImageSetConfig, load
+from instaflow_core.curation.images import image_rows, source_captions, source_module, templates_of
+from instaflow_core.curation.prompts import Curator, normalize, prompt_id
+from instaflow_core.errors import ConfigError, DataError
+from instaflow_core.evaluation.metrics import clip_score
+from instaflow_core.experiments.digits import images as digits_images
+from instaflow_core.experiments.digits.classifier import (
     DigitsAlignmentNet,
     DigitsFeatureNet,
     TrainedClassifier,
@@ -13,20 +20,8 @@ from instaflow_core.evaluation.digits import (
     to_digit_pixels,
     train_classifier,
 )
-from instaflow_core.experiments.digits_config import ImageSetConfig
-
-from instaflow_core.config import CaptionSource, CurationConfig, load
-from instaflow_core.curation.images import (
-    DIGITS_SOURCE,
-    caption_pairs,
-    image_rows,
-    load_image_set,
-    source_captions,
-    templates_of,
-)
-from instaflow_core.curation.prompts import Curator, normalize, prompt_id
-from instaflow_core.errors import ConfigError, DataError
-from instaflow_core.evaluation.metrics import clip_score
+from instaflow_core.experiments.digits.images import SOURCE as DIGITS_SOURCE
+from instaflow_core.experiments.digits.images import TEMPLATES, caption_pairs, load_image_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SOURCE = CaptionSource(path=DIGITS_SOURCE, format="digits")
@@ -53,15 +48,25 @@ def test_the_split_is_fixed_stratified_and_real(image_set):
 
 def test_captions_name_the_digit_in_several_templates(image_set):
     cfg = ImageSetConfig()
+    assert source_module("digits") is digits_images
+    assert cfg.templates == []  # no templates: the source's own
     pairs = caption_pairs(image_set, cfg)
-    assert len(pairs) == 1797 * len(cfg.templates)
+    assert len(pairs) == 1797 * len(TEMPLATES)
     seven = [c for i, c in pairs if image_set.labels[i] == 7]
     assert "a handwritten digit seven" in seven and "the number 7, written by hand" in seven
     assert all(prompt_digit(c) == 7 for c in seven)
     few = ImageSetConfig(captions_per_image=2)
-    picks = templates_of("digits-0001", few)
-    assert len(picks) == 2 and picks == templates_of("digits-0001", few)  # deterministic per image
-    assert len({tuple(templates_of(f"digits-{i:04d}", few)) for i in range(50)}) > 1  # images differ
+    picks = templates_of("digits-0001", list(TEMPLATES), few.captions_per_image)
+    assert len(picks) == 2 and picks == templates_of(
+        "digits-0001", list(TEMPLATES), 2
+    )  # deterministic per image
+    assert (
+        len({tuple(templates_of(f"digits-{i:04d}", list(TEMPLATES), 2)) for i in range(50)}) > 1
+    )  # images differ
+    assert len(caption_pairs(image_set, few)) == 1797 * 2
+    own = ImageSetConfig(templates=["{word}"])  # templates given: those, not the source's
+    assert {c for _, c in caption_pairs(image_set, own)} == {"zero", "one", "two", "three", "four", "five", "six",
+                                                             "seven", "eight", "nine"}  # fmt: skip
 
 
 def test_curation_dedupes_the_table_captions_into_prompts():
@@ -72,7 +77,9 @@ def test_curation_dedupes_the_table_captions_into_prompts():
 
 
 def test_image_rows_link_to_prompt_ids(image_set):
-    table = image_rows(image_set, ImageSetConfig(captions_per_image=1), DIGITS_SOURCE)
+    table = image_rows(
+        image_set, caption_pairs(image_set, ImageSetConfig(captions_per_image=1)), DIGITS_SOURCE
+    )
     assert table.num_rows == 1797
     first = table.slice(0, 1).to_pylist()[0]
     assert first["prompt_id"] == prompt_id(normalize(first["caption"]))
@@ -83,6 +90,10 @@ def test_image_rows_link_to_prompt_ids(image_set):
 def test_bad_sources_and_templates_fail_in_one_line():
     with pytest.raises(DataError, match="sklearn.datasets.load_digits"):
         load_image_set(CaptionSource(path="mnist", format="digits"), ImageSetConfig())
+    with pytest.raises(DataError, match="sklearn.datasets.load_digits"):
+        source_captions(CaptionSource(path="mnist", format="digits"), ImageSetConfig())
+    with pytest.raises(DataError, match="image format 'mnist' is not supported"):
+        source_module("mnist")
     with pytest.raises(DataError, match="template"):
         source_captions(SOURCE, ImageSetConfig(templates=["digit {colour}"]))
 
@@ -128,10 +139,17 @@ def test_the_preset_asks_for_pretraining_with_euler():
     cfg = load("digits")
     assert cfg.models.teacher == "pretrain" and cfg.pretraining is not None
     assert cfg.evaluation.fid_features == "digits-classifier"
+    assert cfg.digits.model.text_hidden_size == 64 and cfg.digits.classifier.steps == 600
+    assert cfg.digits.classifier.min_accuracy == 0.95
     with pytest.raises(ConfigError, match="generation.scheduler=euler"):
         load("digits", ["generation.scheduler=dpmsolver++"])
     with pytest.raises(ConfigError, match="pretraining"):
         load("tiny", ["models.teacher=pretrain", "generation.scheduler=euler"])
+    # the keys that moved into the experiment's own section say where they went
+    with pytest.raises(ConfigError, match="digits.model"):
+        load("digits", ["models.digits.seed=1"])
+    with pytest.raises(ConfigError, match="digits.classifier"):
+        load("digits", ["evaluation.digits.classifier_steps=10"])
     assert CurationConfig(sources=[SOURCE]).images.holdout_fraction == 0.4
 
 

@@ -11,7 +11,6 @@ from instaflow_core.errors import ConfigError
 from instaflow_core.evaluation.paper_table import labelled_grid, paper_checks, paper_table
 from instaflow_core.rectified_flow import sample_t
 from instaflow_core.training.losses import drop_captions
-from instaflow_core.training.student import fresh_weights
 
 
 def test_u_shaped_timesteps_put_mass_at_both_ends():
@@ -55,12 +54,12 @@ def test_caption_dropout_is_seeded_and_about_the_share():
 
 
 def test_init_from_scratch_keeps_the_architecture_not_the_weights():
-    from instaflow_core.models.digits import DigitsVelocityNet
+    from instaflow_core.experiments.digits.model import FAMILY, DigitsVelocityNet
 
     net = DigitsVelocityNet(hidden_size=32, cond_dim=16)
     with torch.no_grad():
         net.proj_in.weight.fill_(0.5)
-    a, b = fresh_weights(net, 1), fresh_weights(net, 1)
+    a, b = FAMILY.fresh_denoiser(net, 1), FAMILY.fresh_denoiser(net, 1)
     assert type(a) is DigitsVelocityNet and dict(a.config) == dict(net.config)
     assert not torch.equal(a.proj_in.weight, net.proj_in.weight)
     assert torch.equal(a.proj_in.weight, b.proj_in.weight)  # seeded

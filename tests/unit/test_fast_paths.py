@@ -5,8 +5,9 @@ Covered: `models/switches.py` (set / read back on the UNet, compile in place), `
 student's UNet gets checkpointing, classic attention, channels_last and compile; TrainResult says so), fused
 AdamW by config, the foreach EMA (and a compiled UNet's EMA copy running its own weights), the pinned
 prefetching loader (same data order and the same loss curve as inline reading, resume included), the async
-latent writer (in order, exactly once, errors surface, nothing written after a failure) inside `run_shard`,
-`solve_teacher`'s options, and `inference.fast.speed_up`.
+latent writer (in order, exactly once, errors surface, nothing written after a failure) inside the
+`ShardWorker`, the teacher solver's options (`make_solver`'s switches, `teacher_latents`' cfg_batched /
+out_device), and `inference.fast.speed_up`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from instaflow_core.generation.teacher import solve_teacher
-from instaflow_core.models.velocity import StudentVelocity
 
 from instaflow_core.config import GenerationConfig, TrainConfig, TrainStageConfig
 from instaflow_core.errors import ConfigError
 from instaflow_core.experiments.gmm import MLPVelocity, make_mixture, noise_data_batches, reflow_loss_fn
-from instaflow_core.generation.shards import run_shard
+from instaflow_core.generation.shards import ShardWorker
+from instaflow_core.generation.solvers import make_solver, teacher_latents
 from instaflow_core.generation.triplets import PairsJob, SolverSpec, expand_jobs, triplet_schema
 from instaflow_core.generation.writer import AsyncLatentWriter
 from instaflow_core.inference.fast import speed_up
@@ -38,7 +38,7 @@ from instaflow_core.training.ema import EMA
 from instaflow_core.training.losses import reflow_batch_loss
 from instaflow_core.training.prefetch import PinnedPrefetcher
 from instaflow_core.training.setup import build_optimizer, make_adamw
-from instaflow_core.training.student import PromptEmbeddings
+from instaflow_core.training.student import ConditionCache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,7 +83,7 @@ def test_switch_values_and_auto():
 
 # ------------------------------------------------------------------------------------------ the UNet's own flags
 def test_switches_live_on_the_unet_and_keep_its_output(tiny):
-    unet = copy.deepcopy(tiny.unet)
+    unet = copy.deepcopy(tiny.denoiser)
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([500.0]), torch.randn(2, 77, 32)
     with torch.no_grad():
         ref = unet(x, t, encoder_hidden_states=cond).sample
@@ -103,7 +103,7 @@ def test_switches_live_on_the_unet_and_keep_its_output(tiny):
     same = unet
     assert set_switches(unet, compile=True, compile_backend="eager") == {"compile": True}
     assert unet is same and unet.dtype == torch.float32 and unet.config.sample_size == 8  # no wrapper
-    assert set(unet.state_dict()) == set(tiny.unet.state_dict())  # no _orig_mod. prefix
+    assert set(unet.state_dict()) == set(tiny.denoiser.state_dict())  # no _orig_mod. prefix
     assert set_switches(unet, compile=False) == {"compile": False}
     # a module without the switch says so (None) instead of pretending
     assert set_switches(torch.nn.Linear(2, 2), sdpa=False, gradient_checkpointing=True) == {
@@ -127,10 +127,13 @@ def _sd_batches(tiny):
 
 
 def test_train_setup_sets_the_switches_on_the_students_unet(tiny, tmp_path, caplog):
-    """sd15.yaml's gradient_checkpointing / sdpa=false / channels_last / compile reach `student.unet`."""
+    """sd15.yaml's gradient_checkpointing / sdpa=false / channels_last / compile reach `student.unet` (the
+    family `Velocity` holds the denoiser under its component name)."""
     comps = copy.deepcopy(tiny)
-    student = StudentVelocity.from_components(comps)
-    loss = reflow_batch_loss(PromptEmbeddings(comps.text_encoder, comps.tokenizer))
+    comps.denoiser.requires_grad_(True).train()  # what TrainJob.run does with the student's denoiser
+    student = comps.velocity()
+    assert student.unet is comps.denoiser
+    loss = reflow_batch_loss(ConditionCache(comps))
     cfg = _student_cfg(gradient_checkpointing=True, sdpa=False, channels_last=True)
     with caplog.at_level(logging.INFO, logger="instaflow.training"):
         res = train(student, _sd_batches(tiny), loss, cfg, str(tmp_path / "ck"))
@@ -208,7 +211,7 @@ def test_ema_is_one_foreach_update_equal_to_the_per_tensor_formula(tiny):
     for e, r, p in zip(ema.model.parameters(), ref, model.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * r + 0.1 * p.detach())
     # an EMA of a UNet compiled in place must not call the live module's compiled graph
-    unet = copy.deepcopy(tiny.unet)
+    unet = copy.deepcopy(tiny.denoiser)
     set_switches(unet, compile=True, compile_backend="eager")
     copied = EMA(unet, 0.9).model
     assert perf_flags(copied)["compile"] is False and perf_flags(unet)["compile"] is True
@@ -331,7 +334,7 @@ def _fake_solver(calls):
 
 
 @pytest.mark.parametrize("fail", [False, True])
-def test_run_shard_async_write_commits_what_the_sync_one_does(tmp_path, fail):
+def test_shard_worker_async_write_commits_what_the_sync_one_does(tmp_path, fail):
     solver = SolverSpec(steps=2, guidance=5.0)
     jobs = expand_jobs([(f"p{i}", f"prompt {i}") for i in range(5)], images_per_prompt=2, base_seed=0,
                        teacher="t", solver=solver)  # fmt: skip
@@ -348,14 +351,14 @@ def test_run_shard_async_write_commits_what_the_sync_one_does(tmp_path, fail):
             t.merge_insert("triplet_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
             commits.append(rows.num_rows)
 
-        kw = dict(jobs=jobs, table=table, solve=_fake_solver([]), batch_size=4, teacher="t", solver=solver,
-                  shard=0, run_id="r", done_filter="true", write=write, async_write=mode == "async")  # fmt: skip
+        worker = ShardWorker(table=table, solve=_fake_solver([]), teacher="t", solver=solver, batch_size=4,
+                             run_id="r", write=write, async_write=mode == "async")  # fmt: skip
         if fail:
             with pytest.raises(OSError, match="bucket gone"):
-                run_shard(**kw)
+                worker.run(jobs, 0, "true")
             assert commits == [4] and table.count_rows() == 4  # the batch after the failure was not written
             continue
-        res = run_shard(**kw)
+        res = worker.run(jobs, 0, "true")
         assert (res.written, commits) == (10, [4, 4, 2])
         tables[mode] = table.to_arrow().sort_by("triplet_id")
     if not fail:
@@ -364,24 +367,36 @@ def test_run_shard_async_write_commits_what_the_sync_one_does(tmp_path, fail):
 
 
 # ------------------------------------------------------------------------------------------ teacher, inference
-def test_solve_teacher_fast_path_options(tiny):
+def _teacher_job(**switches) -> PairsJob:
+    gen = GenerationConfig(num_inference_steps=3, guidance_scale=5.0, compile=False, **switches)
+    return PairsJob.from_generation(gen)
+
+
+def test_teacher_solver_fast_path_options(tiny):
     comps = copy.deepcopy(tiny)
-    ref = solve_teacher(comps, PROMPTS, SEEDS, steps=3, guidance=5.0)
-    two = solve_teacher(comps, PROMPTS, SEEDS, steps=3, guidance=5.0, cfg_batched=False, out_device=None)
+    ref = teacher_latents(comps, PROMPTS, SEEDS, steps=3, guidance=5.0)
+    two = teacher_latents(comps, PROMPTS, SEEDS, steps=3, guidance=5.0, cfg_batched=False, out_device=None)
     assert two.device.type == "cpu" and two.dtype == torch.float32
     # two forwards: other batch shapes, other float32 summation order, amplified by guidance 5
     assert float((two - ref).norm() / ref.norm()) < 1e-5
-    nhwc = solve_teacher(comps, PROMPTS, SEEDS, steps=3, guidance=5.0, channels_last=True)
-    assert _conv_channels_last(comps.unet)  # set on the UNet itself, once
+    # the job's solver: its settings, its switches set on the denoiser itself, once
+    plain = make_solver(_teacher_job(channels_last=False), comps, "cpu")
+    assert not _conv_channels_last(comps.denoiser)
+    assert torch.equal(plain(PROMPTS, SEEDS), ref)
+    solve = make_solver(_teacher_job(channels_last=True), comps, "cpu")
+    assert _conv_channels_last(comps.denoiser)
+    nhwc = solve(PROMPTS, SEEDS)
     assert float((nhwc - ref).norm() / ref.norm()) < 1e-5
+    unbatched = make_solver(_teacher_job(channels_last=False, cfg_batched=False), comps, "cpu")
+    assert float((unbatched(PROMPTS, SEEDS) - ref).norm() / ref.norm()) < 1e-5
     # channels_last=False never turns a shared UNet back: the switch is only ever switched on here
-    solve_teacher(comps, PROMPTS[:1], SEEDS[:1], steps=1, guidance=1.0)
-    assert _conv_channels_last(comps.unet)
+    make_solver(_teacher_job(channels_last=False), comps, "cpu")(PROMPTS[:1], SEEDS[:1])
+    assert _conv_channels_last(comps.denoiser)
 
 
 def test_speed_up_sets_the_pipeline_modules(tiny):
     comps = copy.deepcopy(tiny)
-    pipe = InstaFlowPipeline.from_components(comps)
+    pipe = InstaFlowPipeline.from_model(comps)
     pipe.set_progress_bar_config(disable=True)
 
     def image():
@@ -397,3 +412,8 @@ def test_speed_up_sets_the_pipeline_modules(tiny):
     assert not flags["unet"]["compile"] and not flags["vae"]["compile"]
     torch.testing.assert_close(image(), ref, rtol=1e-4, atol=1e-4)
     assert isinstance(next(iter(pipe.unet.attn_processors.values())), AttnProcessor2_0)
+    # a loaded Model takes the same switches on its denoiser and VAE
+    model = copy.deepcopy(tiny)
+    flags = speed_up(model, channels_last=True, compile=False)
+    assert flags["unet"]["channels_last"] and _conv_channels_last(model.denoiser)
+    assert flags["vae"]["channels_last"] and not flags["unet"]["compile"]

@@ -136,7 +136,7 @@ def test_model_names_and_endpoints_are_validated() -> None:
 
 # ------------------------------------------------------------------------------------------- headers
 def test_metric_headers_name_the_network_unless_the_real_one_ran() -> None:
-    from tasks.evaluation import display_rows
+    from instaflow_core.evaluation.stage import display_rows
 
     tiny = {
         "fid_features": "tiny-random CLIP (seed 0; stand-in, not paper-comparable)",

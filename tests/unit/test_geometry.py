@@ -45,9 +45,11 @@ def test_sd15_geometry_and_resolutions() -> None:
 )
 def test_tiny_geometry_matches_the_built_model(tiny: TinyModelConfig) -> None:
     """The preflight reads the tiny teacher's geometry from its config: it must be what build_tiny makes."""
-    from instaflow_core.models.tiny import build_tiny
+    from instaflow_core.models.sd import build_tiny
 
-    assert tiny_geometry(tiny) == Geometry.of(build_tiny(tiny))
+    model = build_tiny(tiny)
+    assert tiny_geometry(tiny) == model.geometry()
+    assert tiny_geometry(tiny).latent_shape(None) == model.latent_shape()
 
 
 def test_resolution_settings_reach_the_jobs_and_the_ids() -> None:

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from instaflow_core.models.velocity import UNetVelocity
 
 from instaflow_core.inference import onnx_export
 from instaflow_core.inference.onnx_export import OneStepGraph, VaeDecoderGraph
@@ -25,11 +24,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_one_step_graph_is_one_euler_step_of_the_velocity(tiny) -> None:
     x0 = noise_from_seeds([1, 2], (4, 8, 8))
-    velocity = UNetVelocity.from_components(tiny)
-    cond = velocity.encode(["a cat", "a red car"])
+    velocity = tiny.velocity()
+    cond = tiny.encode(["a cat", "a red car"])
     with torch.no_grad():
         expected = x0 + velocity(x0, torch.zeros(2), cond)  # X1 = X0 + v(X0, t=0)
-        assert torch.allclose(OneStepGraph(tiny.unet)(x0, cond), expected, atol=1e-6)
+        # the graph takes the sequence embeddings alone (the SD family's whole condition)
+        got = OneStepGraph(velocity)(x0, cond.embeds)
+        assert torch.allclose(got, expected, atol=1e-6)
+        # and it is the UNet at timestep 1000
+        ref = x0 + tiny.denoiser(x0, torch.full((2,), 1000.0), encoder_hidden_states=cond.embeds).sample
+        assert torch.allclose(got, ref, atol=1e-6)
 
 
 @pytest.mark.slow  # an export: a minute or two on a loaded 2-core machine
@@ -37,7 +41,7 @@ def test_external_data_branch_runs_in_onnxruntime(tiny, tmp_path: Path, monkeypa
     import onnxruntime as ort
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
-    module = VaeDecoderGraph(tiny.vae)
+    module = VaeDecoderGraph(tiny)
     path = tmp_path / "a" / "vae_decoder.onnx"
     path.parent.mkdir()
     with torch.no_grad():

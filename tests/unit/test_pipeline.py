@@ -10,14 +10,13 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import ControlNetModel, PNDMScheduler
-from instaflow_core.models.components import SDComponents
-from instaflow_core.models.tiny import build_tiny
-from instaflow_core.models.velocity import encode_prompts
 
 from instaflow_core.config import TinyModelConfig
 from instaflow_core.errors import DataError
 from instaflow_core.inference.pipeline import InstaFlowPipeline, slerp
+from instaflow_core.models.family import Model
 from instaflow_core.models.lora import load_lora, merge_weight_delta, weight_delta
+from instaflow_core.models.sd import build_tiny, clip_hidden_states
 from instaflow_core.rectified_flow import noise_from_seeds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,14 +25,14 @@ PROMPTS = ["a photo of a cat", "a red car on a street"]
 
 
 @pytest.fixture()
-def pipe(tiny: SDComponents) -> InstaFlowPipeline:
-    p = InstaFlowPipeline.from_components(build_tiny(TinyModelConfig()))
+def pipe(tiny: Model) -> InstaFlowPipeline:
+    p = InstaFlowPipeline.from_model(build_tiny(TinyModelConfig()))
     p.set_progress_bar_config(disable=True)
     return p
 
 
 @pytest.fixture(scope="module")
-def released_layout(tiny: SDComponents, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def released_layout(tiny: Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny folder laid out like XCLiu/instaflow_0_9B_from_sd_1_5: SD model_index, PNDM, null safety parts."""
     folder = tiny.save(tmp_path_factory.mktemp("released") / "instaflow")
     PNDMScheduler.from_config(tiny.scheduler.config, skip_prk_steps=True).save_pretrained(
@@ -57,17 +56,17 @@ def released_layout(tiny: SDComponents, tmp_path_factory: pytest.TempPathFactory
 
 @torch.no_grad()
 def reference_euler(
-    c: SDComponents, prompts: list[str], x0: torch.Tensor, steps: int, guidance: float, negative: str = ""
+    c: Model, prompts: list[str], x0: torch.Tensor, steps: int, guidance: float, negative: str = ""
 ) -> torch.Tensor:
     """INSTAFLOW.md's loop, written against the bare UNet: x += dt * v(x, t_i), UNet fed (1 - t) * 1000."""
-    cond = encode_prompts(c.text_encoder, c.tokenizer, prompts)
-    uncond = encode_prompts(c.text_encoder, c.tokenizer, [negative] * len(prompts))
+    cond = clip_hidden_states(c["text_encoder"], c["tokenizer"], prompts)
+    uncond = clip_hidden_states(c["text_encoder"], c["tokenizer"], [negative] * len(prompts))
     x, dt = x0.clone(), 1.0 / steps
     for i in range(steps):
         tau = torch.full((x.shape[0],), (1.0 - i / steps) * 1000.0)
-        v = c.unet(x, tau, encoder_hidden_states=cond).sample
+        v = c.denoiser(x, tau, encoder_hidden_states=cond).sample
         if guidance > 1.0:
-            v_u = c.unet(x, tau, encoder_hidden_states=uncond).sample
+            v_u = c.denoiser(x, tau, encoder_hidden_states=uncond).sample
             v = v_u + guidance * (v - v_u)
         x = x + dt * v
     return x
@@ -76,7 +75,7 @@ def reference_euler(
 # ------------------------------------------------------------------------------------------- the loop
 @pytest.mark.parametrize(("steps", "guidance"), [(1, 1.0), (1, 2.0), (3, 1.0), (3, 1.5)])
 def test_latents_equal_reference_euler(
-    tiny: SDComponents, pipe: InstaFlowPipeline, steps: int, guidance: float
+    tiny: Model, pipe: InstaFlowPipeline, steps: int, guidance: float
 ) -> None:
     x0 = noise_from_seeds([1, 2], (4, 8, 8))
     got = pipe(
@@ -87,13 +86,15 @@ def test_latents_equal_reference_euler(
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max())), (got - ref).abs().max()
     if steps == 1 and guidance == 1.0:  # one step is X0 + v(X0, t=0): the UNet at timestep 1000
         with torch.no_grad():
-            v = tiny.unet(
-                x0, 1000.0, encoder_hidden_states=encode_prompts(tiny.text_encoder, tiny.tokenizer, PROMPTS)
+            v = tiny.denoiser(
+                x0,
+                1000.0,
+                encoder_hidden_states=clip_hidden_states(tiny["text_encoder"], tiny["tokenizer"], PROMPTS),
             )
         assert torch.allclose(got, x0 + v.sample, atol=1e-5)
 
 
-def test_negative_prompt_and_outputs(tiny: SDComponents, pipe: InstaFlowPipeline) -> None:
+def test_negative_prompt_and_outputs(tiny: Model, pipe: InstaFlowPipeline) -> None:
     x0 = noise_from_seeds([3], (4, 8, 8))
     got = pipe(
         PROMPTS[:1],
@@ -118,9 +119,7 @@ def test_negative_prompt_and_outputs(tiny: SDComponents, pipe: InstaFlowPipeline
         pipe(PROMPTS, latents=x0)
 
 
-def test_loads_released_layout_and_round_trips(
-    tiny: SDComponents, released_layout: Path, tmp_path: Path
-) -> None:
+def test_loads_released_layout_and_round_trips(tiny: Model, released_layout: Path, tmp_path: Path) -> None:
     loaded = InstaFlowPipeline.from_pretrained(released_layout)
     loaded.set_progress_bar_config(disable=True)
     assert (
@@ -143,11 +142,11 @@ def test_loads_released_layout_and_round_trips(
 
 
 # --------------------------------------------------------------------------------------- weight deltas
-def test_merge_weight_delta(tiny: SDComponents, pipe: InstaFlowPipeline, tmp_path: Path) -> None:
-    base = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
-    finetuned = build_tiny(TinyModelConfig(seed=7)).unet
+def test_merge_weight_delta(tiny: Model, pipe: InstaFlowPipeline, tmp_path: Path) -> None:
+    base = {k: v.clone() for k, v in tiny.denoiser.state_dict().items()}
+    finetuned = build_tiny(TinyModelConfig(seed=7)).denoiser
     ft_state = {k: v.clone() for k, v in finetuned.state_dict().items()}
-    target = build_tiny(TinyModelConfig(seed=9)).unet
+    target = build_tiny(TinyModelConfig(seed=9)).denoiser
     pipe.unet.load_state_dict(target.state_dict())
     merge_weight_delta(pipe, ft_state, base, 0.5)
     merged = pipe.unet.state_dict()
@@ -155,7 +154,7 @@ def test_merge_weight_delta(tiny: SDComponents, pipe: InstaFlowPipeline, tmp_pat
         assert torch.allclose(merged[k], v + 0.5 * (ft_state[k] - base[k]), atol=1e-6), k
     # the same from files: a fine-tuned UNet folder minus the base folder, and the delta helper
     finetuned.save_pretrained(tmp_path / "ft")
-    tiny.unet.save_pretrained(tmp_path / "base")
+    tiny.denoiser.save_pretrained(tmp_path / "base")
     pipe.unet.load_state_dict(target.state_dict())
     merge_weight_delta(pipe.unet, tmp_path / "ft", tmp_path / "base", 0.5)
     assert all(torch.allclose(pipe.unet.state_dict()[k], merged[k], atol=1e-6) for k in merged)
@@ -167,7 +166,7 @@ def test_merge_weight_delta(tiny: SDComponents, pipe: InstaFlowPipeline, tmp_pat
 
 # ------------------------------------------------------------------------------------------------- LoRA
 def _fresh() -> InstaFlowPipeline:
-    p = InstaFlowPipeline.from_components(build_tiny(TinyModelConfig()))
+    p = InstaFlowPipeline.from_model(build_tiny(TinyModelConfig()))
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -244,16 +243,16 @@ def test_lora_diffusers_and_kohya_files(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------- ControlNet
-def test_controlnet_residuals_enter_the_unet_call(tiny: SDComponents) -> None:
+def test_controlnet_residuals_enter_the_unet_call(tiny: Model) -> None:
     c = build_tiny(TinyModelConfig())
     torch.manual_seed(0)
     # one downsampling in the conditioning embedding: 16 px images -> 8 x 8 latents (VAE factor 2)
-    controlnet = ControlNetModel.from_unet(c.unet, conditioning_embedding_out_channels=(16, 32))
+    controlnet = ControlNetModel.from_unet(c.denoiser, conditioning_embedding_out_channels=(16, 32))
     with torch.no_grad():  # zero convs start at zero (no effect): make them matter
         for p in controlnet.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.2)
-    pipe = InstaFlowPipeline.from_components(c, controlnet=controlnet)
+    pipe = InstaFlowPipeline.from_model(c, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     x0 = noise_from_seeds([6, 7], (4, 8, 8))
@@ -268,8 +267,8 @@ def test_controlnet_residuals_enter_the_unet_call(tiny: SDComponents) -> None:
         output_type="latent",
     ).images
     # reference: the same loop with the ControlNet called by hand at tau = (1 - t) * 1000
-    cond = encode_prompts(c.text_encoder, c.tokenizer, PROMPTS)
-    uncond = encode_prompts(c.text_encoder, c.tokenizer, [""] * 2)
+    cond = clip_hidden_states(c["text_encoder"], c["tokenizer"], PROMPTS)
+    uncond = clip_hidden_states(c["text_encoder"], c["tokenizer"], [""] * 2)
     x = x0.clone()
     with torch.no_grad():
         for i in range(2):
@@ -285,7 +284,7 @@ def test_controlnet_residuals_enter_the_unet_call(tiny: SDComponents) -> None:
                     return_dict=False,
                 )
                 vs.append(
-                    c.unet(
+                    c.denoiser(
                         x,
                         tau,
                         encoder_hidden_states=emb,
@@ -296,7 +295,7 @@ def test_controlnet_residuals_enter_the_unet_call(tiny: SDComponents) -> None:
             x = x + 0.5 * (vs[0] + 1.5 * (vs[1] - vs[0]))
     assert torch.allclose(got, x, atol=1e-5 * float(x.abs().max())), (got - x).abs().max()
 
-    no_control = InstaFlowPipeline.from_components(c)
+    no_control = InstaFlowPipeline.from_model(c)
     no_control.set_progress_bar_config(disable=True)
     base = no_control(
         PROMPTS, num_inference_steps=2, guidance_scale=1.5, latents=x0, output_type="latent"

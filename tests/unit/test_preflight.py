@@ -207,7 +207,24 @@ def test_teacher_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     (half / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
     (half / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")  # a variant is not enough
     (problem,), _ = checks.teacher_problems(ModelsConfig(teacher=str(half)), storage)
+    assert "missing model_index.json" in problem  # which components there are: the index says
+    sd = {"diffusers": ["unet", "vae"], "transformers": ["text_encoder", "tokenizer"]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+    }
+    classes = {
+        "unet": "UNet2DConditionModel",
+        "vae": "AutoencoderKL",
+        "text_encoder": "CLIPTextModel",
+        "tokenizer": "CLIPTokenizer",
+    }
+    index |= {c: [lib, classes[c]] for lib, comps in sd.items() for c in comps}
+    (half / "model_index.json").write_text(json.dumps(index))
+    (problem,), _ = checks.teacher_problems(ModelsConfig(teacher=str(half)), storage)
     assert "unet/*.safetensors" in problem and "vae/" in problem and "scheduler/" in problem
+    assert "safety_checker" not in problem  # a null component is not missing
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     (problem,), _ = checks.teacher_problems(ModelsConfig(teacher="owner/model"), storage)

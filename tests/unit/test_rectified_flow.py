@@ -43,9 +43,12 @@ def test_interpolation_endpoints_and_middle():
 
 
 def test_unet_timestep_is_1000_at_noise():
-    assert float(rf.unet_timestep(0.0)) == 1000.0
-    assert float(rf.unet_timestep(1.0)) == 0.0
-    tau = rf.unet_timestep(torch.tensor([0.0, 0.25, 1.0]))
+    from instaflow_core.models.sd import unet_timestep  # the SD family's mapping of our t
+
+    assert float(unet_timestep(0.0)) == 1000.0
+    assert float(unet_timestep(1.0)) == 0.0
+    assert float(unet_timestep(torch.tensor(1))) == 0.0  # integer t: still a float timestep
+    tau = unet_timestep(torch.tensor([0.0, 0.25, 1.0]))
     assert tau.dtype.is_floating_point
     assert torch.allclose(tau, torch.tensor([1000.0, 750.0, 0.0]))
 

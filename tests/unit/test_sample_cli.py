@@ -3,8 +3,8 @@
 Every model, LoRA, fine-tuned UNet and ControlNet here is built in the test (tiny, random init, fixed seed) and
 saved in the layouts the real ones use: a diffusers folder, a diffusers LoRA folder and a Kohya .safetensors, a
 UNet folder, a ControlNet folder. The references are computed in-process through the same core functions (or,
-for the plain image, through `sample_images`, the evaluation's path), so each test fails if the option is
-dropped, misapplied or applied at the wrong scale.
+for the plain image, through the evaluation's path `generate_images`, and diffusers' `InstaFlowPipeline`), so
+each test fails if the option is dropped, misapplied or applied at the wrong scale.
 """
 
 from __future__ import annotations
@@ -18,14 +18,19 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from instaflow_core.models.tiny import build_tiny
 from typer.testing import CliRunner
 
 from flows.cli.main import app
 from instaflow_core.config import TinyModelConfig
 from instaflow_core.errors import InstaflowError
-from instaflow_core.inference.generate import apply_options, generate, interpolation_frames, load_pipeline
-from instaflow_core.inference.images import sample_images
+from instaflow_core.evaluation.sampling import SamplerSpec, generate_images
+from instaflow_core.inference.generate import (
+    apply_options,
+    flow_images,
+    interpolation_frames,
+    load_model_folder,
+)
+from instaflow_core.models.sd import build_tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,10 +52,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = build_tiny(TinyModelConfig())
     out = {"base": base.save(root / "base")}
     finetuned = build_tiny(TinyModelConfig())
-    finetuned.unet = build_tiny(TinyModelConfig(seed=7)).unet
+    finetuned.denoiser = build_tiny(TinyModelConfig(seed=7)).denoiser
     out["finetuned"] = finetuned.save(root / "finetuned")
 
-    lora_unet = build_tiny(TinyModelConfig()).unet
+    lora_unet = build_tiny(TinyModelConfig()).denoiser
     torch.manual_seed(0)
     lora_unet.add_adapter(
         LoraConfig(
@@ -73,7 +78,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["kohya"] = root / "kohya.safetensors"
 
     torch.manual_seed(1)
-    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32))
+    controlnet = ControlNetModel.from_unet(base.denoiser, conditioning_embedding_out_channels=(16, 32))
     with torch.no_grad():  # zero convs start at zero (no effect): make them matter
         for p in controlnet.parameters():
             if p.abs().sum() == 0:
@@ -83,7 +88,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     edges = (np.random.default_rng(0).random((16, 16, 3)) > 0.5).astype(np.uint8) * 255
     PIL.Image.fromarray(edges).save(root / "edges.png")
     out["edges"] = root / "edges.png"
-    out["components"] = base  # type: ignore[assignment]
+    out["model"] = base  # type: ignore[assignment]
     return out
 
 
@@ -107,9 +112,12 @@ def test_sample_grid_and_folder_are_the_evaluation_images(folders: dict, tmp_pat
     assert "4 image(s) 16x16, 1 step(s)" in res.output
     grid = _png(tmp_path / "g.png")
     assert grid.shape == (32, 32, 3)  # 2 x 2 tiles of 16 px
-    ref = sample_images(folders["components"], [PROMPT] * 4, [3, 4, 5, 6], steps=1)  # the evaluation's path
+    ref = _evaluation_images(folders["model"], [3, 4, 5, 6], steps=1)
     tiles = np.stack([grid[:16, :16], grid[:16, 16:], grid[16:, :16], grid[16:, 16:]])
     assert np.abs(tiles.astype(int) - ref.astype(int)).max() <= 1
+    assert (
+        np.abs(tiles.astype(int) - _pipeline_images(folders["model"], [3, 4, 5, 6], 1).astype(int)).max() <= 1
+    )
 
     _ok(
         _sample(
@@ -128,14 +136,33 @@ def test_sample_grid_and_folder_are_the_evaluation_images(folders: dict, tmp_pat
     )
     files = sorted((tmp_path / "each").glob("*.png"))
     assert [f.name for f in files] == ["000-seed0.png", "001-seed1.png"]
-    ref = sample_images(folders["components"], [PROMPT] * 2, [0, 1], steps=3, guidance=2.5)
+    ref = _evaluation_images(folders["model"], [0, 1], steps=3, guidance=2.5)
+    assert np.abs(ref.astype(int) - _pipeline_images(folders["model"], [0, 1], 3, 2.5).astype(int)).max() <= 1
     assert np.abs(np.stack([_png(f) for f in files]).astype(int) - ref.astype(int)).max() <= 1
     assert not np.array_equal(_png(files[0]), tiles[0])  # other steps and guidance: another image
 
 
+def _evaluation_images(model: object, seeds: list[int], steps: int, guidance: float = 1.0) -> np.ndarray:
+    """The evaluation's path: `generate_images` of a rectified-flow sampler setting."""
+    spec = SamplerSpec(name=f"2rf@{steps}", model_kind="2rf", solver="euler", steps=steps, guidance=guidance)
+    return generate_images(model, spec, [PROMPT] * len(seeds), seeds)  # type: ignore[arg-type]
+
+
+def _pipeline_images(model: object, seeds: list[int], steps: int, guidance: float = 1.0) -> np.ndarray:
+    """diffusers' InstaFlowPipeline over the same modules, X0 from the same seeds."""
+    from instaflow_core.inference.pipeline import InstaFlowPipeline
+    from instaflow_core.rectified_flow import noise_from_seeds
+
+    pipe = InstaFlowPipeline.from_model(model)  # type: ignore[arg-type]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([PROMPT] * len(seeds), num_inference_steps=steps, guidance_scale=guidance,
+                  latents=noise_from_seeds(seeds, (4, 8, 8)), output_type="np").images  # fmt: skip
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
 def _in_process(folder: Path, **options: object) -> np.ndarray:
-    pipe = apply_options(load_pipeline(folder, device="cpu"), **options)
-    return generate(pipe, [PROMPT], [0])[0]
+    model = apply_options(load_model_folder(folder, device="cpu"), **options)
+    return flow_images(model, [PROMPT], [0])[0]
 
 
 @pytest.mark.parametrize("kind", ["lora", "kohya"])
@@ -179,19 +206,19 @@ def test_controlnet_option(folders: dict, tmp_path: Path) -> None:
     out = tmp_path / "cn.png"
     _ok(_sample(PROMPT, "-m", str(folders["base"]), "--controlnet", str(folders["controlnet"]),
                 "--control-image", str(folders["edges"]), "--control-scale", "0.8", "-o", str(out)))  # fmt: skip
-    pipe = load_pipeline(folders["base"], device="cpu", controlnet=folders["controlnet"])
+    model = load_model_folder(folders["base"], device="cpu", controlnet=folders["controlnet"])
     control = PIL.Image.open(folders["edges"]).convert("RGB")
-    expected = generate(pipe, [PROMPT], [0], control_image=control, control_scale=0.8)[0]
+    expected = flow_images(model, [PROMPT], [0], control_image=control, control_scale=0.8)[0]
     assert np.array_equal(_png(out), expected)
     assert np.abs(expected.astype(int) - _in_process(folders["base"]).astype(int)).max() > 8
 
 
 def test_interpolation_ends_on_both_prompts(folders: dict, tmp_path: Path) -> None:
-    pipe = load_pipeline(folders["base"], device="cpu")
-    frames = interpolation_frames(pipe, ("a red car", "a blue boat"), (0, 5), frames=5)
+    model = load_model_folder(folders["base"], device="cpu")
+    frames = interpolation_frames(model, ("a red car", "a blue boat"), (0, 5), frames=5)
     assert frames.shape == (5, 16, 16, 3) and frames.dtype == np.uint8
-    assert np.abs(frames[0].astype(int) - generate(pipe, ["a red car"], [0])[0]).max() <= 1
-    assert np.abs(frames[-1].astype(int) - generate(pipe, ["a blue boat"], [5])[0]).max() <= 1
+    assert np.abs(frames[0].astype(int) - flow_images(model, ["a red car"], [0])[0]).max() <= 1
+    assert np.abs(frames[-1].astype(int) - flow_images(model, ["a blue boat"], [5])[0]).max() <= 1
     assert len({f.tobytes() for f in frames}) == 5  # every frame in between is its own image
 
     from imageio import v2 as imageio
@@ -235,7 +262,7 @@ def test_user_mistakes_are_one_line_errors(
 
 
 def test_mismatched_delta_and_frames_are_refused(folders: dict, tmp_path: Path) -> None:
-    other = build_tiny(TinyModelConfig(unet_channels=[16, 32, 32])).unet
+    other = build_tiny(TinyModelConfig(unet_channels=[16, 32, 32])).denoiser
     other.save_pretrained(tmp_path / "other-unet")
     res = _sample(PROMPT, "-m", str(folders["base"]), "--delta", str(folders["base"]), str(tmp_path / "other-unet"),
                   "-o", str(tmp_path / "x.png"))  # fmt: skip

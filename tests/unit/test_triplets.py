@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from instaflow_core.errors import DataError
-from instaflow_core.generation.shards import plan_shards, run_shard, select_prompt_ids
+from instaflow_core.generation.shards import ShardWorker, plan_shards, select_prompt_ids
 from instaflow_core.generation.triplets import (
     SEED_MASK,
     SolverSpec,
@@ -103,7 +103,7 @@ def _merge(table, rows):
     table.merge_insert("triplet_id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
 
 
-def test_run_shard_skips_done_rows_and_merges(tmp_path):
+def test_shard_worker_skips_done_rows_and_merges(tmp_path):
     db = lancedb.connect(str(tmp_path))
     table = db.create_table("triplets", schema=triplet_schema((4, 2, 2)))
     jobs = expand_jobs(
@@ -115,21 +115,13 @@ def test_run_shard_skips_done_rows_and_merges(tmp_path):
     )
     calls: list[int] = []
     progress: list[tuple[int, int]] = []
-    kwargs = dict(
-        table=table,
-        batch_size=4,
-        teacher="t",
-        solver=SOLVER,
-        shard=0,
-        run_id="r1",
-        done_filter="prompt_id >= 'p0' AND prompt_id <= 'p9'",
-        write=_merge,
-    )
+    kwargs = dict(table=table, batch_size=4, teacher="t", solver=SOLVER, run_id="r1", write=_merge)
+    done = "prompt_id >= 'p0' AND prompt_id <= 'p9'"
     # a "killed" first run that got through the first 3 jobs only
-    first = run_shard(jobs=jobs[:3], solve=_fake_solver(calls), **kwargs)
+    first = ShardWorker(solve=_fake_solver(calls), **kwargs).run(jobs[:3], 0, done)
     assert first.written == 3 and table.count_rows() == 3
-    res = run_shard(
-        jobs=jobs, solve=_fake_solver(calls), on_batch=lambda d, t: progress.append((d, t)), **kwargs
+    res = ShardWorker(solve=_fake_solver(calls), on_batch=lambda d, t: progress.append((d, t)), **kwargs).run(
+        jobs, 0, done
     )
     assert (res.expected, res.skipped, res.written) == (10, 3, 7)
     assert calls == [3, 4, 3]
@@ -137,26 +129,23 @@ def test_run_shard_skips_done_rows_and_merges(tmp_path):
     got = table.to_arrow()
     assert sorted(got.column("triplet_id").to_pylist()) == sorted(j.triplet_id for j in jobs)
     # a third run is a no-op
-    again = run_shard(jobs=jobs, solve=_fake_solver(calls), **kwargs)
+    again = ShardWorker(solve=_fake_solver(calls), **kwargs).run(jobs, 0, done)
     assert again.written == 0 and table.count_rows() == 10
     assert table.count_rows(run_filter("t", SOLVER)) == 10
     assert table.count_rows(run_filter("t", SOLVER.model_copy(update={"steps": 9}))) == 0
 
 
-def test_run_shard_rejects_non_finite(tmp_path):
+def test_shard_worker_rejects_non_finite(tmp_path):
     table = lancedb.connect(str(tmp_path)).create_table("t", schema=triplet_schema((4, 2, 2)))
     jobs = expand_jobs([("a", "A")], images_per_prompt=1, base_seed=0, teacher="t", solver=SOLVER)
     with pytest.raises(DataError, match="float16"):
-        run_shard(
-            jobs=jobs,
+        ShardWorker(
             table=table,
             solve=lambda p, s: np.full((1, 4, 2, 2), 1e6, np.float32),
-            batch_size=2,
             teacher="t",
             solver=SOLVER,
-            shard=0,
+            batch_size=2,
             run_id="r",
-            done_filter="true",
             write=_merge,
-        )
+        ).run(jobs, 0, "true")
     assert table.count_rows() == 0
