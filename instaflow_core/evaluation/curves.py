@@ -348,7 +348,11 @@ class TrainingCurves:
     # ---- the stage's summary -------------------------------------------------------------------------
     def summary(self, curve: dict[str, Any], setup_s: float) -> dict[str, Any]:
         """The curves for summary.json: what they are, every point, the cost, the best point."""
+        from instaflow_core.store import Store
+
         eval_s, train_s = float(curve.get("eval_s", 0.0)), float(curve.get("train_s", 0.0))
+        if not self._ready and self.settings.keep_best:  # nothing left to train: not prepared
+            self.best = self._read_best(Store(self.storage))
         best = None
         if self.best is not None:
             best = {**self.best, "uri": f"{self.best_dir()}/{self.best['weights']}"}

@@ -321,7 +321,7 @@ class TrainJob(BaseModel):
             batches = triplet_batches(self.data, self.storage)
 
         # 4. train (evaluating the EMA weights every few steps when curves are on)
-        curves, curve_setup = self._curves(model, base_dir, acc)
+        curves, curve_setup = self._curves(model, base_dir, acc, start)
         relay = _labelled(on_eval, curves.info if curves is not None else {})
         result = train(
             student, batches, loss_fn, cfg, self.ckpt_dir, store=store, accelerator=acc, on_log=on_log,
@@ -440,9 +440,10 @@ class TrainJob(BaseModel):
         return summary
 
     # ---- quality during training ---------------------------------------------------------------------
-    def _curves(self, model: Any, base_dir: Path, acc: Any) -> tuple[Any, float]:
+    def _curves(self, model: Any, base_dir: Path, acc: Any, start: int) -> tuple[Any, float]:
         """The loop's evaluator (evaluation/curves.py) when this stage's curves are on, prepared on the main
-        process (networks, reference statistics: kept in the store); -> (evaluator or None, seconds it took)."""
+        process when there is training left (networks, reference statistics: kept in the store); -> (evaluator
+        or None, seconds it took)."""
         import time
 
         from instaflow_core.evaluation.curves import TrainingCurves
@@ -454,7 +455,7 @@ class TrainJob(BaseModel):
             spec, self.stage, self.storage, self.models, self.data, model, base_dir, self.ckpt_dir
         )
         t0 = time.perf_counter()
-        if acc.is_main_process:
+        if acc.is_main_process and start < sum(st.steps for st in self.section.stages):
             curves.prepare()
         acc.wait_for_everyone()
         return curves, time.perf_counter() - t0
