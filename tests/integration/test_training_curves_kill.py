@@ -1,7 +1,8 @@
 """Quality curves across a SIGKILL: a reflow flow run (a separate process, tiny preset, FID against the teacher's
 images on fixed prompts and seeds) dies right after logging the eval point at step 15, one checkpoint (step 10)
 behind it; the rerun resumes from step 10, redoes the point at 15 and the rest, and the MLflow run holds every
-point exactly once (0, 5, ..., 40): no duplicate, none missing. The Prefect markdown artifact shows them all."""
+point exactly once (0, 5, ..., 40): no duplicate, none missing. The Prefect markdown artifact shows them all.
+Under `accelerate launch` (2 processes) the main process's points reach the stage's MLflow run the same way."""
 
 from __future__ import annotations
 
@@ -81,17 +82,23 @@ def tiny_cfg(storage: StorageConfig) -> InstaflowConfig:
     return InstaflowConfig.model_validate(data)
 
 
-def test_sigkill_after_an_eval_point_then_rerun_logs_every_point_once(prefect_api, tmp_path):
+@pytest.fixture(scope="module")
+def inputs(prefect_api, tmp_path_factory):
+    cfg = tiny_cfg(StorageConfig(root=f"file://{tmp_path_factory.mktemp('curves') / 'store'}"))
+    with prefect_settings(cfg.storage, cfg.orchestration):
+        prompts = curate_flow(cfg)
+        teacher = teacher_model(cfg.models, cfg.storage)
+        triplets = generate_flow(cfg, prompts, teacher)
+    return cfg, triplets, teacher
+
+
+def test_sigkill_after_an_eval_point_then_rerun_logs_every_point_once(inputs, tmp_path):
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL
 
     from tasks.tracking.client import tracking_uri
 
-    cfg = tiny_cfg(StorageConfig(root=f"file://{tmp_path / 'store'}"))
-    with prefect_settings(cfg.storage, cfg.orchestration):
-        prompts = curate_flow(cfg)
-        teacher = teacher_model(cfg.models, cfg.storage)
-        triplets = generate_flow(cfg, prompts, teacher)
+    cfg, triplets, teacher = inputs
     job = TrainJob.make(
         Stage.REFLOW,
         cfg.reflow,
@@ -156,3 +163,26 @@ def test_sigkill_after_an_eval_point_then_rerun_logs_every_point_once(prefect_ap
     latest = max(arts, key=lambda a: a.created)
     rows = [line for line in latest.data.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == want
+
+
+def test_points_relayed_from_accelerate_launch(inputs):
+    """reflow.num_processes=2: the job runs under `accelerate launch`; the main process evaluates and prints its
+    points as INSTAFLOW_EVENT lines, which the task relays to the stage's MLflow run."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking.client import tracking_uri
+
+    cfg, triplets, teacher = inputs
+    data = cfg.model_dump(mode="json")
+    data["reflow"].update(num_processes=2, stages=[{"steps": 4, "batch_size": 4, "loss": "l2"}], log_every=2)
+    data["evaluation"]["during_training"]["every_steps"] = {"reflow": 2}
+    cfg2 = InstaflowConfig.model_validate(data)
+    with prefect_settings(cfg2.storage, cfg2.orchestration):
+        reflow_flow(cfg2, triplets, teacher)
+    summary = TrainJob.make(Stage.REFLOW, cfg2.reflow, cfg2.storage, triplets, teacher).summary()
+    assert [p["step"] for p in summary["curves"]["points"]] == [0, 2, 4]
+    client = MlflowClient(tracking_uri=tracking_uri(cfg2.registration, cfg2.storage))
+    run_id = summary["mlflow_run_id"]
+    for name in ("fid", "clip_score", "straightness"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, MLFLOW_METRICS[name])) == [0, 2, 4]
+    assert client.get_run(run_id).data.tags["instaflow.curves.setting"] == "2rf_1step"
