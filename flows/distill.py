@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows.generate import pairs_flow
 from instaflow_core.config import InstaflowConfig
+from instaflow_core.evaluation.curves import curve_spec
 from instaflow_core.generation.triplets import PairsJob
 from instaflow_core.refs import ModelKind, ModelRef, Stage, TableRef
 from tasks.artifacts import publish_markdown
@@ -24,14 +25,21 @@ PAIRS_TABLE = "distill_pairs"
 
 @flow(name="instaflow-distill")
 def distill_flow(
-    cfg: InstaflowConfig, rf: ModelRef, prompts: TableRef, mlflow_parent_run_id: str | None = None
+    cfg: InstaflowConfig,
+    rf: ModelRef,
+    prompts: TableRef,
+    mlflow_parent_run_id: str | None = None,
+    teacher: ModelRef | None = None,
 ) -> ModelRef:
-    """2-RF + prompts -> distill_pairs -> the one-step InstaFlow diffusers folder (ModelRef kind "instaflow")."""
+    """2-RF + prompts -> distill_pairs -> the one-step InstaFlow diffusers folder (ModelRef kind "instaflow").
+
+    `teacher`: whose images the quality curves compare with (evaluation.during_training, protocol teacher)."""
     job = PairsJob.from_distill_pairs(cfg.distillation.pairs, table=PAIRS_TABLE)
     pairs = pairs_flow(job, prompts, rf, cfg.storage, cfg.orchestration, cfg.models, stage=Stage.DISTILL)
     ref = train_distill(
-        cfg.distillation, cfg.storage, pairs, rf, cfg.registration, mlflow_parent_run_id, models=cfg.models
-    )
+        cfg.distillation, cfg.storage, pairs, rf, cfg.registration, mlflow_parent_run_id, models=cfg.models,
+        curves=curve_spec(cfg, Stage.DISTILL, teacher),
+    )  # fmt: skip
     inputs = {
         ModelKind.RF2: rf,
         "prompts": prompts,

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
 from instaflow_core.errors import ConfigError
+from instaflow_core.evaluation.curves import curve_spec
 from instaflow_core.refs import ModelRef, Stage, TableRef
 from tasks.artifacts import publish_markdown
 from tasks.pretrain import pretrain_init
@@ -33,7 +34,10 @@ def pretrain_flow(
             "no `digits` section: teacher pretraining builds the model `digits.model` describes"
         )
     base = pretrain_init(cfg.digits.model, cfg.storage)
-    ref = train_pretrain(cfg.pretraining, cfg.storage, prompts, base, cfg.registration, mlflow_parent_run_id)
+    ref = train_pretrain(
+        cfg.pretraining, cfg.storage, prompts, base, cfg.registration, mlflow_parent_run_id,
+        curves=curve_spec(cfg, Stage.PRETRAIN),
+    )  # fmt: skip
     inputs = {
         "prompts": prompts,
         "initial model": base,

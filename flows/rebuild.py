@@ -56,10 +56,10 @@ def rebuild_flow(cfg: InstaflowConfig, refresh: list[str] | None = None) -> dict
     with stage_settings(Stage.REFLOW, forced):
         rf = reflow_flow(cfg, triplets, teacher, mlflow_parent_run_id=mlflow_run)
     with stage_settings(Stage.DISTILL, forced):
-        one_step = distill_flow(cfg, rf, prompts, mlflow_parent_run_id=mlflow_run)
+        one_step = distill_flow(cfg, rf, prompts, mlflow_parent_run_id=mlflow_run, teacher=teacher)
         # the paper's control: the teacher distilled alike (distill(1-RF) vs distill(2-RF) at one budget)
         control = (
-            distill_flow(cfg, teacher, prompts, mlflow_parent_run_id=mlflow_run)
+            distill_flow(cfg, teacher, prompts, mlflow_parent_run_id=mlflow_run, teacher=teacher)
             if cfg.distillation.teacher_control
             else None
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from instaflow_core.config import InstaflowConfig
+from instaflow_core.evaluation.curves import curve_spec
 from instaflow_core.refs import ModelRef, Stage, TableRef
 from tasks.artifacts import publish_markdown
 from tasks.training import stage_report, train_reflow
@@ -26,8 +27,9 @@ def reflow_flow(
     The MLflow run nests under `mlflow_parent_run_id` (or $INSTAFLOW_MLFLOW_PARENT_RUN) when given.
     """
     ref = train_reflow(
-        cfg.reflow, cfg.storage, triplets, teacher, cfg.registration, mlflow_parent_run_id, models=cfg.models
-    )
+        cfg.reflow, cfg.storage, triplets, teacher, cfg.registration, mlflow_parent_run_id, models=cfg.models,
+        curves=curve_spec(cfg, Stage.REFLOW, teacher),
+    )  # fmt: skip
     inputs = {"triplets": triplets, "teacher": teacher, "reflow config": cfg.section_hash("reflow")}
     report = stage_report(cfg, Stage.REFLOW, inputs, ref, triplets, teacher)
     publish_markdown(

@@ -312,6 +312,46 @@ class DistillationConfig(TrainConfig):
 
 
 # -------------------------------------------------------------------------------------------- evaluation
+TRAINING_SECTIONS = ("pretraining", "reflow", "distillation")  # the sections a curve can be drawn for
+EveryN = Annotated[int, Field(ge=0)]
+
+
+class DuringTrainingConfig(Section):
+    """`evaluation.during_training`: a small fixed-prompt evaluation of the EMA weights while a stage trains
+    (instaflow_core/evaluation/curves.py, docs/evaluation.md): FD / FID, CLIP score (prompt alignment on
+    digits) and straightness (pretraining, reflow) every `every_steps` optimizer steps, logged as MLflow
+    metric curves of the stage's run. Off by default; not part of any stage's key (it changes no weights)."""
+
+    # optimizer steps between evaluations: one number for every training stage, or one per section
+    # ({pretraining: 250, reflow: 100, distillation: 5}; a section left out is not evaluated); None / 0 = off
+    every_steps: EveryN | dict[Literal["pretraining", "reflow", "distillation"], EveryN] | None = None
+    samples: int = Field(100, ge=2)  # images per evaluation (fixed prompts and seeds)
+    # the fixed prompts, cycled to `samples` with fixed seeds; [] = the first `samples` of the evaluation set
+    prompts: list[str] = Field(default_factory=list)
+    # the metric keep_best ranks by (and the curve the summary leads with): fid (lower is better) or clip_score
+    metric: Literal["fid", "clip_score"] = "fid"
+    keep_best: bool = False  # the EMA weights of the best point in `best/` beside the checkpoints
+    # sampler steps; None = each stage's key setting: 1 for reflow and distillation, max(rf_steps) for pretraining
+    steps: int | None = Field(None, ge=1)
+
+    @field_validator("every_steps", mode="before")
+    @classmethod
+    def _sections(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            wrong = sorted(str(k) for k in v if k not in TRAINING_SECTIONS)
+            if wrong:
+                raise ValueError(
+                    f"per-section steps are keyed by {', '.join(TRAINING_SECTIONS)} (not {', '.join(wrong)})"
+                )
+        return v
+
+    def every(self, section: str) -> int:
+        """Optimizer steps between evaluations of this training section (0 = off)."""
+        if isinstance(self.every_steps, dict):
+            return int(self.every_steps.get(section) or 0)
+        return int(self.every_steps or 0)
+
+
 class EvaluationConfig(Section):
     """How models are evaluated. `protocol` names the captions, sample count, image size, resize pipeline and CLIP
     caption prefix (instaflow_core/evaluation/protocols.py, docs/evaluation.md); `image_size`, `resize` and
@@ -355,11 +395,22 @@ class EvaluationConfig(Section):
     # setting (teacher at its steps, 1-RF / 2-RF / InstaFlow at one step); empty: no grid
     grid_prompts: list[str] = Field(default_factory=list)
     grid_labels: list[str] | None = None  # column labels (default: the prompts)
+    # quality curves while the training stages run (off by default); left out of dumps and hashes while off
+    during_training: DuringTrainingConfig = Field(default_factory=DuringTrainingConfig)
 
     @field_validator("image_size", mode="before")
     @classmethod
     def _native(cls, v: Any) -> Any:
         return None if isinstance(v, str) and v.strip().lower() in ("native", "none", "null") else v
+
+    @model_serializer(mode="wrap")
+    def _drop_default_curves(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A default (off) `during_training` is left out, so configs without it dump and hash as before it
+        existed (the evaluation stage's cache keys of existing stores stay valid)."""
+        data = handler(self)
+        if isinstance(data, dict) and self.during_training == DuringTrainingConfig():
+            data.pop("during_training", None)
+        return data
 
     @model_validator(mode="after")
     def _protocol_data(self) -> EvaluationConfig:

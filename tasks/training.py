@@ -26,6 +26,7 @@ from instaflow_core.config import (
     TrainConfig,
 )
 from instaflow_core.errors import InstaflowError
+from instaflow_core.evaluation.curves import CurveSpec
 from instaflow_core.refs import ModelRef, Stage, TableRef
 from instaflow_core.store import Store
 from instaflow_core.training.job import TrainJob
@@ -38,8 +39,9 @@ logger = logging.getLogger("instaflow.tasks.training")
 
 PARENT_RUN_ENV = "INSTAFLOW_MLFLOW_PARENT_RUN"  # the rebuild's MLflow run, when the caller passes none
 # Where to report is no reason to retrain: the registry settings stay out of the cache key (the MLflow
-# parent run is left out of every task's key by stage_cache_key).
-_NOT_IN_KEY = ("registry",)
+# parent run is left out of every task's key by stage_cache_key), and so do the quality curves' settings
+# (evaluation.during_training), which change no weight.
+_NOT_IN_KEY = ("registry", "curves")
 
 
 def training_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -62,7 +64,7 @@ def run_stage(job: TrainJob, registry: RegistrationConfig, parent_run_id: str | 
             raise unreachable(tracking_uri(registry, job.storage)) from err
         raise
     try:
-        summary = job.execute(tracker.on_log)
+        summary = job.execute(tracker.on_log, tracker.on_eval)
     except BaseException:
         tracker.fail()
         raise
@@ -87,11 +89,13 @@ def train_reflow(
     registry: RegistrationConfig,
     mlflow_parent_run_id: str | None = None,
     models: ModelsConfig | None = None,
+    curves: CurveSpec | None = None,
 ) -> ModelRef:
     """2-Rectified Flow: the teacher's denoiser trained on its own triplets with the reflow loss -> the 2-RF.
 
-    `models` says how a hub-id teacher resolves (revision, local_files_only) and whether variants are saved."""
-    job = TrainJob.make(Stage.REFLOW, reflow, storage, triplets, teacher, models)
+    `models` says how a hub-id teacher resolves (revision, local_files_only) and whether variants are saved;
+    `curves` (evaluation/curves.py: curve_spec) evaluates the EMA weights while training."""
+    job = TrainJob.make(Stage.REFLOW, reflow, storage, triplets, teacher, models, curves)
     return run_stage(job, registry, mlflow_parent_run_id)
 
 
@@ -104,9 +108,10 @@ def train_distill(
     registry: RegistrationConfig,
     mlflow_parent_run_id: str | None = None,
     models: ModelsConfig | None = None,
+    curves: CurveSpec | None = None,
 ) -> ModelRef:
     """One-step distillation: the 2-RF's denoiser trained at t = 0 to land on the 2-RF's own Euler solutions."""
-    job = TrainJob.make(Stage.DISTILL, distill, storage, pairs, rf, models)
+    job = TrainJob.make(Stage.DISTILL, distill, storage, pairs, rf, models, curves)
     return run_stage(job, registry, mlflow_parent_run_id)
 
 
@@ -118,9 +123,10 @@ def train_pretrain(
     base: ModelRef,
     registry: RegistrationConfig,
     mlflow_parent_run_id: str | None = None,
+    curves: CurveSpec | None = None,
 ) -> ModelRef:
     """The 1-Rectified Flow teacher: `base` trained on the train images of the prompts' image table."""
-    job = TrainJob.make(Stage.PRETRAIN, pretraining, storage, prompts, base)
+    job = TrainJob.make(Stage.PRETRAIN, pretraining, storage, prompts, base, curves=curves)
     return run_stage(job, registry, mlflow_parent_run_id)
 
 

@@ -361,9 +361,13 @@ def distill(
     cfg = _prepare(preset, set_, prefect_api, stages=[Stage.DISTILL])
     from flows.distill import distill_flow
     from instaflow_core.store import Store
+    from tasks.lineage import latest_ref
 
     inputs = _inputs(cfg, Stage.DISTILL)
-    ref = _run(distill_flow, cfg, inputs[RefName.RF2], inputs[RefName.PROMPTS])
+    teacher = latest_ref(
+        cfg.storage, RefName.TEACHER
+    )  # the quality curves' reference (protocol teacher), if known
+    ref = _run(distill_flow, cfg, inputs[RefName.RF2], inputs[RefName.PROMPTS], teacher=teacher)
     _remember(cfg, **{RefName.INSTAFLOW: ref})
     console.print(f"InstaFlow: {_where(Store(cfg.storage).resolve(ref.uri))}", soft_wrap=True)
 

@@ -122,7 +122,7 @@ class SamplerResult:
 
     fid: float
     clip_score: float
-    latency_s: float
+    latency_s: float | None  # None: not measured (latency_repeats=0)
     straightness: float | None
     samples: int
     grid: np.ndarray = field(repr=False)
@@ -165,7 +165,9 @@ def evaluate_sampler(
     resolution: int | None = None,
 ) -> SamplerResult:
     """Generate the evaluation set batch by batch (only features and the grid's images are kept), then FID
-    against `reference`, CLIP score against the prompts, latency at batch 1, straightness for flows."""
+    against `reference`, CLIP score against the prompts, latency at batch 1, straightness for flows.
+    `latency_repeats=0` / `straightness_steps=0` leave those out (None): the curves during training
+    (evaluation/curves.py) measure neither every time."""
     from instaflow_core.evaluation.eval_set import resize_batch
 
     if len(prompts) != len(seeds) or len(prompts) < 2:
@@ -185,9 +187,11 @@ def evaluate_sampler(
         if on_progress is not None:
             on_progress(min(1.0, (i + batch_size) / n))
     stats = feature_stats(np.concatenate(fid_feats))
-    latency = measure_latency(lambda: sampler([prompts[0]], [seeds[0]]), repeats=latency_repeats)
+    latency = None
+    if latency_repeats > 0:
+        latency = measure_latency(lambda: sampler([prompts[0]], [seeds[0]]), repeats=latency_repeats)
     straight = None
-    if spec.solver == "euler":
+    if spec.solver == "euler" and straightness_steps > 0:
         k = min(n, batch_size)
         straight = flow_straightness(
             model, prompts[:k], seeds[:k], straightness_steps, spec.guidance, resolution
@@ -195,7 +199,7 @@ def evaluate_sampler(
     return SamplerResult(
         fid=fid_from_stats(stats, reference),
         clip_score=clip_score(np.concatenate(img_emb), text_emb),
-        latency_s=latency.median_s,
+        latency_s=latency.median_s if latency is not None else None,
         straightness=straight,
         samples=stats.n,
         grid=image_grid(np.concatenate(grid), 4),

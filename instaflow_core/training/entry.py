@@ -2,7 +2,7 @@
 
 The training task (`TrainJob.launch`) writes the stage's `TrainJob` as JSON and launches this module on every
 process; each builds the same student and trains its shard of the data through `instaflow_core.training`.
-The main process prints its log records, its summary and any user-facing error as `INSTAFLOW_EVENT {json}`
+The main process prints its log records, its evaluation points, its summary and any user-facing error as `INSTAFLOW_EVENT {json}`
 lines on stdout, which the launching task relays to MLflow and Prefect. The job file may also be a store URI
 (s3://...), so a cluster scheduler can start the same job on every node (infra/ACCELERATE.md).
 """
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = job.run(
             accelerator=acc,
             on_log=lambda r: _emit({"type": "log", "record": r}),
+            on_eval=lambda r: _emit({"type": "eval", "record": r}),
             validate=not args.no_validate,
         )
     except InstaflowError as err:

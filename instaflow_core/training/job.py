@@ -4,10 +4,12 @@
                                                           and sample grid go in the store
     job.check_inputs()                                    an empty table or latents that do not fit the base model
                                                           fail before any training (and any MLflow run)
-    job.execute(on_log)                                   train (in this process, or `accelerate launch` on
+    job.execute(on_log, on_eval)                          train (in this process, or `accelerate launch` on
                                                           `num_processes` processes), then write the EMA
                                                           denoiser as a folder of the base's family and layout,
-                                                          a sample grid, and summary.json next to the checkpoints
+                                                          a sample grid, and summary.json next to the checkpoints;
+                                                          with `curves` (evaluation.during_training) the EMA
+                                                          weights are evaluated every few steps (on_eval)
     job.ref()                                             the ModelRef of the saved folder
 
 The stage's identity is `key = hash(stage, data table ref, base model ref, section hash)`: it names the checkpoint
@@ -19,7 +21,8 @@ section, e.g. its seed) to train from scratch.
 
 `num_processes > 1`: the job is written as JSON and `accelerate launch --num_processes N [launcher_args] -m
 instaflow_core.training.entry job.json` runs it on every process (infra/ACCELERATE.md); the main process prints
-its log records, summary and errors as `INSTAFLOW_EVENT {json}` lines, which `launch` relays to `on_log`.
+its log records, evaluation points, summary and errors as `INSTAFLOW_EVENT {json}` lines, which `launch` relays
+to `on_log` / `on_eval`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validat
 
 from instaflow_core.config import DistillationConfig, ModelsConfig, StorageConfig, TrainConfig, stable_hash
 from instaflow_core.errors import ConfigError, DataError, InstaflowError, StorageError, TrainingError
+from instaflow_core.evaluation.curves import CurveSpec
 from instaflow_core.inference.images import image_grid, png_bytes
 from instaflow_core.models.geometry import Geometry
 from instaflow_core.models.loading import model_geometry
@@ -79,6 +83,8 @@ class TrainJob(BaseModel):
     samples_uri: str
     # how an external base (a hub id teacher) resolves, and models.save_variants; not part of the stage's key
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    # quality curves while training (evaluation.during_training): not part of the key, it changes no weight
+    curves: CurveSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +112,7 @@ class TrainJob(BaseModel):
         data: TableRef,
         base: ModelRef,
         models: ModelsConfig | None = None,
+        curves: CurveSpec | None = None,
     ) -> TrainJob:
         """The stage's job: where its checkpoints, model folder and sample grid go in the store."""
         key = cls.stage_key(stage, data, base, section)
@@ -122,6 +129,7 @@ class TrainJob(BaseModel):
             out_uri=store.uri("models", f"{kind}-{key}"),
             samples_uri=store.uri("samples", f"{kind}-{key}.png"),
             models=models or ModelsConfig(),
+            curves=curves,
         )
 
     @property
@@ -210,13 +218,15 @@ class TrainJob(BaseModel):
         return json.loads(store.read_bytes(uri)) if store.exists(uri) else None
 
     # ---- running --------------------------------------------------------------------------------------
-    def execute(self, on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    def execute(
+        self, on_log: Callable[[dict], None] | None = None, on_eval: Callable[[dict], None] | None = None
+    ) -> dict[str, Any]:
         """Train on `section.num_processes` processes (this one, or `accelerate launch`), then record the summary
         next to the checkpoints. The caller checked the inputs."""
         if self.section.num_processes > 1:
-            summary = self.launch(on_log or (lambda r: None))
+            summary = self.launch(on_log or (lambda r: None), on_eval)
         else:
-            summary = self.run(on_log=on_log, validate=False)
+            summary = self.run(on_log=on_log, on_eval=on_eval, validate=False)
         return summary
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -230,6 +240,7 @@ class TrainJob(BaseModel):
         accelerator: Any = None,
         on_log: Callable[[dict], None] | None = None,
         validate: bool = True,
+        on_eval: Callable[[dict], None] | None = None,
     ) -> dict[str, Any]:
         """Train the stage's student in this process (resuming from its checkpoints), then, on the main process,
         write the final folder (EMA weights) and a sample grid PNG to the store. Returns a JSON-able summary.
@@ -309,10 +320,13 @@ class TrainJob(BaseModel):
         else:
             batches = triplet_batches(self.data, self.storage)
 
-        # 4. train
+        # 4. train (evaluating the EMA weights every few steps when curves are on)
+        curves, curve_setup = self._curves(model, base_dir, acc, start)
+        relay = _labelled(on_eval, curves.info if curves is not None else {})
         result = train(
-            student, batches, loss_fn, cfg, self.ckpt_dir, store=store, accelerator=acc, on_log=on_log
-        )
+            student, batches, loss_fn, cfg, self.ckpt_dir, store=store, accelerator=acc, on_log=on_log,
+            evaluator=curves, on_eval=relay,
+        )  # fmt: skip
         summary: dict[str, Any] = {
             "start_step": start,
             "steps": result.steps,
@@ -327,6 +341,8 @@ class TrainJob(BaseModel):
                 "misses": conditions.misses,
             },
         }
+        if curves is not None and acc.is_main_process:
+            summary["curves"] = curves.summary(result.curve, curve_setup)
 
         # 5. the EMA denoiser (what the paper evaluates) as the stage's model, and its samples
         if acc.is_main_process:
@@ -366,7 +382,9 @@ class TrainJob(BaseModel):
         acc.wait_for_everyone()
         return summary
 
-    def launch(self, on_log: Callable[[dict], None]) -> dict[str, Any]:
+    def launch(
+        self, on_log: Callable[[dict], None], on_eval: Callable[[dict], None] | None = None
+    ) -> dict[str, Any]:
         """`accelerate launch` the job on section.num_processes processes; relay the main process's records."""
         cfg = self.section
         args = [os.path.expandvars(a) for a in cfg.launcher_args]  # e.g. "${NODE_RANK}" set by the scheduler
@@ -404,6 +422,8 @@ class TrainJob(BaseModel):
                     event = json.loads(line[len(EVENT_PREFIX) :])
                     if event["type"] == "log":
                         on_log(event["record"])
+                    elif event["type"] == "eval" and on_eval is not None:
+                        on_eval(event["record"])
                     elif event["type"] == "summary":
                         summary = event["summary"]
                     elif event["type"] == "error" and error is None:
@@ -418,6 +438,37 @@ class TrainJob(BaseModel):
             last = "; ".join(x for x in tail[-3:] if x) or "no output"
             raise TrainingError(f"accelerate launch of {self.stage} exited with code {rc} ({last})")
         return summary
+
+    # ---- quality during training ---------------------------------------------------------------------
+    def _curves(self, model: Any, base_dir: Path, acc: Any, start: int) -> tuple[Any, float]:
+        """The loop's evaluator (evaluation/curves.py) when this stage's curves are on, prepared on the main
+        process when there is training left (networks, reference statistics: kept in the store); -> (evaluator
+        or None, seconds it took)."""
+        import time
+
+        from instaflow_core.evaluation.curves import TrainingCurves
+
+        spec = self.curves
+        if spec is None or spec.evaluation.during_training.every(self.stage.section) <= 0:
+            return None, 0.0
+        curves = TrainingCurves(
+            spec, self.stage, self.storage, self.models, self.data, model, base_dir, self.ckpt_dir
+        )
+        t0 = time.perf_counter()
+        if acc.is_main_process and start < sum(st.steps for st in self.section.stages):
+            curves.prepare()
+        acc.wait_for_everyone()
+        return curves, time.perf_counter() - t0
+
+
+def _labelled(on_eval: Callable[[dict], None] | None, info: dict[str, Any]) -> Callable[[dict], None] | None:
+    """on_eval with what the points are (setting, samples, metric names) added to each record."""
+    if on_eval is None:
+        return None
+    labels = {
+        k: info[k] for k in ("setting", "samples", "every_steps", "protocol", "metric_names") if k in info
+    }
+    return lambda record: on_eval({**record, **labels})
 
 
 def triplet_batches(table: TableRef, storage: StorageConfig) -> Callable[[Any], Iterator[dict]]:

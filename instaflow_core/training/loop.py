@@ -1,8 +1,9 @@
 """The training loop: stages -> optimizer steps -> micro-batches, with EMA, checkpoints and resume.
 
 It knows nothing about where data comes from (a batch source, see data.py), what the loss is (a callable),
-or how the run is tracked (an `on_log` callback): reflow and distillation of an SD UNet and the Gaussian
-mixture toy run through this same function.
+how the run is tracked (an `on_log` callback) or how quality is measured (an `Evaluator` it calls every few
+steps, `on_eval` for its records): reflow and distillation of an SD UNet and the Gaussian mixture toy run
+through this same function.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -73,6 +74,7 @@ class TrainResult:
     # the EMA weights; under FSDP a plain unsharded module on the main process's CPU, None on the others
     ema_model: nn.Module | None = None
     switches: dict[str, Any] = field(default_factory=dict)  # the speed switches as read back from the UNet
+    curve: dict[str, Any] = field(default_factory=dict)  # the evaluator's points and timing (see Evaluator)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     final_loss: float | None = None
     checkpoint: str | None = None
+    curve: dict[str, Any] = field(default_factory=lambda: _new_curve())  # in the checkpoint: resumed with it
 
 
 def train(
@@ -110,6 +113,8 @@ def train(
     accelerator: Accelerator | None = None,
     on_log: Callable[[dict], None] | None = None,
     stage_index: int | None = None,
+    evaluator: Evaluator | None = None,
+    on_eval: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place through `cfg.stages`, resuming from the latest checkpoint in `ckpt_dir`.
 
@@ -124,6 +129,12 @@ def train(
         since the previous record (over processes too), `lr` the last step's learning rate.
     stage_index: stop at the end of this stage (the earlier ones run first unless the checkpoint has them),
         so a schedule can be run one stage per call into the same ckpt_dir.
+    evaluator: called on the main process with the EMA weights at step 0 of a fresh run, every
+        `evaluator.every_steps` optimizer steps and at the last step (before that step's checkpoint, so a resumed
+        run redoes exactly the points its checkpoint lacks); the other processes wait. Its record, with `eval_s`
+        and `cost_share` (the evaluations' share of the stage's wall time so far) added, goes to `on_eval`;
+        the points are kept in the checkpoint and returned as `TrainResult.curve`. The RNG streams are saved and
+        restored around it, so evaluating changes no weight.
 
     The global python/numpy/torch RNGs are seeded with cfg.seed + rank at the start. Data order and RNG
     are restored on resume, so a run killed after checkpoint k and restarted reproduces
@@ -175,7 +186,8 @@ def train(
             # the pinned, prefetching loader (cfg.prefetch: on CUDA by default), started after the RNG restore
             depth = 2 if switch_on(cfg.prefetch, acc.device) else 0
             feed = DeviceFeed(stream, spans, run.step, last.end, acc.device, depth=depth)
-            _loop(parts, run, last, feed, loss_fn, on_log)
+            curves = _Curves(parts, run, evaluator, on_eval) if evaluator is not None else None
+            _loop(parts, run, last, feed, loss_fn, on_log, curves)
         ema_model = ema.export() if isinstance(ema, ShardedEMA) else ema.model  # export: all processes
     finally:
         if feed is not None:
@@ -192,6 +204,7 @@ def train(
         history=run.history,
         ema_model=ema_model,
         switches=switches,
+        curve=run.curve,
     )
 
 
@@ -223,12 +236,15 @@ def _loop(
     stream: BatchStream | DeviceFeed,
     loss_fn: LossFn,
     on_log: Callable[[dict], None] | None,
+    curves: _Curves | None = None,
 ) -> None:
     cfg, acc, wrapped, optimizer = p.cfg, p.acc, p.wrapped, p.optimizer
     device = acc.device
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     window = _Window(time.perf_counter(), stream.wait_s)
     log.info("training from step %d to %d (%d process(es))", run.step, last.end, acc.num_processes)
+    if curves is not None and run.step == 0 and curves.due(0, last.end):
+        curves.evaluate(0)  # where the stage starts: the first point of its curves
     wrapped.train()
     while run.step < last.end:
         span = _span_at(p.spans, run.step)
@@ -282,7 +298,11 @@ def _loop(
                 if on_log is not None:
                     on_log(record)
             window = _Window(time.perf_counter(), stream.wait_s)
+        if curves is not None and curves.due(run.step, last.end):
+            window.t0 += curves.evaluate(run.step)  # evaluation time is not training throughput
         if run.step % cfg.checkpoint_every == 0 or run.step == last.end:
+            if curves is not None:
+                curves.flush()  # the training time so far, into the checkpoint's curve
             _save(p, run)
 
 
@@ -311,6 +331,73 @@ class _Window:
         }
 
 
+# ------------------------------------------------------------------------------ quality during training
+class Evaluator(Protocol):
+    """A quality check of the EMA weights `train` runs every `every_steps` optimizer steps (evaluation/curves.py
+    builds the pipeline's: FD / FID, CLIP score, straightness). Called on the main process only, with the EMA
+    module (the same type as the trained one; under FSDP a plain unsharded copy); returns JSON-able numbers."""
+
+    every_steps: int
+
+    def __call__(self, step: int, ema_module: nn.Module) -> dict[str, Any]: ...
+
+
+def _new_curve() -> dict[str, Any]:
+    return {"points": [], "eval_s": 0.0, "train_s": 0.0}
+
+
+class _Curves:
+    """Runs the evaluator at its steps and times it against the training around it: `cost_share` is
+    eval_s / (eval_s + train_s) over the stage so far (resumed runs included: both sums are checkpointed)."""
+
+    def __init__(
+        self, p: _Parts, run: _Run, evaluator: Evaluator, on_eval: Callable[[dict], None] | None
+    ) -> None:
+        self.p, self.run, self.evaluator, self.on_eval = p, run, evaluator, on_eval
+        self.mark = time.perf_counter()
+
+    def due(self, step: int, end: int) -> bool:
+        every = int(self.evaluator.every_steps or 0)
+        return every > 0 and (step % every == 0 or step == end)
+
+    def flush(self) -> None:
+        now = time.perf_counter()
+        self.run.curve["train_s"] += now - self.mark
+        self.mark = now
+
+    def evaluate(self, step: int) -> float:
+        """One point (collective under FSDP: the EMA is gathered); -> the seconds it took."""
+        self.flush()
+        p, curve = self.p, self.run.curve
+        t0 = time.perf_counter()
+        ema = p.ema.export() if isinstance(p.ema, ShardedEMA) else p.ema.model  # export: every process
+        if p.acc.is_main_process:
+            rng = capture_rng()
+            try:
+                with torch.no_grad():
+                    numbers = self.evaluator(step, ema)
+            finally:
+                restore_rng(rng)
+            took = time.perf_counter() - t0
+            curve["eval_s"] += took
+            record = {
+                "step": step,
+                **numbers,
+                "eval_s": took,
+                "cost_share": curve["eval_s"] / max(curve["eval_s"] + curve["train_s"], 1e-9),
+            }
+            curve["points"] = [q for q in curve["points"] if q["step"] != step] + [record]
+            log.info("step %d evaluation: %s (%.2fs, %.1f%% of the stage so far)", step,
+                     ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if isinstance(v, float)),
+                     took, 100 * record["cost_share"])  # fmt: skip
+            if self.on_eval is not None:
+                self.on_eval(record)
+        p.acc.wait_for_everyone()
+        took = time.perf_counter() - t0
+        self.mark = time.perf_counter()
+        return took
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 def _save(p: _Parts, run: _Run) -> None:
     """Every rank hands its RNG state to rank 0, which alone writes; the others wait for it. Under FSDP every
@@ -330,6 +417,7 @@ def _save(p: _Parts, run: _Run) -> None:
             "world_size": acc.num_processes,
             "config_hash": stable_hash(p.cfg.model_dump(mode="json")),
             "history": run.history,
+            "curve": run.curve,
             "time": time.time(),
         }
         if p.fsdp:
@@ -388,6 +476,7 @@ def _resume(p: _Parts) -> tuple[_Run, dict | None]:
         raise _misfit(loaded, _first_line(err)) from err
     st = loaded.state
     run = _Run(step=int(st["step"]), history=list(st.get("history", [])), final_loss=st.get("final_loss"))
+    run.curve = {**_new_curve(), **st.get("curve", {})}
     run.checkpoint = loaded.uri
     rngs = obj_from_bytes(loaded.files["rng.pt"])
     rng = rngs[acc.process_index] if len(rngs) == acc.num_processes else None

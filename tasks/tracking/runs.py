@@ -1,7 +1,8 @@
 """MLflow runs of the pipeline: one per training stage (StageTracker), the evaluation run, the rebuild's parent.
 
 Every run carries `instaflow.*` tags (stage, key, references, code version) so lineage can be read back from
-MLflow alone; a training stage resumed after a kill continues its own run.
+MLflow alone; a training stage resumed after a kill continues its own run, its loss curve and its quality
+curves (`eval/*` metrics, evaluation.during_training: each point logged once, also across a kill).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from instaflow_core.config import RegistrationConfig, StorageConfig
+from instaflow_core.evaluation.curves import CURVE_METRICS, MLFLOW_METRICS
 from instaflow_core.store import Store
 from instaflow_core.training.job import TrainJob
-from tasks.artifacts import Progress, run_logger
+from tasks.artifacts import Progress, publish_markdown, run_logger
 from tasks.caching import code_version, git_sha
 from tasks.tracking.client import _parent_ok, ensure_experiment, mlflow_client, run_url
 from tasks.tracking.promotion import SHOWN_METRICS
@@ -52,8 +54,12 @@ class StageTracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_id = ensure_experiment(self.client, registry.experiment)
         self.total = sum(st.steps for st in job.section.stages)
-        self.run_id = self._reuse() or self._create(_parent_ok(self.client, parent_run_id))
+        reused = self._reuse()
+        self.run_id = reused or self._create(_parent_ok(self.client, parent_run_id))
         self.progress = Progress(f"{job.stage} {job.key[:8]}: optimizer steps")
+        # the quality curves' points already in the run (a resumed stage redoes those after its checkpoint)
+        self.curve: dict[int, dict[str, float]] = self._logged_points() if reused else {}
+        self._curve_tagged = False
 
     def _run_file(self) -> str:
         return f"{self.job.ckpt_dir}/{RUN_FILE}"
@@ -121,6 +127,54 @@ class StageTracker:
             record["samples_per_s"], 100 * record["data_wait_share"],
         )  # fmt: skip
 
+    # ---- quality during training ---------------------------------------------------------------------
+    def _logged_points(self) -> dict[int, dict[str, float]]:
+        points: dict[int, dict[str, float]] = {}
+        for name, metric in MLFLOW_METRICS.items():
+            for m in self.client.get_metric_history(self.run_id, metric):
+                points.setdefault(int(m.step), {})[name] = float(m.value)
+        return points
+
+    def on_eval(self, record: dict) -> None:
+        """An evaluation point (training/loop.py, evaluation/curves.py) -> `eval/*` metrics at its optimizer
+        step, once per step (a point a killed process logged is not logged again when the rerun redoes it),
+        and the curves as a markdown artifact of the Prefect run."""
+        from mlflow.entities import Metric
+
+        step = int(record["step"])
+        values = {k: float(record[k]) for k in MLFLOW_METRICS if record.get(k) is not None}
+        if step not in self.curve:
+            now = int(time.time() * 1000)
+            metrics = [Metric(MLFLOW_METRICS[k], v, now, step) for k, v in values.items()]
+            self.client.log_batch(self.run_id, metrics=metrics)
+            self.curve[step] = values
+        if not self._curve_tagged:
+            names = record.get("metric_names") or {}
+            tags = {
+                "instaflow.curves.setting": record.get("setting"),
+                "instaflow.curves.samples": record.get("samples"),
+                "instaflow.curves.every_steps": record.get("every_steps"),
+                "instaflow.curves.protocol": record.get("protocol"),
+                "instaflow.curves.fid_metric": names.get("fid"),
+                "instaflow.curves.clip_metric": names.get("clip_score"),
+            }
+            for k, v in tags.items():
+                if v is not None:
+                    self.client.set_tag(self.run_id, k, str(v))
+            self._curve_tagged = True
+        job = self.job
+        title = f"{job.stage} {job.key[:8]}: quality during training ({record.get('setting', '?')})"
+        publish_markdown(
+            f"instaflow-{job.stage}-curves",
+            curve_markdown(title, self.curve, record),
+            description=f"{job.stage}: FD / CLIP score / straightness of the EMA weights during training",
+        )
+        shown = ", ".join(f"{k} {values[k]:.4g}" for k in CURVE_METRICS if k in values)
+        run_logger().info(
+            "%s step %d/%d evaluation: %s (%.1fs; evaluations %.1f%% of the stage's time)",
+            job.stage, step, self.total, shown, values.get("eval_s", 0.0), 100 * values.get("cost_share", 0.0),
+        )  # fmt: skip
+
     def finish(self, summary: dict[str, Any]) -> None:
         """The sample grid and the summary as artifacts, final numbers as tags, status FINISHED."""
         with tempfile.TemporaryDirectory(prefix="instaflow-mlflow-") as tmp:
@@ -133,6 +187,11 @@ class StageTracker:
             self.client.log_artifact(self.run_id, str(info))
         self.client.set_tag(self.run_id, "instaflow.steps", str(summary["steps"]))
         self.client.set_tag(self.run_id, "instaflow.resumed_from_step", str(summary["start_step"]))
+        curves = summary.get("curves")
+        if curves:
+            self.client.set_tag(self.run_id, "instaflow.curves.cost_share", f"{curves['cost_share']:.4f}")
+            if curves.get("best"):
+                self.client.set_tag(self.run_id, "instaflow.curves.best_step", str(curves["best"]["step"]))
         self.progress.update(1.0)
         self.client.set_terminated(self.run_id, "FINISHED")
 
@@ -141,6 +200,28 @@ class StageTracker:
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception:  # noqa: BLE001 - never mask the training error
             logger.warning("could not mark MLflow run %s failed", self.run_id)
+
+
+def curve_markdown(title: str, points: dict[int, dict[str, float]], record: dict[str, Any]) -> str:
+    """The curves so far as a markdown table (the Prefect artifact): one row per evaluated step."""
+    names = record.get("metric_names") or {}
+    shown = [k for k in CURVE_METRICS if any(k in v for v in points.values())]
+    head = [names.get(k, k) for k in shown] + ["seconds", "share of the stage's time"]
+    lines = [
+        f"### {title}",
+        "",
+        f"{record.get('samples', '?')} fixed samples every {record.get('every_steps', '?')} optimizer steps, "
+        f"protocol {record.get('protocol', '?')}; MLflow metrics {', '.join(MLFLOW_METRICS[k] for k in shown)}",
+        "",
+        "| step | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(head),
+    ]
+    for step in sorted(points):
+        v = points[step]
+        cells = [f"{v[k]:.4g}" if k in v else "" for k in shown]
+        cells += [f"{v.get('eval_s', 0.0):.2f}", f"{100 * v.get('cost_share', 0.0):.1f}%"]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
