@@ -31,11 +31,13 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINT) constraints/lock.txt
 demo: $(STAMP)
 	$(BIN)/instaflow rebuild --preset digits
 
+# two pytest-xdist workers: most of the suite waits on subprocesses and services, not on the CPU; tests that
+# share one Ray instance or the local stack's ports run in one worker each (xdist_group, --dist loadgroup)
 test: $(STAMP)
-	$(BIN)/pytest -q -ra --timeout=900
+	$(BIN)/pytest -q -ra --timeout=900 -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow" --timeout=600
+	$(BIN)/pytest -q -m "not slow" --timeout=600 -n 2 --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

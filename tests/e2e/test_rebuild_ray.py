@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.test_rebuild import ALL, FAST
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker holds Ray
 
 
 def _cli() -> list[str]:

@@ -65,6 +65,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
+pytestmark = pytest.mark.xdist_group("local-stack")  # the stack's default ports: one worker at a time
+
+
 def _lineage(*args: str) -> object:
     from flows.cli.main import app
 

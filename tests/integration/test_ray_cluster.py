@@ -26,7 +26,7 @@ from instaflow_core.rectified_flow import noise_from_seeds
 from instaflow_core.store import Store, open_ref, open_table
 from tests.integration.test_generate_flow import _artifact, expected_ids
 
-pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.xdist_group("ray")]
 
 
 def _cfg(storage_cfg, cluster, *sets):

@@ -12,6 +12,8 @@ from infra.procs import free_port, pid_alive, port_in_use
 from instaflow_core.config import StorageConfig
 from instaflow_core.store import Store
 
+pytestmark = pytest.mark.xdist_group("local-stack")  # the stack's default ports: one worker at a time
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)

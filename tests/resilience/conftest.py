@@ -1,19 +1,15 @@
-"""The fault suite's shared parts: the table of injected faults, a SeaweedFS server the tests own (so they can
-kill it, restart it on the same ports and data, and give it a read-only key), and cheap child processes.
-
-Every test records what it injected with `faults.record(...)`; the session prints one table at the end
-(faults injected, rows lost, rows duplicated: the target is 0 everywhere) and writes it to
-test-output/resilience.json. Each test also asserts its own zeros, so a loss fails the test, not only the table.
-"""
+"""The fault suite's shared parts: a SeaweedFS server the tests own (so they can kill it, restart it on the same
+ports and data, and give it a read-only key), and cheap child processes. The table of injected faults is the
+`faults` fixture of tests/plugins/faults.py (a plugin, so the pytest-xdist controller prints it too)."""
 
 from __future__ import annotations
 
-import json
+import os
 import secrets
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,68 +17,6 @@ import pytest
 from tests.support import REPO
 
 OUTPUT = REPO / "test-output" / "resilience.json"
-
-
-@dataclass
-class Fault:
-    test: str
-    fault: str
-    injected: int
-    rows_expected: int
-    rows_lost: int
-    rows_duplicated: int
-    note: str = ""
-
-
-@dataclass
-class FaultTable:
-    rows: list[Fault] = field(default_factory=list)
-
-    def record(
-        self,
-        test: str,
-        fault: str,
-        injected: int,
-        *,
-        expected: int = 0,
-        lost: int = 0,
-        duplicated: int = 0,
-        note: str = "",
-    ) -> None:
-        self.rows.append(Fault(test, fault, injected, expected, lost, duplicated, note))
-
-    def lines(self) -> list[str]:
-        head = f"{'fault':44s} {'injected':>8s} {'rows':>6s} {'lost':>5s} {'dup':>5s}  note"
-        out = [head, "-" * len(head)]
-        for r in self.rows:
-            out.append(
-                f"{r.fault[:44]:44s} {r.injected:8d} {r.rows_expected:6d} {r.rows_lost:5d} "
-                f"{r.rows_duplicated:5d}  {r.note}"
-            )
-        total = (sum(r.injected for r in self.rows), sum(r.rows_lost for r in self.rows))
-        dup = sum(r.rows_duplicated for r in self.rows)
-        out.append(
-            f"{'total':44s} {total[0]:8d} {'':6s} {total[1]:5d} {dup:5d}  (target: 0 lost, 0 duplicated)"
-        )
-        return out
-
-
-_TABLE = FaultTable()
-
-
-@pytest.fixture(scope="session")
-def faults() -> FaultTable:
-    return _TABLE
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
-    if not _TABLE.rows:
-        return
-    terminalreporter.section("fault suite: faults injected, rows lost / duplicated")
-    for line in _TABLE.lines():
-        terminalreporter.write_line(line)
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps([asdict(r) for r in _TABLE.rows], indent=1))
 
 
 # ------------------------------------------------------------------------------------------- SeaweedFS
@@ -128,7 +62,6 @@ class OwnedSeaweed:
 
     def kill(self) -> None:
         """SIGKILL, as a crashed or rebooted server: no clean shutdown."""
-        import os
 
         from infra.procs import pid_alive
 

@@ -17,7 +17,7 @@ from instaflow_core.config import load
 from instaflow_core.store import Store, open_ref, open_table
 from tasks.caching import prefect_settings
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SEED = 1414  # change to explore other kill points; failures reproduce with the same seed
 SETS = [

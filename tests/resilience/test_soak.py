@@ -25,7 +25,7 @@ from instaflow_core.store import Store, open_ref, open_table
 from tasks.caching import prefect_settings
 from tests.support.browser import fast_tiny_overrides
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SEED = 2026  # failures reproduce with the same seed; change it to explore other kill points
 ROUNDS = 10
