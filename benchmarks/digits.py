@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 def seed_overrides(seed: int) -> list[str]:
     """What seed k changes: every training draw, not the split, the text encoder or the evaluation set."""
     return [
-        f"models.digits.seed={seed}",
+        f"digits.model.seed={seed}",
         f"pretraining.seed={seed}",
         f"generation.seed={seed}",
         f"reflow.seed={seed}",

@@ -1,4 +1,4 @@
-"""Triplet generation rate on the tiny preset: our batched `solve_teacher` (and the whole shard worker, Lance
+"""Triplet generation rate on the tiny preset: our batched `teacher_latents` (and the whole shard worker, Lance
 writes included) vs diffusers' `StableDiffusionPipeline(output_type="latent")` on the same components, prompts,
 seeds, scheduler, steps and guidance. Prints triplets/s and ratios, asserts nothing.
 
@@ -19,13 +19,12 @@ import time
 import lancedb
 import torch
 from diffusers import StableDiffusionPipeline
-from instaflow_core.generation.teacher import make_scheduler, solve_teacher
-from instaflow_core.models.tiny import build_tiny
 
 from instaflow_core.config import load
-from instaflow_core.generation.shards import run_shard
+from instaflow_core.generation.shards import ShardWorker
+from instaflow_core.generation.solvers import teacher_latents
 from instaflow_core.generation.triplets import PairsJob, expand_jobs, triplet_schema
-from instaflow_core.models.loading import latent_shape
+from instaflow_core.models.sd import build_tiny, make_scheduler
 
 
 def rate(fn, n: int, repeats: int = 2) -> float:
@@ -60,8 +59,8 @@ def main() -> None:
     batch = args.batch or gen.batch_size
     steps = args.steps or gen.num_inference_steps
     job = PairsJob.from_generation(gen.model_copy(update={"batch_size": batch}))
-    comps = build_tiny(cfg.models.tiny)
-    shape = latent_shape(comps)
+    model = build_tiny(cfg.models.tiny)
+    shape = model.latent_shape()
     prompts = [f"a photo of thing {i}, style {i % 7}" for i in range(args.prompts)]
     jobs = expand_jobs(
         [(f"{i:08x}", p) for i, p in enumerate(prompts)],
@@ -83,17 +82,17 @@ def main() -> None:
     def ours() -> torch.Tensor:
         return torch.cat(
             [
-                solve_teacher(comps, texts[i : i + batch], seeds[i : i + batch], **kw)
+                teacher_latents(model, texts[i : i + batch], seeds[i : i + batch], **kw)
                 for i in range(0, n, batch)
             ]
         )
 
     pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=make_scheduler(gen.scheduler, comps.scheduler.config),
+        vae=model.vae,
+        text_encoder=model["text_encoder"],
+        tokenizer=model["tokenizer"],
+        unet=model.denoiser,
+        scheduler=make_scheduler(gen.scheduler, model.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -133,28 +132,25 @@ def main() -> None:
     def shard() -> None:
         counter[0] += 1
         table = db.create_table(f"t{counter[0]}", schema=triplet_schema(shape))
-        run_shard(
-            jobs=jobs,
+        ShardWorker(
             table=table,
-            solve=lambda p, s: solve_teacher(comps, p, s, **kw),
-            batch_size=batch,
+            solve=lambda p, s: teacher_latents(model, p, s, **kw),
             teacher="tiny",
             solver=job.solver,
-            shard=0,
+            batch_size=batch,
             run_id="bench",
-            done_filter="true",
             write=lambda t, rows: (
                 t.merge_insert("triplet_id")
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
                 .execute(rows)
             ),
-        )
+        ).run(jobs, 0, "true")
 
     results = {
         "diffusers pipeline, one prompt per call": rate(diffusers_per_prompt, n),
         f"diffusers pipeline, {batch} prompts per call": rate(diffusers_batched, n),
-        f"ours: solve_teacher, batch {batch}": rate(ours, n),
+        f"ours: teacher_latents, batch {batch}": rate(ours, n),
         f"ours: shard worker (solve + Lance merge), batch {batch}": rate(shard, n),
     }
     base = results["diffusers pipeline, one prompt per call"]

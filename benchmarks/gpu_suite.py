@@ -4,8 +4,8 @@ against the diffusers way measured in the same run, each fast-path switch on/off
     python benchmarks/gpu_suite.py [--quick] [--time-budget 440] [--out benchmarks/out/gpu_suite.json]
     python benchmarks/gpu_suite.py --tiny          # the same code on tiny models, on CPU, in under a minute
 
-"Ours" is the project's own code with its CUDA defaults: the shard worker (`run_shard` + `solve_teacher` + the
-async writer), the training set-up (`apply_perf_switches`, `build_optimizer`, the EMA, the prefetching loader,
+"Ours" is the project's own code with its CUDA defaults: the shard worker (`ShardWorker` + `make_solver` /
+`teacher_latents` + the async writer), the training set-up (`apply_perf_switches`, `build_optimizer`, the EMA, the prefetching loader,
 the reflow loss) and `InstaFlowPipeline` (+ `inference.fast.speed_up` for the compile rows); docs/gpu-speed.md
 lists the switches each "switch ..." row turns the other way.
 
@@ -33,10 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from instaflow_core.models.components import SD15_SCALING_FACTOR, SD15_SCHEDULER, SDComponents  # noqa: E402
-from instaflow_core.models.tiny import build_tiny  # noqa: E402
 
 from instaflow_core.config import TinyModelConfig  # noqa: E402
+from instaflow_core.models.family import Model  # noqa: E402
+from instaflow_core.models.sd import FAMILY as SD  # noqa: E402
+from instaflow_core.models.sd import SD15_SCALING_FACTOR, SD15_SCHEDULER, build_tiny  # noqa: E402
 from instaflow_core.models.tokenizer import tiny_tokenizer  # noqa: E402
 
 
@@ -104,8 +105,8 @@ SD15_TEXT = dict(
 )
 
 
-def build_components(preset: Preset, device: torch.device | str, seed: int = 0) -> SDComponents:
-    """SD components, float32, random init from `seed`, built directly on `device` ("meta": no memory).
+def build_components(preset: Preset, device: torch.device | str, seed: int = 0) -> Model:
+    """An SD-family Model, float32, random init from `seed`, built directly on `device` ("meta": no memory).
 
     The tokenizer is the project's tiny CLIP BPE (the first 4000 real merges; the full vocabulary is not shipped
     offline): ids fit SD's 49408-entry embedding, tokenising costs about the same.
@@ -131,9 +132,14 @@ def build_components(preset: Preset, device: torch.device | str, seed: int = 0) 
             )
         )
     sched = DPMSolverMultistepScheduler(**SD15_SCHEDULER, algorithm_type="dpmsolver++")
-    return SDComponents(
-        unet=unet.eval(), vae=vae.eval(), text_encoder=text.eval(), tokenizer=tok, scheduler=sched
-    )
+    parts = {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text.eval(),
+        "tokenizer": tok,
+        "scheduler": sched,
+    }
+    return Model(SD, parts)
 
 
 # ====================================================================================== main
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_suite: preset {preset.name} on {s.peak['device']} ({device}), torch {torch.__version__}, "
           f"budget {args.time_budget:.0f}s{', quick' if args.quick else ''}", flush=True)  # fmt: skip
     st = State(s, build_components(preset, device, seed=0))
-    print(f"models ready: UNet {sum(p.numel() for p in st.ours.unet.parameters()) / 1e6:.0f}M parameters, forward "
+    print(f"models ready: UNet {sum(p.numel() for p in st.ours.denoiser.parameters()) / 1e6:.0f}M parameters, forward "
           f"{s.flops['unet_forward'] / 1e12:.4g} TFLOP/sample, triplet {s.flops['triplet'] / 1e12:.4g} TFLOP, "
           f"ours: {st.ours_flags}", flush=True)  # fmt: skip
     for _, fn in plan(args):

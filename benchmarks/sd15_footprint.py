@@ -38,14 +38,15 @@ PHASES = ("teacher", "reflow", "distill", "eval", "activations")
 
 # ----------------------------------------------------------------------------------------------- models
 def sd15_components():
-    """SD 1.5 at full size, random weights: the real unet/vae/text_encoder/scheduler configs."""
+    """SD 1.5 at full size, random weights: the real unet/vae/text_encoder/scheduler configs, as an SD-family
+    `Model`."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(REPO))
-    from instaflow_core.models.components import SDComponents
-
+    from instaflow_core.models.family import Model
+    from instaflow_core.models.sd import FAMILY
     from instaflow_core.models.tokenizer import tiny_tokenizer
     from tests.support.sd15 import Sd15Shape, sd15_configs
 
@@ -63,13 +64,14 @@ def sd15_components():
     }
     text["vocab_size"] = 49408  # the real CLIP-L embedding; the stand-in tokenizer's ids are a subset
     torch.manual_seed(0)
-    return SDComponents(
-        unet=UNet2DConditionModel.from_config(cfg["unet/config.json"]).eval(),
-        vae=AutoencoderKL.from_config(cfg["vae/config.json"]).eval(),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text)).eval(),
-        tokenizer=tiny_tokenizer(),
-        scheduler=PNDMScheduler.from_config(cfg["scheduler/scheduler_config.json"]),
-    )
+    parts = {
+        "unet": UNet2DConditionModel.from_config(cfg["unet/config.json"]).eval(),
+        "vae": AutoencoderKL.from_config(cfg["vae/config.json"]).eval(),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text)).eval(),
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": PNDMScheduler.from_config(cfg["scheduler/scheduler_config.json"]),
+    }
+    return Model(FAMILY, parts)
 
 
 def n_params(module) -> int:
@@ -83,22 +85,21 @@ def peak_rss_gb() -> float:
 # ----------------------------------------------------------------------------------------------- phases
 def _train_step(comps, stage: str, batch: int, resolution: int, checkpointing: bool) -> dict:
     import torch
-    from instaflow_core.models.velocity import StudentVelocity
 
     from instaflow_core.config import TrainConfig
-    from instaflow_core.models.loading import latent_shape
     from instaflow_core.rectified_flow import distill_loss, noise_from_seeds, reflow_loss
     from instaflow_core.training.ema import EMA
     from instaflow_core.training.setup import build_optimizer
-    from instaflow_core.training.student import PromptEmbeddings
+    from instaflow_core.training.student import ConditionCache
 
-    shape = latent_shape(comps, resolution)
+    shape = comps.latent_shape(resolution)
     if checkpointing:
-        comps.unet.enable_gradient_checkpointing()
-    student = StudentVelocity.from_components(comps).train()
+        comps.denoiser.enable_gradient_checkpointing()
+    comps.denoiser.requires_grad_(True)  # as TrainJob.run sets the student up
+    student = comps.velocity().train()
     optimizer = build_optimizer(student, TrainConfig(stages=[{"steps": 1, "batch_size": batch}]))
     ema = EMA(student, 0.9999)
-    embed = PromptEmbeddings(comps.text_encoder, comps.tokenizer)
+    embed = ConditionCache(comps)
     prompts = [f"a photo of object {i}" for i in range(batch)]
     x0, x1 = noise_from_seeds(list(range(batch)), shape), noise_from_seeds(list(range(9, 9 + batch)), shape)
     times = []
@@ -127,15 +128,15 @@ def phase(name: str, args: argparse.Namespace) -> dict:
     out = {
         "phase": name,
         "build_seconds": round(built, 1),
-        "params": {k: n_params(getattr(comps, k)) for k in ("unet", "text_encoder", "vae")},
+        "params": {k: n_params(comps[k]) for k in ("unet", "text_encoder", "vae")},
     }
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
     if name == "teacher":
-        from instaflow_core.generation.teacher import solve_teacher
+        from instaflow_core.generation.solvers import teacher_latents
 
-        solve_teacher(comps, prompts[:1], [0], steps=1, resolution=args.resolution)  # warm up
+        teacher_latents(comps, prompts[:1], [0], steps=1, resolution=args.resolution)  # warm up
         t = time.perf_counter()
-        solve_teacher(comps, prompts, list(range(args.batch)), steps=args.steps, resolution=args.resolution)
+        teacher_latents(comps, prompts, list(range(args.batch)), steps=args.steps, resolution=args.resolution)
         out.update(seconds=time.perf_counter() - t, steps=args.steps)
     elif name in ("reflow", "distill"):
         out.update(_train_step(comps, name, args.batch, args.resolution, checkpointing=True))
@@ -158,20 +159,21 @@ def phase(name: str, args: argparse.Namespace) -> dict:
 def activations(comps) -> dict:
     """Bytes autograd saves for backward, per sample, under bf16 autocast: {latent side: {gc: bytes}}."""
     import torch
-    from instaflow_core.models.velocity import StudentVelocity
 
+    from instaflow_core.models.family import Condition
     from instaflow_core.rectified_flow import noise_from_seeds
 
-    student = StudentVelocity.from_components(comps).train()
+    comps.denoiser.requires_grad_(True)
+    student = comps.velocity().train()
     params = {p.untyped_storage().data_ptr() for p in student.parameters()}
-    cond = torch.randn(1, 77, 768)
+    cond = Condition(embeds=torch.randn(1, 77, 768))
     result: dict = {}
     for side in (16, 32):
         for gc in (False, True):
             if gc:
-                comps.unet.enable_gradient_checkpointing()
+                comps.denoiser.enable_gradient_checkpointing()
             else:
-                comps.unet.disable_gradient_checkpointing()
+                comps.denoiser.disable_gradient_checkpointing()
             seen: dict[int, int] = {}
 
             def pack(t, seen=seen):

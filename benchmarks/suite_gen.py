@@ -1,7 +1,7 @@
 """The generation section of gpu_suite.py, and the models every section shares.
 
-Ours = the project's shard worker as `generate` runs it: `run_shard` over a fresh triplets table, solving with
-`make_solver(PairsJob)` (so `solve_teacher` with the job's switches: CFG in one forward, channels_last, compile)
+Ours = the project's shard worker as `generate` runs it: a `ShardWorker` over a fresh triplets table, solving
+with `make_solver(PairsJob)` (the job's switches set on the denoiser, then `teacher_latents`: CFG in one forward)
 and writing with the project's `merge_rows` (LanceDB; pylance appends where lancedb is not installed), the
 write on the async writer's thread. Baseline: diffusers' `StableDiffusionPipeline(output_type="latent")` at the
 same batch, dtype, scheduler, steps and guidance (its call alone, no write: the conservative side).
@@ -18,57 +18,61 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from instaflow_core.generation.teacher import make_scheduler, solve_teacher
 from suite_harness import PeakMemory, Suite, count_flops, free_memory, median, prompts_for, time_calls
 
 from instaflow_core.config import PairsConfig
-from instaflow_core.generation.shards import run_shard
-from instaflow_core.generation.solvers import make_solver
+from instaflow_core.generation.shards import ShardWorker
+from instaflow_core.generation.solvers import make_solver, teacher_latents
 from instaflow_core.generation.triplets import PairsJob, SolverSpec, TripletJob, triplet_schema
 from instaflow_core.inference.images import decode_latents
+from instaflow_core.models.family import Model
+from instaflow_core.models.sd import make_scheduler
 from instaflow_core.models.switches import set_switches, switch_on
 
 
 # ====================================================================================== shared state
 class State:
-    """The models of the run: `ours` (fast-path switches on) and `base` (diffusers defaults), both copies of
-    `master` (float32) in the run's dtype, so every side starts from the same weights."""
+    """The models of the run (SD-family `Model`s): `ours` (fast-path switches on) and `base` (diffusers
+    defaults), both copies of `master` (float32) in the run's dtype, so every side starts from the same weights."""
 
-    def __init__(self, s: Suite, master: Any) -> None:
+    def __init__(self, s: Suite, master: Model) -> None:
         dev = s.device
         self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU: bf16 convs are slow here
-        self.base = copy_components(master, self.dtype)
-        self.ours = copy_components(master, self.dtype)
+        self.base = copy_model(master, self.dtype)
+        self.ours = copy_model(master, self.dtype)
         del master
         free_memory()
         count_model_flops(s, self.base)
         on = dev.type == "cuda"  # the switches' "auto": what the project does on this device
-        self.ours_flags = set_switches(self.ours.unet, sdpa=True, channels_last=on)
+        self.ours_flags = set_switches(self.ours.denoiser, sdpa=True, channels_last=on)
         set_switches(self.ours.vae, sdpa=True, channels_last=on)
         self.tmp = tempfile.mkdtemp(prefix="gpu-suite-")
         self.gen = GenTables(s, self.tmp)
         self.table: Any = None  # the training section's Lance table, made on first use
 
 
-def copy_components(c: Any, dtype: torch.dtype) -> Any:
-    nets = {k: copy.deepcopy(getattr(c, k)).to(dtype=dtype).eval() for k in ("unet", "vae", "text_encoder")}
-    return dataclasses.replace(c, **nets, scheduler=copy.deepcopy(c.scheduler))
+def copy_model(c: Model, dtype: torch.dtype) -> Model:
+    nets = {k: copy.deepcopy(c[k]).to(dtype=dtype).eval() for k in ("unet", "vae", "text_encoder")}
+    return dataclasses.replace(c, parts={**c.parts, **nets, "scheduler": copy.deepcopy(c.scheduler)})
 
 
 @torch.no_grad()
-def count_model_flops(s: Suite, c: Any) -> None:
+def count_model_flops(s: Suite, c: Model) -> None:
     """FLOPs of one sample through each network (batch 1): the basis of every MFU in the table."""
     dev, L = s.device, s.preset.latent
-    x = torch.randn(1, 4, L, L, device=dev, dtype=c.unet.dtype)
-    cond = torch.randn(1, 77, c.unet.config.cross_attention_dim, device=dev, dtype=c.unet.dtype)
+    unet, text_encoder = c.denoiser, c["text_encoder"]
+    x = torch.randn(1, 4, L, L, device=dev, dtype=unet.dtype)
+    cond = torch.randn(1, 77, unet.config.cross_attention_dim, device=dev, dtype=unet.dtype)
     t = torch.tensor([500.0], device=dev)
-    ids = c.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(dev)
+    ids = c["tokenizer"](["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(
+        dev
+    )
     f = s.flops
-    f["unet_forward"] = count_flops(lambda: c.unet(x, t, encoder_hidden_states=cond))
+    f["unet_forward"] = count_flops(lambda: unet(x, t, encoder_hidden_states=cond))
     if dev.type == "cpu":  # the row estimates of the time budget use this CPU's measured rate
-        sec = median(time_calls(lambda: c.unet(x, t, encoder_hidden_states=cond), dev, iters=3))
+        sec = median(time_calls(lambda: unet(x, t, encoder_hidden_states=cond), dev, iters=3))
         s.rate = f["unet_forward"] / sec
-    f["text_encoder"] = count_flops(lambda: c.text_encoder(ids))
+    f["text_encoder"] = count_flops(lambda: text_encoder(ids))
     f["vae_decode"] = count_flops(lambda: c.vae.decode(x.to(c.vae.dtype)))
     g, steps = s.preset.guidance, s.preset.steps
     f["triplet"] = steps * (2 if g > 1 else 1) * f["unet_forward"]  # the issue's count: steps x 2 for CFG
@@ -78,7 +82,7 @@ def count_model_flops(s: Suite, c: Any) -> None:
 
 # ====================================================================================== generation
 class _AppendTable:
-    """Where lancedb is not installed (the GPU image carries pylance alone): the two things run_shard asks of a
+    """Where lancedb is not installed (the GPU image carries pylance alone): what the shard worker asks of a
     fresh table (its schema, no rows yet), written by appends to a Lance dataset."""
 
     def __init__(self, uri: str, schema: Any) -> None:
@@ -122,7 +126,7 @@ class GenTables:
             return
         from instaflow_core.store.tables import merge_rows
 
-        merge_rows(table, rows, "triplet_id")  # what tasks/generation.py hands run_shard
+        merge_rows(table, rows, "triplet_id")  # what PairGeneration.shard hands the ShardWorker
 
     def jobs(self, n: int) -> list[TripletJob]:
         i0, self.n = self.n, self.n + n
@@ -144,7 +148,7 @@ def ours_generate(
     b: int,
     k: int,
     *,
-    comps: Any = None,
+    comps: Model | None = None,
     steps: int | None = None,
     decode: bool = False,
     **sw,
@@ -158,32 +162,29 @@ def ours_generate(
 
         def solve(prompts: list[str], seeds: list[int]) -> Any:
             x = inner(prompts, seeds)
-            decode_latents(comps.vae, x, batch_size=len(prompts))
+            decode_latents(comps, x, batch_size=len(prompts))
             return x
 
-    run_shard(
-        jobs=st.gen.jobs(b * k),
+    ShardWorker(
         table=st.gen.new(),
         solve=solve,
-        batch_size=b,
         teacher="gpu-suite",
         solver=job.solver,
-        shard=0,
+        batch_size=b,
         run_id="gpu-suite",
-        done_filter="true",
         write=st.gen.write,
         async_write=switch_on(job.async_write, dev),
-    )
+    ).run(st.gen.jobs(b * k), 0, "true")
 
 
-def diffusers_pipe(s: Suite, c: Any) -> Any:
+def diffusers_pipe(s: Suite, c: Model) -> Any:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=c.vae,
-        text_encoder=c.text_encoder,
-        tokenizer=c.tokenizer,
-        unet=c.unet,
+        text_encoder=c["text_encoder"],
+        tokenizer=c["tokenizer"],
+        unet=c.denoiser,
         scheduler=make_scheduler("dpmsolver++", c.scheduler.config),
         safety_checker=None,
         feature_extractor=None,
@@ -257,7 +258,7 @@ def gen_core(s: Suite, st: State) -> None:
             b,
             k,
             vs=f"diffusers b{b}",
-            note=f"run_shard, {st.gen.kind}",
+            note=f"ShardWorker, {st.gen.kind}",
         )
         if b == pr.switch_batch:  # 5 steps: the same kernels as 25, a fifth of the profiler's events
             s.profile("gen ours", lambda b=b: ours_generate(s, st, b, 1, steps=min(5, pr.steps)))
@@ -268,7 +269,7 @@ def gen_core(s: Suite, st: State) -> None:
 
     def check() -> dict[str, Any]:  # the same ODE from the same X0: ours and diffusers agree
         seeds = list(range(b))
-        a = solve_teacher(
+        a = teacher_latents(
             st.ours, prompts_for(b), seeds, steps=pr.steps, guidance=pr.guidance, device=s.device
         )
         d = diffusers_generate(s, pipe, b, 1)
@@ -288,8 +289,9 @@ def gen_switches(s: Suite, st: State) -> None:
     if s.get("gen", ref) is None:
         return
 
-    def with_unet(dtype: torch.dtype) -> Any:
-        return dataclasses.replace(st.ours, unet=copy.deepcopy(st.ours.unet).to(dtype))
+    def with_unet(dtype: torch.dtype) -> Model:
+        unet = copy.deepcopy(st.ours.denoiser).to(dtype)
+        return dataclasses.replace(st.ours, parts={**st.ours.parts, "unet": unet})
 
     precisions = (("fp32", torch.float32, 8.0), ("fp16", torch.float16, 1.0), ("bf16", torch.bfloat16, 1.0))
     for label, dtype, cost in precisions:
@@ -309,7 +311,7 @@ def gen_switches(s: Suite, st: State) -> None:
         )
         del comps
         free_memory()
-    unet = st.ours.unet
+    unet = st.ours.denoiser
     cl_on = bool(st.ours_flags.get("channels_last"))
     toggles = [  # (label, config key, set the UNet to, the job's switches)
         ("sdpa off (classic attention)", "diffusers default attention", dict(sdpa=False), {}),
@@ -365,7 +367,7 @@ def gen_compile(s: Suite, st: State) -> None:
     if s.skip_compile or s.left() < est:
         s.row("gen", name, "triplets/s", dict, est_s=est, skip=s.skip_compile)
         return
-    with compiled(s, [st.ours.unet], None) as backend:
+    with compiled(s, [st.ours.denoiser], None) as backend:
         try:
             first = time_calls(lambda: ours_generate(s, st, b, 1, steps=2), s.device, iters=1, warm=False)[0]
         except Exception as err:  # a row of its own, so the run goes on

@@ -18,7 +18,7 @@ from instaflow_core.models.switches import set_switches
 
 def infer_calls(s: Suite, st: State) -> tuple[Any, Any]:
     dev, pr = s.device, s.preset
-    ours = InstaFlowPipeline.from_components(st.ours)
+    ours = InstaFlowPipeline.from_model(st.ours)
     ours.set_progress_bar_config(disable=True)
     sd = diffusers_pipe(s, st.base)
 
@@ -44,7 +44,7 @@ def infer_calls(s: Suite, st: State) -> tuple[Any, Any]:
 
 
 def ours_pipe(st: State) -> InstaFlowPipeline:
-    return InstaFlowPipeline.from_components(st.ours)
+    return InstaFlowPipeline.from_model(st.ours)
 
 
 def infer_row(
@@ -113,7 +113,7 @@ def infer_switches(s: Suite, st: State) -> None:
     cl_on = bool(st.ours_flags.get("channels_last"))
     for label, key, value in (("sdpa off", "sdpa", False), (f"channels_last {'off' if cl_on else 'on'}",
                                                               "channels_last", not cl_on)):  # fmt: skip
-        for m in (st.ours.unet, st.ours.vae):
+        for m in (st.ours.denoiser, st.ours.vae):
             set_switches(m, **{key: value})
         infer_row(
             s,
@@ -127,7 +127,7 @@ def infer_switches(s: Suite, st: State) -> None:
             invert=True,
             note=f"speed_up({key}=); ratio: ours over this",
         )
-        for m in (st.ours.unet, st.ours.vae):
+        for m in (st.ours.denoiser, st.ours.vae):
             set_switches(m, **{key: not value})
 
 

@@ -4,9 +4,9 @@ Both read the same Lance table on local disk (latents X1 float16, X0 regenerated
 copy of the same UNet under bf16 autocast with AdamW, gradient clipping and an EMA, and call `.item()` on the
 loss every step as their loops do.
 
-- ours: the project's pieces as `training.train` sets them up: `StudentVelocity`, `apply_perf_switches` (the
-  switches on the UNet from a TrainConfig), `build_optimizer` (cfg.adamw: fused on CUDA), the project's `EMA`
-  (one `_foreach_lerp_`), `PromptEmbeddings` with its per-prompt cache, `reflow_batch_loss`, `triplet_batches`
+- ours: the project's pieces as `training.train` sets them up: the family's `Velocity` over the UNet,
+  `apply_perf_switches` (the switches on the UNet from a TrainConfig), `build_optimizer` (cfg.adamw: fused on
+  CUDA), the project's `EMA` (one `_foreach_lerp_`), `ConditionCache` with its per-prompt cache, `reflow_batch_loss`, `triplet_batches`
   over `TripletDataset` behind the `PinnedPrefetcher` (cfg.prefetch). The step body is `training/loop.py::_loop`'s
   without accelerate or checkpoints (a checkpoint of an 860M UNet with its EMA and optimizer is ~10 GB: not a
   hot path, and minutes of disk).
@@ -31,6 +31,7 @@ from suite_harness import PeakMemory, Suite, count_flops, free_memory, prompts_f
 
 from instaflow_core.config import StorageConfig, TrainConfig, TrainStageConfig
 from instaflow_core.generation.triplets import SolverSpec, TripletJob, build_rows, triplet_schema
+from instaflow_core.models.family import Velocity
 from instaflow_core.models.switches import set_switches, switch_on
 from instaflow_core.refs import TableRef
 from instaflow_core.store.dataset import TripletDataset
@@ -40,7 +41,7 @@ from instaflow_core.training.job import triplet_batches
 from instaflow_core.training.losses import reflow_batch_loss
 from instaflow_core.training.prefetch import PinnedPrefetcher
 from instaflow_core.training.setup import apply_perf_switches, build_optimizer
-from instaflow_core.training.student import PromptEmbeddings
+from instaflow_core.training.student import ConditionCache
 
 LR, DECAY = 1e-5, 0.9999
 
@@ -83,8 +84,8 @@ class Trainer:
     def __init__(self, s: Suite, st: Any, kind: str, **switches: Any) -> None:
         self.s, self.st, self.kind, self.dev = s, st, kind, s.device
         self.sw = dict(ema="foreach", embed_cache=True, gradient_checkpointing=False) | switches
-        unet = copy.deepcopy(st.base.unet).float().train().requires_grad_(True)
-        self.unet, self.text, self.tok = unet, st.base.text_encoder, st.base.tokenizer
+        unet = copy.deepcopy(st.base.denoiser).float().train().requires_grad_(True)
+        self.unet, self.text, self.tok = unet, st.base["text_encoder"], st.base["tokenizer"]
         cfg_keys = ("adamw", "prefetch", "sdpa", "channels_last", "gradient_checkpointing")
         self.cfg = TrainConfig(
             stages=[TrainStageConfig(steps=1, batch_size=1)],
@@ -93,12 +94,10 @@ class Trainer:
             **{k: v for k, v in self.sw.items() if k in cfg_keys},
         )
         if kind == "ours":
-            self.student = StudentVelocity(unet)
+            self.student = Velocity(st.base.family, unet)  # what Model.velocity() makes of the student's UNet
             self.applied = apply_perf_switches(self.student, self.cfg, self.dev)  # the project's set-up
             self.student.to(self.dev)
-            self.embed = PromptEmbeddings(
-                self.text, self.tok, max_entries=1024 if self.sw["embed_cache"] else 0
-            )
+            self.embed = ConditionCache(st.base, max_entries=1024 if self.sw["embed_cache"] else 0)
             self.loss_fn = reflow_batch_loss(self.embed)
             self.ema = EMA(self.student, DECAY).to(self.dev)
             self.opt = self._optimizer()
@@ -254,7 +253,7 @@ def _epochs(loader: Any) -> Iterator[dict]:
 def train_flops(s: Suite, st: Any) -> float:
     """Model FLOPs of one training sample: UNet forward + backward at batch 1 (no recomputation counted)."""
     if "train_sample" not in s.flops:
-        unet = copy.deepcopy(st.base.unet).float().train().requires_grad_(True)
+        unet = copy.deepcopy(st.base.denoiser).float().train().requires_grad_(True)
         L, D = s.preset.latent, unet.config.cross_attention_dim
         x, cond = torch.randn(1, 4, L, L, device=s.device), torch.randn(1, 77, D, device=s.device)
         t = torch.tensor([500.0], device=s.device)
@@ -356,7 +355,7 @@ def train_switches(s: Suite, st: Any) -> None:
     offs += [
         ("EMA per-tensor loop", "(the EMA is always foreach)", dict(ema="loop")),
         (f"pinned prefetch {flip('prefetch')}", "reflow.prefetch", dict(prefetch=not on["prefetch"])),
-        ("text-embedding cache off", "(PromptEmbeddings max_entries)", dict(embed_cache=False)),
+        ("text-embedding cache off", "(ConditionCache max_entries)", dict(embed_cache=False)),
         (f"channels_last {flip('channels_last')}", "reflow.channels_last",
          dict(channels_last=not on["channels_last"])),
         ("sdpa off", "reflow.sdpa", dict(sdpa=False)),

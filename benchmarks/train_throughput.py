@@ -23,43 +23,40 @@ import torch
 
 def build_table(root: str, rows: int, steps: int) -> tuple:
     """A `triplets` table of `rows` rows from the tiny teacher, and its saved folder: (TableRef, ModelRef)."""
-    from instaflow_core.generation.teacher import solve_teacher
-    from instaflow_core.models.tiny import build_tiny
-
     from instaflow_core.config import StorageConfig, TinyModelConfig
-    from instaflow_core.generation.shards import run_shard
+    from instaflow_core.generation.shards import ShardWorker
+    from instaflow_core.generation.solvers import teacher_latents
     from instaflow_core.generation.triplets import SolverSpec, expand_jobs, triplet_schema
-    from instaflow_core.models.loading import latent_shape
+    from instaflow_core.models.sd import build_tiny
     from instaflow_core.refs import ModelRef
     from instaflow_core.store import Store, create_table, merge_rows, open_table, table_ref
 
     storage = StorageConfig(root=root)
     store = Store(storage)
-    comps = build_tiny(TinyModelConfig())
+    model = build_tiny(TinyModelConfig())
     with tempfile.TemporaryDirectory() as tmp:
-        comps.save(Path(tmp) / "teacher")
+        model.save(Path(tmp) / "teacher")
         store.put_dir(Path(tmp) / "teacher", store.uri("models", "teacher-bench"), clean=True)
     teacher = ModelRef(uri=store.uri("models", "teacher-bench"), kind="teacher", source="tiny-bench")
     solver = SolverSpec(kind="teacher", scheduler="dpmsolver++", steps=steps, guidance=5.0)
-    create_table(store, "triplets", triplet_schema(latent_shape(comps)), metadata={"teacher": teacher.source})
+    create_table(
+        store, "triplets", triplet_schema(model.latent_shape()), metadata={"teacher": teacher.source}
+    )
     table = open_table(store, "triplets")
     n_prompts = max(1, rows // 2)
     prompts = [(f"{i:06d}", f"a photo of object number {i} on a table") for i in range(n_prompts)]
     jobs = expand_jobs(prompts, images_per_prompt=2, base_seed=0, teacher=teacher.source, solver=solver)[
         :rows
     ]
-    run_shard(
-        jobs=jobs,
+    ShardWorker(
         table=table,
-        solve=lambda p, s: solve_teacher(comps, p, s, steps=steps, guidance=5.0),
-        batch_size=32,
+        solve=lambda p, s: teacher_latents(model, p, s, steps=steps, guidance=5.0),
         teacher=teacher.source,
         solver=solver,
-        shard=0,
+        batch_size=32,
         run_id="bench",
-        done_filter="true",
         write=lambda t, r: merge_rows(t, r, "triplet_id"),
-    )
+    ).run(jobs, 0, "true")
     return storage, table_ref(store, "triplets"), teacher
 
 
@@ -86,14 +83,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from instaflow_core.models.velocity import StudentVelocity
-
     from instaflow_core.config import TrainConfig, TrainStageConfig
     from instaflow_core.store import Store
     from instaflow_core.training import BatchRequest, train
     from instaflow_core.training.job import triplet_batches
     from instaflow_core.training.losses import distill_batch_loss, reflow_batch_loss
-    from instaflow_core.training.student import PromptEmbeddings, load_student
+    from instaflow_core.training.student import ConditionCache, load_student
 
     tmp = tempfile.TemporaryDirectory(prefix="instaflow-bench-")
     root = args.root or f"file://{tmp.name}/store"
@@ -114,9 +109,10 @@ def main() -> None:
     factory = triplet_batches(table, storage)
 
     def run(label: str, batches, ckpt: str) -> tuple[float, float]:
-        comps = load_student(base)
-        model = StudentVelocity.from_components(comps)
-        embed = PromptEmbeddings(comps.text_encoder, comps.tokenizer)
+        student = load_student(base)
+        student.denoiser.requires_grad_(True).train()  # as TrainJob.run sets the student up
+        model = student.velocity()
+        embed = ConditionCache(student)
         loss = reflow_batch_loss(embed) if args.stage == "reflow" else distill_batch_loss(embed)
         torch.manual_seed(0)
         start = time.perf_counter()
