@@ -19,8 +19,10 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -216,6 +218,29 @@ class TrainStageConfig(Section):
     lr: float | None = Field(None, gt=0)  # None = the section's lr
 
 
+class FSDPConfig(Section):
+    """Fully sharded data parallel training (FSDP2 through accelerate) for students that do not fit one GPU.
+
+    Parameters, gradients, optimizer state and the EMA are split across the processes; each wrapped unit (a
+    transformer / UNet block) is gathered only while it runs. Needs `num_processes >= 2`. Checkpoints keep
+    the unsharded layout (infra/ACCELERATE.md, "FSDP").
+    """
+
+    enabled: bool = False
+    # the units gathered one at a time: "blocks" = modules of the classes below; "size" = any module with more than
+    # min_num_params parameters; "none" = the whole model is one unit (shards the optimizer state and gradients)
+    wrap: Literal["blocks", "size", "none"] = "blocks"
+    # wrap=blocks: class names, e.g. ["FluxTransformerBlock", "FluxSingleTransformerBlock"]; [] = the model's own
+    # `_no_split_modules` (diffusers' UNets and transformers name their blocks there)
+    block_classes: list[str] = Field(default_factory=list)
+    min_num_params: int = Field(50_000_000, ge=1)
+    reshard_after_forward: bool = True  # false: blocks stay gathered from forward to backward (speed)
+    cpu_offload: bool = False  # keep the shards (and the optimizer step) in CPU memory
+    # dtype blocks are gathered and computed in; auto = the section's mixed_precision (bf16 -> bfloat16)
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    reduce_dtype: Literal["float32", "param"] = "float32"  # gradient reduce-scatter: fp32, or param_dtype
+
+
 class TrainConfig(Section):
     stages: list[TrainStageConfig]
     lr: float = Field(1e-6, gt=0)
@@ -244,6 +269,8 @@ class TrainConfig(Section):
     # (infra/ACCELERATE.md); launcher_args e.g. ["--config_file", "fsdp.yaml"] or multi-node flags.
     num_processes: int = Field(1, ge=1)
     launcher_args: list[str] = Field(default_factory=list)
+    # FSDP2 (sharded training) instead of DDP when num_processes > 1; left out of dumps and hashes while disabled
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
     init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's; scratch
     sample_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
     sample_steps: int = Field(25, ge=1)
@@ -255,6 +282,23 @@ class TrainConfig(Section):
         if not v:
             raise ValueError("at least one training stage is required")
         return v
+
+    @model_validator(mode="after")
+    def _fsdp_needs_processes(self) -> TrainConfig:
+        if self.fsdp.enabled and self.num_processes < 2:
+            raise ValueError("fsdp.enabled shards across processes: set num_processes >= 2")
+        if self.fsdp.enabled and self.use_8bit_adam:
+            raise ValueError("fsdp.enabled does not work with use_8bit_adam (its state is not sharded)")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_fsdp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A disabled, default `fsdp` is left out, so configs without FSDP dump and hash as before it existed
+        (the stage keys of existing stores and their checkpoints stay valid)."""
+        data = handler(self)
+        if isinstance(data, dict) and self.fsdp == FSDPConfig():
+            data.pop("fsdp", None)
+        return data
 
 
 def _distillation_pairs() -> PairsConfig:

@@ -13,6 +13,12 @@ Layout under `ckpt_dir` (a local path, file:// or s3:// URI):
 Local folders are staged under a hidden temporary name and renamed into place; on object stores (no rename)
 the `latest` pointer written last is what makes a checkpoint visible, so a crash mid-write leaves the
 previous checkpoint in charge. Resuming reads only what `latest` names.
+
+FSDP (sharded) training writes the same files with the same contents: the processes gather the full tensors
+to the main process (`gather_model_state`, `gather_optimizer_state`), which writes them as above; on resume
+the main process reads them and every process takes its own shards (`scatter_*`). The optimizer state keeps
+the index-keyed layout of `optimizer.state_dict()`, so a checkpoint does not depend on how it was sharded:
+it resumes with or without FSDP, on any number of processes (the RNG streams only with the same number).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from instaflow_core.errors import StorageError, TrainingError
 
@@ -100,6 +107,105 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------ sharded models (FSDP2)
+def _full_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded model on the main process's CPU, {} on the others (a collective:
+    every process calls it; tensors are gathered one at a time)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def scatter_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict given on the main process ({} on the others) into a sharded model: rank 0
+    broadcasts tensor by tensor and every process keeps its slice (a collective)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_full_options(broadcast_from_rank0=True))
+
+
+def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The full optimizer state of a sharded model on the main process's CPU ({} on the others), in the
+    layout of `optimizer.state_dict()`: parameters numbered in param-group order (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    if not state:
+        return {}
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        ids = [index.setdefault(fqn, len(index)) for fqn in group["params"]]
+        groups.append({**group, "params": ids})
+    return {"state": {index[fqn]: v for fqn, v in state["state"].items()}, "param_groups": groups}
+
+
+def scatter_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load an index-keyed full optimizer state given on the main process ({} on the others) into the
+    optimizer of a sharded model (a collective)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if state:  # parameter numbers -> the names torch's API keys the state by, in the same order
+        local = get_optimizer_state_dict(model, optimizer, options=StateDictOptions())  # no communication
+        names = [fqn for group in local["param_groups"] for fqn in group["params"]]
+        state = {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+    kinds = [{k: type(v) for k, v in g.items()} for g in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, state, options=_full_options(broadcast_from_rank0=True))
+    for group, kind in zip(optimizer.param_groups, kinds, strict=True):  # the broadcast makes tuples lists
+        for k, v in group.items():
+            if kind.get(k) is tuple and isinstance(v, list):
+                group[k] = tuple(v)
+
+
+def state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The full (global) shape of every tensor in `model`'s state dict, sharded or not."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def model_mismatch(want: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> str | None:
+    """Why a full state dict does not fit a model of these `state_shapes`, or None."""
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        return f"missing keys {missing[:3]}, unexpected keys {extra[:3]}"
+    for k, shape in want.items():
+        if tuple(state[k].shape) != shape:
+            return f"{k} has shape {tuple(state[k].shape)} in the checkpoint, {shape} in the model"
+    return None
+
+
+def optimizer_mismatch(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> str | None:
+    """Why an index-keyed optimizer state does not fit `optimizer` (compared by global shapes), or None."""
+    groups = state.get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return "the optimizer's parameter groups differ from the checkpoint's"
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, entry in state.get("state", {}).items():
+        if not 0 <= int(i) < len(params):
+            return f"optimizer state for parameter {i}, the optimizer has {len(params)}"
+        for k, v in entry.items():
+            want = tuple(params[int(i)].shape)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != want:
+                return (
+                    f"optimizer state {k} of parameter {i} has shape {tuple(v.shape)}, the parameter {want}"
+                )
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ I/O

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import Tensor, nn
 
 from instaflow_core.config import TrainConfig, stable_hash
@@ -25,29 +25,41 @@ from instaflow_core.errors import ConfigError, TrainingError
 from instaflow_core.models.switches import switch_on
 from instaflow_core.training.checkpoint import (
     Checkpointer,
+    Loaded,
     capture_rng,
+    gather_model_state,
+    gather_optimizer_state,
+    model_mismatch,
     obj_from_bytes,
     obj_to_bytes,
+    optimizer_mismatch,
     restore_rng,
+    scatter_model_state,
+    scatter_optimizer_state,
+    state_shapes,
     tensors_from_bytes,
     tensors_to_bytes,
 )
 from instaflow_core.training.data import BatchSource, BatchStream, to_device
-from instaflow_core.training.ema import EMA
+from instaflow_core.training.ema import EMA, ShardedEMA, meta_copy
 from instaflow_core.training.prefetch import DeviceFeed
 from instaflow_core.training.setup import (
     StageSpan,
     apply_perf_switches,
+    broadcast_module,
     build_optimizer,
     build_scheduler,
+    is_fsdp,
     make_accelerator,
     plan_stages,
+    resolve_fsdp_wrap,
 )
 
 log = logging.getLogger("instaflow.training")
 
 LossFn = Callable[[nn.Module, dict], Tensor]
 CKPT_FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+BIG_FILES = CKPT_FILES[:3]  # under FSDP only the main process reads these; the others get shards from it
 
 
 @dataclass
@@ -58,6 +70,7 @@ class TrainResult:
     final_loss: float | None
     checkpoint: str | None  # URI of the newest checkpoint folder
     history: list[dict] = field(default_factory=list)  # one record per log_every steps (see train)
+    # the EMA weights; under FSDP a plain unsharded module on the main process's CPU, None on the others
     ema_model: nn.Module | None = None
     switches: dict[str, Any] = field(default_factory=dict)  # the speed switches as read back from the UNet
 
@@ -69,12 +82,13 @@ class _Parts:
     cfg: TrainConfig
     acc: Accelerator
     spans: list[StageSpan]
-    base: nn.Module  # the raw module: state dicts, EMA, the caller's handle
+    base: nn.Module  # the raw module: state dicts, EMA, the caller's handle (under FSDP: sharded in place)
     wrapped: nn.Module  # what accelerate returned (DDP, compile): the one to call
-    ema: EMA
+    ema: EMA | ShardedEMA
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ckpt: Checkpointer
+    fsdp: bool = False  # sharded (FSDP2): state dicts are gathered / scattered, all processes take part
 
 
 @dataclass
@@ -114,21 +128,39 @@ def train(
     The global python/numpy/torch RNGs are seeded with cfg.seed + rank at the start. Data order and RNG
     are restored on resume, so a run killed after checkpoint k and restarted reproduces
     the uninterrupted loss curve (given a deterministic batch source that uses its own generators).
+
+    Under FSDP (`cfg.fsdp` or the launcher's FSDP settings, see setup.make_accelerator) `model` is sharded in
+    place (FSDP2) and stays so; the EMA is sharded alike (ema.ShardedEMA); checkpoints hold full tensors in the
+    usual files (checkpoint.py) and `TrainResult.ema_model` is the full EMA on the main process.
     """
     owns_accelerator = accelerator is None
     acc = accelerator or make_accelerator(cfg)
+    fsdp = is_fsdp(acc)
     spans = plan_stages(cfg, acc.num_processes)
     last = _last_span(spans, stage_index)
     set_seed(cfg.seed, device_specific=True)  # seed + rank: ranks draw different t / noise
 
     switches = apply_perf_switches(model, cfg, acc.device)  # on the UNet, in place (compile too)
-    ema = EMA(model, cfg.ema_decay)  # copied before accelerate patches forward for autocast
+    if fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(m, FSDPModule) for m in model.modules()):
+            raise ConfigError("FSDP shards the model in place: give train a freshly built, unsharded module")
+        blocks = resolve_fsdp_wrap(acc, model)
+        log.info("FSDP2: sharding %s per %s", type(model).__name__, ", ".join(blocks) or "model (one unit)")
+        broadcast_module(model, acc.device)  # rank 0's weights everywhere, as DDP's prepare does
+        skeleton = meta_copy(model)  # the unsharded shape (no memory), for the EMA's shards and export
+    else:
+        ema = EMA(model, cfg.ema_decay)  # copied before accelerate patches forward for autocast
     optimizer = build_optimizer(model, cfg, acc.device)
     scheduler = build_scheduler(optimizer, cfg, spans)
     wrapped, optimizer = acc.prepare(model, optimizer)
-    ema.to(acc.device).copy_from(model)  # DDP broadcast rank 0's weights in prepare: start the EMA there too
+    if fsdp:
+        ema = ShardedEMA(skeleton, wrapped, cfg.ema_decay)  # this process's slices of the live weights
+    else:
+        ema.to(acc.device).copy_from(model)  # DDP broadcast rank 0's weights in prepare: the EMA starts there
     ckpt = Checkpointer(ckpt_dir, store, keep=cfg.keep_checkpoints)
-    parts = _Parts(cfg, acc, spans, model, wrapped, ema, optimizer, scheduler, ckpt)
+    parts = _Parts(cfg, acc, spans, model, wrapped, ema, optimizer, scheduler, ckpt, fsdp)
     feed = None
 
     try:
@@ -144,18 +176,21 @@ def train(
             depth = 2 if switch_on(cfg.prefetch, acc.device) else 0
             feed = DeviceFeed(stream, spans, run.step, last.end, acc.device, depth=depth)
             _loop(parts, run, last, feed, loss_fn, on_log)
+        ema_model = ema.export() if isinstance(ema, ShardedEMA) else ema.model  # export: all processes
     finally:
         if feed is not None:
             feed.close()
         _unpatch(acc, wrapped, model)
         if owns_accelerator:
             acc.free_memory()
+        elif fsdp:  # accelerate's FSDP gradient clipping looks the model up among all it prepared
+            acc._models[:] = [m for m in acc._models if m is not wrapped]
     return TrainResult(
         steps=run.step,
         final_loss=run.final_loss,
         checkpoint=run.checkpoint,
         history=run.history,
-        ema_model=ema.model,
+        ema_model=ema_model,
         switches=switches,
     )
 
@@ -278,14 +313,14 @@ class _Window:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def _save(p: _Parts, run: _Run) -> None:
-    """Every rank hands its RNG state to rank 0, which alone writes; the others wait for it."""
+    """Every rank hands its RNG state to rank 0, which alone writes; the others wait for it. Under FSDP every
+    rank first takes part in gathering the full model, EMA and optimizer state to rank 0."""
     acc = p.acc
     rng = gather_object([capture_rng()]) if acc.num_processes > 1 else [capture_rng()]
+    weights = _sharded_files(p) if p.fsdp else _plain_files(p) if acc.is_main_process else {}
     if acc.is_main_process:
         files = {
-            "model.safetensors": tensors_to_bytes(p.base.state_dict()),
-            "ema.safetensors": tensors_to_bytes(p.ema.state_dict()),
-            "optimizer.pt": obj_to_bytes(p.optimizer.state_dict()),
+            **weights,
             "scheduler.pt": obj_to_bytes(p.scheduler.state_dict()),
             "rng.pt": obj_to_bytes(rng),
         }
@@ -297,10 +332,36 @@ def _save(p: _Parts, run: _Run) -> None:
             "history": run.history,
             "time": time.time(),
         }
+        if p.fsdp:
+            state["fsdp"] = True  # written by sharded processes; the files hold full tensors all the same
         uri = p.ckpt.save(run.step, files, state)
         log.info("checkpoint %s", uri)
     acc.wait_for_everyone()
     run.checkpoint = p.ckpt.step_uri(run.step)
+
+
+def _plain_files(p: _Parts) -> dict[str, bytes]:
+    return {
+        "model.safetensors": tensors_to_bytes(p.base.state_dict()),
+        "ema.safetensors": tensors_to_bytes(p.ema.state_dict()),
+        "optimizer.pt": obj_to_bytes(p.optimizer.state_dict()),
+    }
+
+
+def _sharded_files(p: _Parts) -> dict[str, bytes]:
+    """The same three files from a sharded model (collectives: every rank calls this; the bytes exist on
+    rank 0 only). One state dict is gathered at a time and dropped once serialised."""
+    files = {}
+    for name, gather in (
+        ("model.safetensors", lambda: gather_model_state(p.wrapped)),
+        ("ema.safetensors", p.ema.state_dict),
+        ("optimizer.pt", lambda: gather_optimizer_state(p.wrapped, p.optimizer.optimizer)),
+    ):
+        state = gather()
+        if p.acc.is_main_process:
+            files[name] = obj_to_bytes(state) if name.endswith(".pt") else tensors_to_bytes(state)
+        del state
+    return files
 
 
 def _resume(p: _Parts) -> tuple[_Run, dict | None]:
@@ -310,15 +371,21 @@ def _resume(p: _Parts) -> tuple[_Run, dict | None]:
     if name is None:
         log.info("no checkpoint in %s: starting at step 0", p.ckpt.uri)
         return _Run(), None
-    loaded = p.ckpt.load(name, CKPT_FILES)
+    reads_all = not p.fsdp or acc.is_main_process
+    loaded = p.ckpt.load(name, CKPT_FILES if reads_all else tuple(set(CKPT_FILES) - set(BIG_FILES)))
+    if p.fsdp:
+        _load_sharded(p, loaded)
+    else:
+        try:
+            p.base.load_state_dict(tensors_from_bytes(loaded.files["model.safetensors"]))
+            p.ema.load_state_dict(tensors_from_bytes(loaded.files["ema.safetensors"]))
+            p.optimizer.load_state_dict(obj_from_bytes(loaded.files["optimizer.pt"]))
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise _misfit(loaded, _first_line(err)) from err
     try:
-        p.base.load_state_dict(tensors_from_bytes(loaded.files["model.safetensors"]))
-        p.ema.load_state_dict(tensors_from_bytes(loaded.files["ema.safetensors"]))
-        p.optimizer.load_state_dict(obj_from_bytes(loaded.files["optimizer.pt"]))
         p.scheduler.load_state_dict(obj_from_bytes(loaded.files["scheduler.pt"]))
     except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"checkpoint {loaded.uri} does not fit this model/optimizer: {first}") from err
+        raise _misfit(loaded, _first_line(err)) from err
     st = loaded.state
     run = _Run(step=int(st["step"]), history=list(st.get("history", [])), final_loss=st.get("final_loss"))
     run.checkpoint = loaded.uri
@@ -332,3 +399,37 @@ def _resume(p: _Parts) -> tuple[_Run, dict | None]:
         )
     log.info("resumed from %s at step %d", loaded.uri, run.step)
     return run, rng
+
+
+def _load_sharded(p: _Parts, loaded: Loaded) -> None:
+    """Rank 0 reads and checks the full state dicts, then every rank takes its shards from it. The verdict of
+    the check is shared first, so a checkpoint that does not fit fails on every rank alike (no rank is left
+    waiting in a broadcast the others never join)."""
+    model_sd, ema_sd, optim_sd, problem = {}, {}, {}, None
+    want = state_shapes(p.wrapped)  # global shapes, on every rank (no communication)
+    if p.acc.is_main_process:
+        try:
+            model_sd = tensors_from_bytes(loaded.files["model.safetensors"])
+            ema_sd = tensors_from_bytes(loaded.files["ema.safetensors"])
+            optim_sd = obj_from_bytes(loaded.files["optimizer.pt"])
+            problem = (
+                model_mismatch(want, model_sd)
+                or model_mismatch(want, ema_sd)
+                or optimizer_mismatch(p.optimizer.optimizer, optim_sd)
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:  # unreadable files
+            problem = _first_line(err)
+    problem = broadcast_object_list([problem])[0]
+    if problem is not None:
+        raise _misfit(loaded, problem)
+    scatter_model_state(p.wrapped, model_sd)
+    p.ema.load_state_dict(ema_sd)
+    scatter_optimizer_state(p.wrapped, p.optimizer.optimizer, optim_sd)
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _misfit(loaded: Loaded, why: str) -> TrainingError:
+    return TrainingError(f"checkpoint {loaded.uri} does not fit this model/optimizer: {why}")

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
 from instaflow_core.config import TrainConfig, TrainStageConfig
@@ -79,23 +81,150 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     A multi-process launch (`accelerate launch --multi_gpu`, torchrun: WORLD_SIZE > 1) on a machine without
     CUDA becomes CPU data parallelism over gloo; accelerate would otherwise fall back to one process each.
     (`accelerate launch --cpu --num_processes N` needs mpirun instead.)
+
+    FSDP: `cfg.fsdp.enabled` (a plugin built here, see `fsdp_plugin`) or the launcher's own FSDP settings
+    (`launcher_args: ["--use_fsdp", ...]` or an accelerate config file: ACCELERATE_USE_FSDP / FSDP_* in the
+    environment); the section wins when both are set. Without CUDA, accelerate only knows CPU data parallelism,
+    so the FSDP mode is switched on here over the same gloo process group (how it is tested on CPU).
     """
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_cpu = distributed and not torch.cuda.is_available()
+    plugin = fsdp_plugin(cfg)
+    want_fsdp = distributed and (plugin is not None or _env_flag("ACCELERATE_USE_FSDP"))
+    if want_fsdp and plugin is None and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError(FSDP1_REFUSED)
+    if plugin is not None and not distributed:
+        log.warning("fsdp.enabled, but this is one process (WORLD_SIZE 1): training unsharded")
+    if plugin is not None and cfg.fsdp.cpu_offload:
+        # offloaded shards are gathered and broadcast on the CPU: accelerate then adds gloo beside nccl
+        os.environ.setdefault("FSDP_OFFLOAD_PARAMS", "true")
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != cfg.mixed_precision:
+    if state and (
+        state.get("_mixed_precision") != cfg.mixed_precision
+        or (state.get("distributed_type") == DistributedType.FSDP) != want_fsdp
+    ):
         # accelerate keeps one process-wide state and refuses a second precision; stages of one pipeline
         # run in one process (reflow bf16, distill fp16 ...), so drop the precision part and keep the
         # process group (PartialState) as it is
         AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=distributed and not torch.cuda.is_available())
+        if PartialState._shared_state.get("distributed_type") == DistributedType.FSDP:  # an earlier stage's
+            PartialState._shared_state["distributed_type"] = (
+                DistributedType.MULTI_GPU if torch.cuda.is_available() else DistributedType.MULTI_CPU
+            )
+    if on_cpu:
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=True)
+        if want_fsdp:
+            _fsdp_over_gloo(acc, plugin or FullyShardedDataParallelPlugin())
+    else:
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, fsdp_plugin=plugin if distributed else None)
     log.info(
-        "accelerate: %d process(es), device %s, mixed precision %s, distributed %s",
+        "accelerate: %d process(es), device %s, mixed precision %s, distributed %s%s",
         acc.num_processes,
         acc.device,
         acc.mixed_precision,
         acc.distributed_type,
+        " (FSDP2)" if acc.distributed_type == DistributedType.FSDP else "",
     )
     return acc
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def _fsdp_over_gloo(acc: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """Switch a CPU data-parallel Accelerator to FSDP, as AcceleratorState does for GPUs (accelerate 1.x sets
+    the FSDP mode only for accelerator devices; FSDP2 itself runs on CPU tensors over gloo)."""
+    if acc.mixed_precision != "no":  # only where the plugin names no policy, as accelerate does
+        plugin.set_mixed_precision(acc.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what AcceleratorState does too
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PRECISION_DTYPE = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin | None:
+    """accelerate's FSDP2 plugin for `cfg.fsdp` (None when disabled). Block classes left empty are filled in
+    from the model at prepare time (`resolve_fsdp_wrap`)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    f = cfg.fsdp
+    if not f.enabled:
+        return None
+    param_dtype = _PRECISION_DTYPE[cfg.mixed_precision] if f.param_dtype == "auto" else _DTYPES[f.param_dtype]
+    if param_dtype == torch.float32:
+        param_dtype = None  # the master weights' dtype: no cast
+    reduce_dtype = torch.float32 if f.reduce_dtype == "float32" and param_dtype is not None else None
+    policy = {"blocks": "transformer_based_wrap", "size": "size_based_wrap", "none": "no_wrap"}[f.wrap]
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy=policy,
+        transformer_cls_names_to_wrap=list(f.block_classes) if f.wrap == "blocks" else None,
+        min_num_params=f.min_num_params if f.wrap == "size" else None,
+        reshard_after_forward=f.reshard_after_forward,
+        cpu_offload=f.cpu_offload,
+        # always a policy object, so accelerate does not replace it with its own (bf16 reduce) from the precision
+        mixed_precision_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        activation_checkpointing=False,  # cfg.gradient_checkpointing switches the model's own
+        state_dict_type="FULL_STATE_DICT",  # informational: the checkpoints go through training/checkpoint.py
+    )
+
+
+FSDP1_REFUSED = (
+    "FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config (--fsdp_version 2), "
+    "or use the section's fsdp.enabled"
+)
+
+
+def is_fsdp(acc: Accelerator) -> bool:
+    """Whether `acc` shards the model (FSDP2); FSDP1 (accelerate's default `fsdp_version`) is refused."""
+    if acc.distributed_type != DistributedType.FSDP:
+        return False
+    if acc.state.fsdp_plugin.fsdp_version != 2:
+        raise ConfigError(FSDP1_REFUSED)
+    return True
+
+
+def resolve_fsdp_wrap(acc: Accelerator, model: nn.Module) -> list[str]:
+    """Fill in the block classes FSDP wraps one by one when none were named: the `_no_split_modules` of the
+    model or of the first submodule that declares them (the UNet inside StudentVelocity). Returns them."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = acc.state.fsdp_plugin
+    fn = plugin.auto_wrap_policy
+    if getattr(fn, "func", fn) is not transformer_auto_wrap_policy:
+        return []
+    names = list(plugin.transformer_cls_names_to_wrap or [])
+    if not names:
+        for m in model.modules():
+            if getattr(m, "_no_split_modules", None):
+                names = list(m._no_split_modules)
+                break
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ConfigError(
+            f"fsdp.block_classes: {missing} not found in {type(model).__name__}; "
+            f"its module classes include {sorted(present)[:12]}"
+        )
+    if not names:
+        log.warning("FSDP: %s names no blocks: the whole model is one unit", type(model).__name__)
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
+@torch.no_grad()
+def broadcast_module(model: nn.Module, device: torch.device) -> None:
+    """Give every rank rank 0's parameters and buffers (what DDP does in prepare), before FSDP shards them."""
+    for t in [*model.parameters(), *model.buffers()]:
+        here = t.device == device
+        moved = t.detach() if here else t.detach().to(device)
+        dist.broadcast(moved, src=0)
+        if not here:
+            t.copy_(moved)
 
 
 def switch_target(model: nn.Module) -> nn.Module:
