@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from instaflow_core.models.velocity import StudentVelocity
 from suite_harness import PeakMemory, Suite, count_flops, free_memory, prompts_for, time_calls
 
 from instaflow_core.config import StorageConfig, TrainConfig, TrainStageConfig
