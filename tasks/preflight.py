@@ -23,8 +23,8 @@ STAGE_CHECKS: dict[Stage, tuple[str, ...]] = {
     Stage.CURATE: ("storage", "sources", "teacher"),
     Stage.PRETRAIN: ("storage", "teacher", "tracking"),  # curation counts tokens with the teacher's tokenizer
     Stage.GENERATE: ("storage", "teacher", "sampler", "resolution"),
-    Stage.REFLOW: ("storage", "teacher", "tracking"),
-    Stage.DISTILL: ("storage", "lpips", "resolution", "tracking"),
+    Stage.REFLOW: ("storage", "teacher", "memory", "tracking"),
+    Stage.DISTILL: ("storage", "lpips", "resolution", "memory", "tracking"),
     Stage.EVALUATE: ("storage", "teacher", "sampler", "evaluation", "resolution", "tracking"),
     Stage.REGISTER: ("storage", "registry", "tracking"),
 }
@@ -34,6 +34,7 @@ ORDER = (
     "teacher",
     "sampler",
     "resolution",
+    "memory",
     "lpips",
     "evaluation",
     "registry",
@@ -98,6 +99,7 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
         "teacher": teacher,
         "sampler": lambda: checks.setting_problems(cfg),  # the settings the teacher's family takes
         "resolution": lambda: checks.resolution_problems(cfg, geometry[0]),
+        "memory": lambda: checks.memory_problems(cfg),  # training sections with gpu_memory_gb set
         "lpips": lambda: checks.lpips_problems(cfg.distillation),
         "evaluation": lambda: checks.evaluation_problems(cfg.evaluation, cfg.models, cfg.storage),
         "registry": lambda: checks.registry_problems(cfg.registration),
