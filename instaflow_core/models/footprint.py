@@ -88,6 +88,17 @@ def _quiet_diffusers() -> contextlib.AbstractContextManager:
     return quiet()
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype for the block: modules built inside are created in it (no float32 copy first)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def parameter_count(index: dict[str, Any], configs: dict[str, dict[str, Any]], name: str) -> int:
     """Parameters of component `name`, built from its config on the meta device (shapes only)."""
     with _quiet_diffusers(), torch.device("meta"):
@@ -148,28 +159,43 @@ def _checkpointing(net: nn.Module, skip: set[Any], largest: list[int]) -> Callab
     return func
 
 
-def _saved_bytes(
+def saved_activations(
     family: ModelFamily,
     net: nn.Module,
-    skip: set[Any],
     cond_shapes: dict[str, tuple[int, ...]],
     latent_shape: tuple[int, ...],
     batch: int,
-    dtype: torch.dtype | None,
-    checkpointing: bool,
+    *,
+    mixed_precision: str = "bf16",
+    gradient_checkpointing: bool = False,
 ) -> int:
+    """Peak saved-activation bytes of one training forward of `net` (real or fake tensors, its parameters
+    requiring grad) through the family's velocity on random inputs: what autograd keeps for backward (parameters
+    and buffers excluded, each storage once), plus with checkpointing the largest unit's recomputed activations."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    if mixed_precision not in AUTOCAST:
+        raise DataError(f"mixed_precision={mixed_precision!r}: choose one of {sorted(AUTOCAST)}")
+    checkpointing = gradient_checkpointing and bool(getattr(net, "_supports_gradient_checkpointing", False))
+    skip = {StorageWeakRef(t.untyped_storage()) for t in (*net.parameters(), *net.buffers())}
     largest = [0]
     if checkpointing:
         net.enable_gradient_checkpointing(_checkpointing(net, skip, largest))
+    device = next(net.parameters()).device
     counter = _SavedBytes(skip)
-    x = torch.randn(batch, *latent_shape)
-    t = torch.full((batch,), 0.5)
-    cond = Condition.from_tensors({k: torch.randn(batch, *shape) for k, shape in cond_shapes.items()})
-    amp = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with counter.hooks(), amp:
-        family.velocity(net, x, t, cond)
-    if checkpointing:
-        net.disable_gradient_checkpointing()
+    x = torch.randn(batch, *latent_shape, device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    cond = Condition.from_tensors(
+        {k: torch.randn(batch, *shape, device=device) for k, shape in cond_shapes.items()}
+    )
+    dtype = AUTOCAST[mixed_precision]
+    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    try:
+        with counter.hooks(), amp:
+            family.velocity(net, x, t, cond)
+    finally:
+        if checkpointing:
+            net.disable_gradient_checkpointing()
     return counter.total + largest[0]
 
 
@@ -181,36 +207,25 @@ def count_activations(
     *,
     mixed_precision: str = "bf16",
     gradient_checkpointing: bool = False,
+    weights_dtype: torch.dtype = torch.float32,
 ) -> ActivationBytes:
-    """Peak saved-activation bytes of training the family's denoiser at latents `latent_shape` (C, h, w), float32
-    master weights under `mixed_precision` autocast: counted on fake tensors at batch 1 and 2."""
+    """Peak saved-activation bytes of training the family's denoiser at latents `latent_shape` (C, h, w), master
+    weights in `weights_dtype` (float32, as training keeps them) under `mixed_precision` autocast: counted on fake
+    tensors at batch 1 and 2."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.multiprocessing.reductions import StorageWeakRef
 
-    if mixed_precision not in AUTOCAST:
-        raise DataError(f"mixed_precision={mixed_precision!r}: choose one of {sorted(AUTOCAST)}")
     cond_shapes = family.condition_shapes(configs)
-    name = family.denoiser
     with _quiet_diffusers(), warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
         warnings.simplefilter("ignore")  # autocast's notes on ops it leaves in float32
-        net = build_network(index, configs, name).train().requires_grad_(True)
-        checkpointing = gradient_checkpointing and bool(
-            getattr(net, "_supports_gradient_checkpointing", False)
-        )
-        skip = {StorageWeakRef(t.untyped_storage()) for t in (*net.parameters(), *net.buffers())}
+        with default_dtype(weights_dtype):  # built in it: a fake module cannot be cast in place
+            net = build_network(index, configs, family.denoiser).train().requires_grad_(True)
         at = [
-            _saved_bytes(
-                family,
-                net,
-                skip,
-                cond_shapes,
-                tuple(latent_shape),
-                b,
-                AUTOCAST[mixed_precision],
-                checkpointing,
+            saved_activations(
+                family, net, cond_shapes, tuple(latent_shape), b,
+                mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
             )
             for b in (1, 2)
-        ]
+        ]  # fmt: skip
     per_sample = max(0, at[1] - at[0])
     return ActivationBytes(fixed=max(0, at[0] - per_sample), per_sample=per_sample)
 
