@@ -167,30 +167,11 @@ def count_phase(args: argparse.Namespace) -> dict[str, Any]:
         "condition_bytes": footprint.condition_bytes(family, configs),
         "activations_native": counts,
         "flops_forward": {
-            "full": forward_flops(family, index, configs, shape),
-            "built": forward_flops(family, built_index, built_configs, shape),
+            "full": footprint.forward_flops(family, index, configs, shape),
+            "built": footprint.forward_flops(family, built_index, built_configs, shape),
         },
         "built_denoiser_params": footprint.parameter_count(built_index, built_configs, family.denoiser),
     }
-
-
-def forward_flops(family: Any, index: dict, configs: dict, shape: tuple[int, ...]) -> int:
-    """FLOPs of one denoiser forward at batch 1, counted on fake tensors."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from instaflow_core.models.family import Condition
-    from instaflow_core.models.footprint import build_network
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        net = build_network(index, configs, family.denoiser)
-        shapes = family.condition_shapes(configs)
-        cond = Condition.from_tensors({k: torch.randn(1, *s) for k, s in shapes.items()})
-        x, t = torch.randn(1, *shape), torch.full((1,), 0.5)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            family.velocity(net, x, t, cond)
-    return int(counter.get_total_flops())
 
 
 def teacher_phase(model: Any, args: argparse.Namespace) -> dict[str, Any]:

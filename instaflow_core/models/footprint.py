@@ -3,6 +3,7 @@
     parameter_count(index, configs, name)      component `name` built on the meta device: its parameter count
     largest_block(index, configs, name)        the parameters of its largest block (`_no_split_modules`): what
                                                FSDP gathers at a time
+    forward_flops(family, index, configs, latent_shape)   FLOPs of one forward, on fake tensors
     count_activations(family, index, configs, latent_shape, ...)
                                                the denoiser built on fake tensors (torch's FakeTensorMode: shapes
                                                and dtypes, no storage) and run forward through the family's own
@@ -228,6 +229,28 @@ def count_activations(
         ]  # fmt: skip
     per_sample = max(0, at[1] - at[0])
     return ActivationBytes(fixed=max(0, at[0] - per_sample), per_sample=per_sample)
+
+
+def forward_flops(
+    family: ModelFamily,
+    index: dict[str, Any],
+    configs: dict[str, dict[str, Any]],
+    latent_shape: tuple[int, ...],
+) -> int:
+    """FLOPs of one denoiser forward at batch 1 through the family's velocity (matmuls, convolutions, attention:
+    torch's FlopCounterMode), counted on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with _quiet_diffusers(), warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True):
+        warnings.simplefilter("ignore")
+        net = build_network(index, configs, family.denoiser)
+        shapes = family.condition_shapes(configs)
+        cond = Condition.from_tensors({k: torch.randn(1, *s) for k, s in shapes.items()})
+        x, t = torch.randn(1, *latent_shape), torch.full((1,), 0.5)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            family.velocity(net, x, t, cond)
+    return int(counter.get_total_flops())
 
 
 def condition_bytes(family: ModelFamily, configs: dict[str, dict[str, Any]], itemsize: int = 4) -> int:

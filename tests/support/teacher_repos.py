@@ -1297,6 +1297,13 @@ _CONFIGS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {
 }
 
 
+def hub_configs(repo_id: str) -> dict[str, dict[str, Any]]:
+    """The JSON files of `repo_id` as the tiny repo holds them (reduced widths and depths)."""
+    if repo_id not in _CONFIGS:
+        raise KeyError(f"no configs for {repo_id!r}; known: {sorted(_CONFIGS)}")
+    return _CONFIGS[repo_id]()
+
+
 def real_size_configs(repo_id: str) -> dict[str, dict[str, Any]]:
     """The JSON files of `repo_id` (model_index.json, every component's config) at the real repo's widths and
     depths. SD 1.5's hub id gives `tests/support/sd15.py`'s real configs."""
@@ -1304,9 +1311,7 @@ def real_size_configs(repo_id: str) -> dict[str, dict[str, Any]]:
 
     if repo_id == sd15.REPO_ID:
         return sd15.real_configs()
-    if repo_id not in _CONFIGS:
-        raise KeyError(f"no real-size configs for {repo_id!r}; known: {sorted([*_CONFIGS, sd15.REPO_ID])}")
-    configs = _CONFIGS[repo_id]()
+    configs = hub_configs(repo_id)
     for rel, real in _REAL_SIZE[repo_id].items():
         configs[rel] = dict(sorted({**configs[rel], **real}.items()))
     return configs
