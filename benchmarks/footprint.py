@@ -276,20 +276,27 @@ def activations_phase(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     cond_shapes = family.condition_shapes({k: config_dict(v) for k, v in model.parts.items()})
     net = model.denoiser.train().requires_grad_(True)
     out: dict[str, Any] = {}
-    for side in (int(s) for s in args.probe_sides.split(",")):
+    for key in args.probe.split(",") if args.probe else probe_cases(args):
+        side, gc = int(key.split("/")[0]), key.endswith("/gc")
         shape = (model.latent_shape(None)[0], side, side)
-        for gc in (False, True):
-            key = f"{side}/{'gc' if gc else 'no_gc'}"
-            t0 = time.perf_counter()
-            measured = footprint.saved_activations(
-                family, net, cond_shapes, shape, 1, gradient_checkpointing=gc
-            )
-            seconds = time.perf_counter() - t0
-            counted = footprint.count_activations(family, index, configs, shape, gradient_checkpointing=gc)
-            out[key] = {"measured": measured, "counted": counted.at(1), "seconds": round(seconds, 2)}
-            print(f"  activations {key}: measured {measured / GB:.3f} GB, counted {counted.at(1) / GB:.3f} GB",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        measured = footprint.saved_activations(family, net, cond_shapes, shape, 1, gradient_checkpointing=gc)
+        seconds = time.perf_counter() - t0
+        counted = footprint.count_activations(family, index, configs, shape, gradient_checkpointing=gc).at(1)
+        out[key] = {
+            "measured": measured,
+            "counted": counted,
+            "seconds": round(seconds, 2),
+            "peak_gb": peak_gb(),
+        }
+        print(f"  activations {key}: measured {measured / GB:.3f} GB, counted {counted / GB:.3f} GB",
+              file=sys.stderr, flush=True)  # fmt: skip
     return {"saved_bytes": out}
+
+
+def probe_cases(args: argparse.Namespace) -> list[str]:
+    """'side/gc' and 'side/no_gc' for every probe side."""
+    return [f"{side}/{gc}" for side in args.probe_sides.split(",") for gc in ("no_gc", "gc")]
 
 
 def train_mode(args: argparse.Namespace) -> str:
@@ -389,6 +396,32 @@ def gpu_budget(results: dict[str, Any], card_gb: float = CARD_GB) -> list[str]:
     return lines
 
 
+def formula_check(results: dict[str, Any]) -> list[str]:
+    """The training steps' peaks against the formula's terms for the same CPU step: the state (step: 20 B per
+    denoiser parameter + the float32 VAE; grad: bf16 weights and gradients), the saved activations the probe
+    measured at this size with checkpointing, and the process's own memory before the build."""
+    act = results.get("activations", {}).get("saved_bytes", {})
+    out = []
+    for name in ("reflow", "distill"):
+        r = results.get(name)
+        if not r:
+            continue
+        p = r["params"]
+        den = next(v for k, v in p.items() if k != "vae")
+        vae = p.get("vae", 0)
+        state = 20 * den + 4 * vae if r["mode"] == "step" else 4 * den + 2 * vae
+        side = r["latents"][-1]
+        saved = act.get(f"{side}/gc", {}).get("measured")
+        if saved is None:
+            continue
+        total = state + saved + r["rss_start_gb"] * GB
+        out.append(
+            f"  {name} step, formula for this CPU step: {total / GB:.2f} GB (state {state / GB:.2f} + saved "
+            f"activations {saved / GB:.2f} + process {r['rss_start_gb']:.2f}) vs measured peak {r['peak_gb']:.2f} GB"
+        )
+    return out
+
+
 def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     first = next(iter(results.values()))
     fam = first.get("family_arg", args.family)
@@ -418,11 +451,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         "count": "count (meta + fake tensors)",
         "teacher": "teacher batch ({steps} steps{cfg}, {scheduler})",
         "reflow": "reflow step ({how})",
-        "distill": "distill step (t = 0, L2, {how})",
+        "distill": "distill step (t = 0, {how})",
         "eval": "eval batch (1 step + VAE decode)",
         "activations": "activation probe (forwards, measured + counted)",
     }
-    hows = {"step": "fwd + bwd + AdamW + EMA, fp32 master, bf16 autocast, GC", "grad": "fwd + bwd, bf16, GC"}
+    hows = {"step": "AdamW + EMA, fp32 master, bf16 autocast, GC", "grad": "fwd + bwd only, bf16, GC"}
     for phase_name, r in results.items():
         label = names[phase_name].format(
             steps=r.get("steps"), cfg=", CFG" if r.get("cfg") else "", scheduler=r.get("scheduler"),
@@ -432,7 +465,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         build = (
             f"  (built in {r['build_seconds']} s, RSS {r['rss_built_gb']} GB)" if "build_seconds" in r else ""
         )
-        lines.append(f"  {label:<62} {secs}   peak {r['peak_gb']:5.1f} GB{build}")
+        lines.append(f"  {label:<64} {secs}   peak {r['peak_gb']:5.1f} GB{build}")
+    lines += formula_check(results)
     act = results.get("activations", {}).get("saved_bytes")
     if act:
         lines.append(
@@ -460,6 +494,7 @@ def main() -> int:
     ap.add_argument("--train", choices=("auto", "step", "grad"), default="auto")
     ap.add_argument("--probe-sides", default="16,32", help="latent sides of the activation probe")
     ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--probe", default=None, help="activation probe cases to run, e.g. 32/gc (default: all)")
     ap.add_argument("--out", default=None, help="also write the results as JSON")
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -469,7 +504,13 @@ def main() -> int:
     args = ap.parse_args()
     args.depth = args.depth or ("2,2" if args.family.startswith("flux") else "full")
     if args.report:
-        results = {k: v for f in args.report.split(",") for k, v in json.loads(Path(f).read_text()).items()}
+        results: dict[str, Any] = {}
+        for f in args.report.split(","):
+            for k, v in json.loads(Path(f).read_text()).items():
+                if k == "activations" and k in results:  # probe cases saved by separate runs
+                    v = {**v, "saved_bytes": {**results[k]["saved_bytes"], **v["saved_bytes"]}}
+                    v["peak_gb"] = max(v["peak_gb"], results[k]["peak_gb"])
+                results[k] = v
         print(report(results, args))
         return 0
     if args.child:
@@ -477,22 +518,32 @@ def main() -> int:
         print("RESULT " + json.dumps(phase(args.child, args)), flush=True)
         return 0
     folder = write_folder(args.family, args.depth, Path(tempfile.mkdtemp(prefix=f"footprint-{args.family}-")))
-    results: dict[str, Any] = {}
+    results = {}
     keys = ("family", "resolution", "batch", "steps", "threads", "depth", "train", "probe_sides")
-    for name in args.phases.split(","):
+    runs = [(n, None) for n in args.phases.split(",") if n != "activations"]
+    if "activations" in args.phases.split(","):  # a process per probe case: the unchecked ones are big
+        cases = args.probe.split(",") if args.probe else probe_cases(args)
+        runs += [("activations", case) for case in cases]
+    for name, case in runs:
         cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder)]
         cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in keys]
+        cmd += [f"--probe={case}"] if case else []
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"phase {name} failed (rc {proc.returncode}): {proc.stderr[-3000:]}", file=sys.stderr)
+            why = f"phase {name} {case or ''} failed (rc {proc.returncode}): {proc.stderr[-3000:]}"
+            print(why, file=sys.stderr)
             return 1
-        results[name] = json.loads(line[len("RESULT ") :])
-        results[name].update({k if k != "family" else "family_arg": getattr(args, k) for k in keys})
-        results[name]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"{name}: {json.dumps(results[name])[:400]}", flush=True)
+        got = json.loads(line[len("RESULT ") :])
+        got.update({k if k != "family" else "family_arg": getattr(args, k) for k in keys})
+        got["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        if case and name in results:
+            got["saved_bytes"] = {**results[name]["saved_bytes"], **got["saved_bytes"]}
+            got["peak_gb"] = max(got["peak_gb"], results[name]["peak_gb"])
+        results[name] = got
+        print(f"{name}{' ' + case if case else ''}: {json.dumps(got)[:400]}", flush=True)
         if args.out:  # after every phase: a later failure keeps what ran
             Path(args.out).write_text(json.dumps(results, indent=1))
     print(report(results, args))
