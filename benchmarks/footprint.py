@@ -282,7 +282,10 @@ def activations_phase(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         measured = footprint.saved_activations(family, net, cond_shapes, shape, 1, gradient_checkpointing=gc)
         seconds = time.perf_counter() - t0
-        counted = footprint.count_activations(family, index, configs, shape, gradient_checkpointing=gc).at(1)
+        weights = next(net.parameters()).dtype  # float32, or bfloat16 with --probe-dtype bfloat16
+        counted = footprint.count_activations(
+            family, index, configs, shape, gradient_checkpointing=gc, weights_dtype=weights
+        ).at(1)
         out[key] = {
             "measured": measured,
             "counted": counted,
@@ -322,7 +325,8 @@ def phase(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["peak_gb"] = round(peak_gb(), 2)
         return out
     mode = train_mode(args) if name in ("reflow", "distill") else ""
-    dtype = "bfloat16" if mode == "grad" else "float32"
+    half = mode == "grad" or (name == "activations" and args.probe_dtype == "bfloat16")
+    dtype = "bfloat16" if half else "float32"
     t0 = time.perf_counter()
     model = build(args.folder, dtype)
     out.update(
@@ -469,8 +473,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines += formula_check(results)
     act = results.get("activations", {}).get("saved_bytes")
     if act:
+        dtype = results["activations"].get("probe_dtype", "float32")
+        how = "float32 weights, bf16 autocast" if dtype == "float32" else "bf16 weights, bf16 autocast"
         lines.append(
-            "  saved activations per forward, batch 1 (measured on the real network / counted on fake):"
+            f"  saved activations per forward, batch 1, {how} (measured on the real network / counted):"
         )
         for key, v in act.items():
             side, gc = key.split("/")
@@ -494,6 +500,12 @@ def main() -> int:
     ap.add_argument("--train", choices=("auto", "step", "grad"), default="auto")
     ap.add_argument("--probe-sides", default="16,32", help="latent sides of the activation probe")
     ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument(
+        "--probe-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the probe's weights: float32 under bf16 autocast (as training), or bfloat16 (half the memory)",
+    )
     ap.add_argument("--probe", default=None, help="activation probe cases to run, e.g. 32/gc (default: all)")
     ap.add_argument("--out", default=None, help="also write the results as JSON")
     ap.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -519,7 +531,17 @@ def main() -> int:
         return 0
     folder = write_folder(args.family, args.depth, Path(tempfile.mkdtemp(prefix=f"footprint-{args.family}-")))
     results = {}
-    keys = ("family", "resolution", "batch", "steps", "threads", "depth", "train", "probe_sides")
+    keys = (
+        "family",
+        "resolution",
+        "batch",
+        "steps",
+        "threads",
+        "depth",
+        "train",
+        "probe_sides",
+        "probe_dtype",
+    )
     runs = [(n, None) for n in args.phases.split(",") if n != "activations"]
     if "activations" in args.phases.split(","):  # a process per probe case: the unchecked ones are big
         cases = args.probe.split(",") if args.probe else probe_cases(args)
