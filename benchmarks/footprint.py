@@ -238,7 +238,31 @@ def train_phase(model: Any, stage: str, args: argparse.Namespace, mode: str) -> 
             optimizer.zero_grad(set_to_none=True)
             ema.update(student)
         times.append(time.perf_counter() - t0)
-    return {"seconds": times[-1], "first_step_seconds": times[0], "latents": list(shape), "mode": mode}
+    return {
+        "seconds": times[-1],
+        "first_step_seconds": times[0],
+        "latents": list(shape),
+        "mode": mode,
+        "counted_activations": step_activations(args, mode, list(shape), b),
+    }
+
+
+def step_activations(args: argparse.Namespace, mode: str, shape: list[int], batch: int) -> int:
+    """The saved activations of this step's own forward (its weights' dtype, bf16 autocast, checkpointing),
+    counted on fake tensors: the activation term of `formula_check`."""
+    import torch
+
+    from instaflow_core.models import footprint
+    from instaflow_core.models.family import family_of
+    from instaflow_core.models.sources import model_configs
+
+    index, configs = model_configs(str(args.folder))
+    weights = torch.bfloat16 if mode == "grad" else torch.float32
+    counted = footprint.count_activations(
+        family_of(Path(args.folder)), index, configs, tuple(shape),
+        gradient_checkpointing=True, weights_dtype=weights,
+    )  # fmt: skip
+    return counted.at(batch)
 
 
 def eval_phase(model: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -402,9 +426,8 @@ def gpu_budget(results: dict[str, Any], card_gb: float = CARD_GB) -> list[str]:
 
 def formula_check(results: dict[str, Any]) -> list[str]:
     """The training steps' peaks against the formula's terms for the same CPU step: the state (step: 20 B per
-    denoiser parameter + the float32 VAE; grad: bf16 weights and gradients), the saved activations the probe
-    measured at this size with checkpointing, and the process's own memory before the build."""
-    act = results.get("activations", {}).get("saved_bytes", {})
+    denoiser parameter + the float32 VAE; grad: bf16 weights and gradients), the step's saved activations
+    counted on fake tensors, and the process's own memory before the build."""
     out = []
     for name in ("reflow", "distill"):
         r = results.get(name)
@@ -414,10 +437,11 @@ def formula_check(results: dict[str, Any]) -> list[str]:
         den = next(v for k, v in p.items() if k != "vae")
         vae = p.get("vae", 0)
         state = 20 * den + 4 * vae if r["mode"] == "step" else 4 * den + 2 * vae
-        side = r["latents"][-1]
-        saved = act.get(f"{side}/gc", {}).get("measured")
-        if saved is None:
-            continue
+        saved = r.get("counted_activations")
+        if saved is None:  # results from before the steps counted their own
+            folder = write_folder(r["family_arg"], r["depth"], Path(tempfile.mkdtemp()))
+            args = argparse.Namespace(folder=folder)
+            saved = step_activations(args, r["mode"], r["latents"], r["batch"])
         total = state + saved + r["rss_start_gb"] * GB
         out.append(
             f"  {name} step, formula for this CPU step: {total / GB:.2f} GB (state {state / GB:.2f} + saved "
