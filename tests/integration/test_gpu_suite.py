@@ -85,5 +85,7 @@ def test_gpu_suite_tiny_prints_every_row_without_errors(tmp_path):
     assert doc["meta"]["flops"]["triplet"] == 2 * 2 * doc["meta"]["flops"]["unet_forward"]
     # the family rows: the formula's bytes beside the step (no device peak on a CPU); FLUX extrapolated to its depth
     sdxl, flux = (next(r for r in rows if r["name"] == name) for name in EXPECTED["family"])
-    assert "formula" in sdxl["note"] and sdxl["extra"]["formula_gib"] > 0 and sdxl["extra"]["micro_batch"] == 2
+    assert (
+        "formula" in sdxl["note"] and sdxl["extra"]["formula_gib"] > 0 and sdxl["extra"]["micro_batch"] == 2
+    )
     assert flux["extra"]["full_params"] > flux["extra"]["params"] and flux["extra"]["flops_ratio"] > 1
