@@ -246,3 +246,29 @@ def test_teachers_without_configs_are_not_estimated(tmp_path: Path) -> None:
             "tiny", [f"storage.root=file://{tmp_path}/store", f"models.teacher={d}", "reflow.gpu_memory_gb=1"]
         )
         assert checks.memory_problems(cfg) == []
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def test_the_saved_footprint_runs_reprint_and_still_match_the_count() -> None:
+    """benchmarks/results/footprint-*.json reprint with --report, and today's count of SD 1.5 at 512 px is the
+    one they hold (the docs' numbers come from it)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    saved = REPO / "benchmarks" / "results"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/footprint.py", "--report", str(saved / "footprint-flux-dev.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "FSDP over 4 GPUs" in proc.stdout and "2.240 / 2.240 GB" in proc.stdout
+    count = json.loads((saved / "footprint-sd15.json").read_text())["count"]
+    with tempfile.TemporaryDirectory() as d:
+        folder = tr.write_configs(tr.real_size_configs(sd15.REPO_ID), d)
+        index, configs = model_configs(str(folder))
+        family = family_of(folder)
+        acts = footprint.count_activations(family, index, configs, (4, 64, 64), gradient_checkpointing=True)
+    assert {"fixed": acts.fixed, "per_sample": acts.per_sample} == count["activations_native"]["gc/bf16"]
