@@ -13,6 +13,8 @@
 #        run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=590)
 #    Extra arguments go to the suite (e.g. --quick). Output: $OUT/gpu_suite.json, $OUT/gpu_suite.log and
 #    $OUT/nvidia-smi.txt; copy the printed table into benchmarks/RESULTS.md with the date and the device.
+#    The family rows alone (an SDXL and a FLUX.1 reflow step at real width, each beside the memory formula of
+#    training/memory.py; ~2 minutes with the builds): bash benchmarks/gpu_run.sh --sections family
 set -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 WHEELS=(diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5

@@ -1,16 +1,19 @@
 """GPU speed suite: the three hot paths (triplet generation, a reflow training step, one-step inference), ours
-against the diffusers way measured in the same run, each fast-path switch on/off as its own row.
+against the diffusers way measured in the same run, each fast-path switch on/off as its own row; and the family
+rows: a reflow step of SDXL and of FLUX.1 at real width beside the memory formula (suite_family.py).
 
     python benchmarks/gpu_suite.py [--quick] [--time-budget 440] [--out benchmarks/out/gpu_suite.json]
     python benchmarks/gpu_suite.py --tiny          # the same code on tiny models, on CPU, in under a minute
 
 "Ours" is the project's own code with its CUDA defaults: the shard worker (`ShardWorker` + `make_solver` /
-`teacher_latents` + the async writer), the training set-up (`apply_perf_switches`, `build_optimizer`, the EMA, the prefetching loader,
-the reflow loss) and `InstaFlowPipeline` (+ `inference.fast.speed_up` for the compile rows); docs/gpu-speed.md
+`teacher_latents` + the async writer), the training set-up (`apply_perf_switches`, `build_optimizer`, the EMA,
+the prefetching loader, the reflow loss) and `InstaFlowPipeline` (+ `inference.fast.speed_up` for the compile rows); docs/gpu-speed.md
 lists the switches each "switch ..." row turns the other way.
 
-SD 1.5's real architecture (860M UNet, 84M VAE, 123M CLIP text encoder) with random weights from a fixed seed,
-built on the device: nothing is downloaded (HF_HUB_OFFLINE=1). Timings are warm, CUDA events on a GPU
+SD 1.5's real architecture (860M UNet, 84M VAE, 123M CLIP text encoder) from its real configs
+(tests/support/sd15.py) through the SD family's `from_configs`, random weights from a fixed seed, built on the
+device: nothing is downloaded (HF_HUB_OFFLINE=1). With --tiny the family rows build the tiny hub-shaped repos'
+configs (tests/support/teacher_repos.py). Timings are warm, CUDA events on a GPU
 (perf_counter on CPU); FLOPs come from torch.utils.flop_counter on one forward of each network, so MFU =
 items/s x FLOPs per item / peak. Rows run in priority order (the comparisons the goals need first, the one-step
 compile, the switches, the micro-batch search, the other compile rows) and `--time-budget` skips, with a note,
@@ -24,11 +27,15 @@ import argparse
 import functools
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(
+    1, str(Path(__file__).resolve().parents[1])
+)  # the checkout (tests.support), after benchmarks/
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -37,7 +44,7 @@ import torch  # noqa: E402
 from instaflow_core.config import TinyModelConfig  # noqa: E402
 from instaflow_core.models.family import Model  # noqa: E402
 from instaflow_core.models.sd import FAMILY as SD  # noqa: E402
-from instaflow_core.models.sd import SD15_SCALING_FACTOR, SD15_SCHEDULER, build_tiny  # noqa: E402
+from instaflow_core.models.sd import build_tiny, sd15_scheduler  # noqa: E402
 from instaflow_core.models.tokenizer import tiny_tokenizer  # noqa: E402
 
 
@@ -72,38 +79,6 @@ class Preset:
 SD15 = Preset("sd15", 64, (16, 32, 64), 16, 25, 5.0, 8, 256, 1024, 5, (1, 16), 20)
 TINY = Preset("tiny", 8, (1, 2, 4), 2, 2, 5.0, 2, 1, 16, 2, (1, 4), 3)
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    layers_per_block=2,
-    sample_size=512,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-)
-SD15_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-
 
 def build_components(preset: Preset, device: torch.device | str, seed: int = 0) -> Model:
     """An SD-family Model, float32, random init from `seed`, built directly on `device` ("meta": no memory).
@@ -115,36 +90,22 @@ def build_components(preset: Preset, device: torch.device | str, seed: int = 0) 
         with torch.device(device):
             comps = build_tiny(TinyModelConfig(seed=seed))
         return comps.to(device)
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.support.sd15 import real_configs
+    from tests.support.teacher_repos import write_configs
 
-    tok = tiny_tokenizer()
+    folder = write_configs(real_configs(), tempfile.mkdtemp(prefix="gpu-suite-sd15-"))
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SD15_UNET)
-        vae = AutoencoderKL(**SD15_VAE, scaling_factor=SD15_SCALING_FACTOR)
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                **SD15_TEXT,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
-        )
-    sched = DPMSolverMultistepScheduler(**SD15_SCHEDULER, algorithm_type="dpmsolver++")
-    parts = {
-        "unet": unet.eval(),
-        "vae": vae.eval(),
-        "text_encoder": text.eval(),
-        "tokenizer": tok,
-        "scheduler": sched,
-    }
-    return Model(SD, parts)
+        model = SD.from_configs(folder, skip=("tokenizer", "scheduler"))  # SD 1.5's own configs
+    model.parts["tokenizer"] = tiny_tokenizer()
+    model.parts["scheduler"] = sd15_scheduler("dpmsolver++")
+    return model
 
 
 # ====================================================================================== main
 def plan(args: argparse.Namespace) -> list[tuple[str, Callable[..., None]]]:
     """Every row group, most important first, so the time budget cuts the least useful ones."""
+    from suite_family import family_core
     from suite_gen import gen_compile, gen_core, gen_switches
     from suite_infer import infer_compile, infer_core, infer_switches
     from suite_search import train_search
@@ -152,9 +113,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, Callable[..., None]]]:
 
     compile_b1 = functools.partial(infer_compile, which=0)  # the one-step latency goal needs CUDA graphs
     compile_bn = functools.partial(infer_compile, which=1)
-    order = [("gen", gen_core), ("infer", infer_core), ("train", train_core), ("infer", compile_b1),
-             ("gen", gen_switches), ("train", train_switches), ("infer", infer_switches), ("train", train_search),
-             ("gen", gen_compile), ("infer", compile_bn)]  # fmt: skip
+    order = [("gen", gen_core), ("infer", infer_core), ("train", train_core), ("family", family_core),
+             ("infer", compile_b1), ("gen", gen_switches), ("train", train_switches), ("infer", infer_switches),
+             ("train", train_search), ("gen", gen_compile), ("infer", compile_bn)]  # fmt: skip
     if args.no_compile:
         order = [(sec, fn) for sec, fn in order if fn not in (compile_b1, compile_bn, gen_compile)]
     return [(sec, fn) for sec, fn in order if sec in args.sections.split(",")]
@@ -173,7 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--out", default="benchmarks/out/gpu_suite.json")
     ap.add_argument("--device", default="auto", help="auto: cuda if available (cpu with --tiny)")
-    ap.add_argument("--sections", default="gen,infer,train")
+    ap.add_argument("--sections", default="gen,infer,train,family")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument(
         "--tiny-compile", action="store_true", help="with --tiny, run the compile rows too (slow here)"

@@ -270,6 +270,10 @@ class TrainConfig(Section):
     launcher_args: list[str] = Field(default_factory=list)
     # FSDP2 (sharded training) instead of DDP when num_processes > 1; left out of dumps and hashes while disabled
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    # GB (2^30 bytes) of GPU memory per process this section must fit: `instaflow check` estimates the student's
+    # training memory from the teacher's configs (training/memory.py) and names a plan that does not fit; None =
+    # no check. A check setting, not a training input: left out of the stage key (and of dumps while None)
+    gpu_memory_gb: float | None = Field(None, gt=0)
     init_from: str | None = None  # a diffusers folder/URI or checkpoint; None = the previous stage's; scratch
     sample_prompts: list[str] = Field(default_factory=lambda: ["a photo of a cat", "a red car on a street"])
     sample_steps: int = Field(25, ge=1)
@@ -292,11 +296,13 @@ class TrainConfig(Section):
 
     @model_serializer(mode="wrap")
     def _drop_default_fsdp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A disabled, default `fsdp` is left out, so configs without FSDP dump and hash as before it existed
-        (the stage keys of existing stores and their checkpoints stay valid)."""
+        """A disabled, default `fsdp` and an unset `gpu_memory_gb` are left out, so configs without them dump and
+        hash as before they existed (the stage keys of existing stores and their checkpoints stay valid)."""
         data = handler(self)
         if isinstance(data, dict) and self.fsdp == FSDPConfig():
             data.pop("fsdp", None)
+        if isinstance(data, dict) and self.gpu_memory_gb is None:
+            data.pop("gpu_memory_gb", None)
         return data
 
 

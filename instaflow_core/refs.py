@@ -115,6 +115,7 @@ class Check(StrEnum):
     TEACHER = "teacher"
     SAMPLER = "sampler"  # the teacher family's samplers and guidance
     RESOLUTION = "resolution"
+    MEMORY = "memory"  # a training plan that cannot fit `gpu_memory_gb`
     LPIPS = "lpips"
     EVALUATION = "evaluation"
     REGISTRY = "registry"
@@ -172,14 +173,14 @@ GRAPH: dict[Stage, StageSpec] = {
         ("reflow",),
         inputs=(_R.TRIPLETS, _R.TEACHER),
         outputs=(_R.RF2,),
-        checks=(_C.STORAGE, _C.TEACHER, _C.TRACKING),
+        checks=(_C.STORAGE, _C.TEACHER, _C.MEMORY, _C.TRACKING),
     ),
     Stage.DISTILL: StageSpec(
         ("distillation",),
         inputs=(_R.RF2, _R.PROMPTS),
         optional=(_R.TEACHER,),  # distilled alike into the control (distillation.teacher_control)
         outputs=(_R.DISTILL_PAIRS, _R.INSTAFLOW, _R.CONTROL),
-        checks=(_C.STORAGE, _C.LPIPS, _C.RESOLUTION, _C.TRACKING),
+        checks=(_C.STORAGE, _C.LPIPS, _C.RESOLUTION, _C.MEMORY, _C.TRACKING),
     ),
     Stage.EVALUATE: StageSpec(
         ("evaluation",),

@@ -80,6 +80,7 @@ def run_preflight(cfg: InstaflowConfig, stages: Iterable[Stage] | None = None) -
         Check.TEACHER: teacher,
         Check.SAMPLER: lambda: checks.setting_problems(cfg),  # the settings the teacher's family takes
         Check.RESOLUTION: lambda: checks.resolution_problems(cfg, geometry[0]),
+        Check.MEMORY: lambda: checks.memory_problems(cfg),  # training sections with gpu_memory_gb set
         Check.LPIPS: lambda: checks.lpips_problems(cfg.distillation),
         Check.EVALUATION: lambda: checks.evaluation_problems(cfg.evaluation, cfg.models, cfg.storage),
         Check.REGISTRY: lambda: checks.registry_problems(cfg.registration),

@@ -439,6 +439,13 @@ class ModelFamily:
         (FLUX.1-dev) puts it into the condition and returns weight 1 (no second pass); "none" ignores it."""
         return cond, guidance
 
+    def condition_shapes(self, configs: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+        """One prompt's condition from the components' configs alone (no text encoder loaded), named as
+        `Condition.tensors()` names its fields (embeds, pooled, mask, extra.<name>), shapes without the batch:
+        what a stored conditions row holds, and what the memory estimate feeds a denoiser built from its config
+        (`models/footprint.py`)."""
+        raise NotImplementedError(f"the {self.name} family does not describe its conditions")
+
     # ---- 3. velocity ----------------------------------------------------------------------------------
     def velocity(
         self,
@@ -606,12 +613,17 @@ def family_of(folder: Path) -> ModelFamily:
     return family_of_index(index, str(folder))
 
 
-def component_class(folder: Path, name: str, index: dict[str, Any]) -> type:
+def component_class(
+    folder: Path | str, name: str, index: dict[str, Any], config: dict[str, Any] | None = None
+) -> type:
     """The class of component `name`: from model_index.json's [library, class], the subfolder config's
-    `_class_name` for the project's own classes (experiments register them in `CUSTOM_CLASSES`)."""
+    `_class_name` for the project's own classes (experiments register them in `CUSTOM_CLASSES`). `config`: the
+    component's config when it was read already (a folder in the store: then `folder` only names it)."""
     entry = index.get(name)
-    cfg_file = folder / name / "config.json"
-    own = json.loads(cfg_file.read_text()).get("_class_name") if cfg_file.is_file() else None
+    if config is None:
+        cfg_file = Path(folder) / name / "config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    own = config.get("_class_name")
     if own in CUSTOM_CLASSES:
         return _custom(own)
     if not entry or entry[1] is None:

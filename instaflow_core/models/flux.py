@@ -304,6 +304,16 @@ class FluxFamily(ModelFamily):
         )[0]  # (B, h/2 * w/2, 4C)
         return unpack(out, h, w).to(x.dtype)
 
+    def condition_shapes(self, configs: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+        """T5 states (512 tokens with the guidance embedding, 256 without, 4096 wide) and CLIP-L's pooled output
+        (768); the guidance value rides in `extra` only when sampling with guidance."""
+        tr = configs["transformer"]
+        tokens = T5_TOKENS_DEV if tr.get("guidance_embeds") else T5_TOKENS_SCHNELL
+        return {
+            "embeds": (tokens, int(tr["joint_attention_dim"])),
+            "pooled": (int(tr["pooled_projection_dim"]),),
+        }
+
     # ---- latents --------------------------------------------------------------------------------------
     def geometry(self, configs: dict[str, dict[str, Any]]) -> Geometry:
         tr = configs.get("transformer")

@@ -48,6 +48,7 @@ SD15_SCHEDULER = dict(
     prediction_type="epsilon",
 )
 SD15_SCALING_FACTOR = 0.18215
+CLIP_TOKENS = 77  # the CLIP tokenizers' model_max_length: every condition is padded to it
 UNET_TIMESTEPS = 1000.0  # tau = (1 - t) * 1000: "1000 = noise", as SD's UNet was trained
 SCHEDULERS = ("dpmsolver++", "euler", "ddim")
 
@@ -116,6 +117,10 @@ class SDFamily(ModelFamily):
     # ---- conditions -----------------------------------------------------------------------------------
     def encode(self, model: Model, prompts: list[str]) -> Condition:
         return Condition(embeds=clip_hidden_states(model["text_encoder"], model["tokenizer"], prompts))
+
+    def condition_shapes(self, configs: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+        """CLIP's hidden states over 77 tokens at the UNet's cross-attention width (768 SD 1.x, 1024 SD 2.x)."""
+        return {"embeds": (CLIP_TOKENS, int(configs["unet"]["cross_attention_dim"]))}
 
     # ---- velocity -------------------------------------------------------------------------------------
     def velocity(

@@ -162,6 +162,14 @@ class SD3Family(ModelFamily):
         pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.device)], dim=-1)  # (B, 2048)
         return Condition(embeds=embeds, pooled=pooled)
 
+    def condition_shapes(self, configs: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+        """(77 CLIP + 256 T5 tokens, the joint width 4096) embeds, (768 + 1280) pooled: with or without T5 (zeros)."""
+        tr = configs["transformer"]
+        return {
+            "embeds": (CLIP_TOKENS + T5_TOKENS, int(tr["joint_attention_dim"])),
+            "pooled": (int(tr["pooled_projection_dim"]),),
+        }
+
     # ---- velocity -------------------------------------------------------------------------------------
     def velocity(
         self,

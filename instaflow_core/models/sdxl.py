@@ -34,7 +34,14 @@ from instaflow_core.errors import DataError
 from instaflow_core.models.family import Condition, Model, ModelFamily, read_index, to_dtype
 from instaflow_core.models.flow_scheduler import RectifiedFlowEulerScheduler
 from instaflow_core.models.geometry import Geometry
-from instaflow_core.models.sd import SCHEDULERS, autocast, make_scheduler, save_tokenizer_files, unet_timestep
+from instaflow_core.models.sd import (
+    CLIP_TOKENS,
+    SCHEDULERS,
+    autocast,
+    make_scheduler,
+    save_tokenizer_files,
+    unet_timestep,
+)
 
 SDXL_VAE_FACTOR = 8  # every SDXL VAE: the image side is 8x the latent side (what the size conditioning reads)
 FORCE_ZEROS = (
@@ -193,6 +200,13 @@ class SDXLFamily(ModelFamily):
         return net(x_in, tau, encoder_hidden_states=text, added_cond_kwargs=added, **extra).sample.to(
             x_t.dtype
         )
+
+    def condition_shapes(self, configs: dict[str, dict[str, Any]]) -> dict[str, tuple[int, ...]]:
+        """(77, D1 + D2) embeds and the pooled projection: the UNet's `text_time` input width less the 6 size ids'
+        embeddings (2816 - 6 x 256 = 1280)."""
+        unet = configs["unet"]
+        pooled = int(unet["projection_class_embeddings_input_dim"]) - 6 * int(unet["addition_time_embed_dim"])
+        return {"embeds": (CLIP_TOKENS, int(unet["cross_attention_dim"])), "pooled": (pooled,)}
 
     # ---- latents --------------------------------------------------------------------------------------
     def geometry(self, configs: dict[str, dict[str, Any]]) -> Geometry:

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from instaflow_core.config import (
     PRETRAINED_TEACHER,
@@ -20,6 +21,7 @@ from instaflow_core.config import (
     ModelsConfig,
     RegistrationConfig,
     StorageConfig,
+    TrainConfig,
 )
 from instaflow_core.errors import ConfigError, InstaflowError
 from instaflow_core.evaluation.names import EXPERIMENT_NETWORKS
@@ -210,6 +212,118 @@ def resolution_problems(cfg: InstaflowConfig, geometry: Geometry | None) -> list
         "evaluation.resolution": cfg.evaluation.resolution,
     }
     return [p for name, value in values.items() if (p := geometry.problem(value, name))]
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def memory_problems(cfg: InstaflowConfig) -> list[str]:
+    """Each training section with `gpu_memory_gb` set (reflow, distillation): the student's training memory per
+    process, estimated from the teacher's configs before any work, fits the budget; one line per section that
+    does not, naming what would make it fit.
+
+    The estimate is `training/memory.py`'s formula over counts from `models/footprint.py`: the denoiser's
+    parameters built from its config on the meta device (no weights read), its activations counted on fake
+    tensors at the section's resolution (reflow: generation.resolution, distillation: distillation.pairs
+    .resolution; None = native) and largest micro-batch, under the section's mixed precision and gradient
+    checkpointing. The student has the teacher's architecture in both stages. Teachers without component
+    configs to read (tiny, the pretrained digits model, a single checkpoint file) are not estimated."""
+    sections = [
+        (name, section, resolution)
+        for name, section, resolution in (
+            ("reflow", cfg.reflow, cfg.generation.resolution),
+            ("distillation", cfg.distillation, cfg.distillation.pairs.resolution),
+        )
+        if section.gpu_memory_gb is not None
+    ]
+    src = cfg.models.teacher
+    if not sections or src in (TINY, PRETRAINED_TEACHER) or _is_file(src):
+        return []
+    try:
+        index, configs = model_configs(src, cfg.storage, cfg.models)
+        family = family_of_index(index, src)
+        shapes = [(n, s, family.geometry(configs).latent_shape(r, n)) for n, s, r in sections]
+    except InstaflowError:
+        return []  # the teacher and resolution checks name what is wrong
+    out = []
+    counted: dict[tuple, Any] = {}  # reflow and distillation at the same size count once
+    for name, section, latent_shape in shapes:
+        try:
+            problem = _memory_problem(name, section, family, index, configs, latent_shape, counted)
+        except (InstaflowError, NotImplementedError, RuntimeError, KeyError, ValueError) as err:
+            problem = (
+                f"{name}.gpu_memory_gb={section.gpu_memory_gb:g}: cannot estimate the {family.name} student's "
+                f"memory ({_first_line(err)}); unset it to skip the check"
+            )
+        if problem:
+            out.append(problem)
+    return out
+
+
+def _memory_problem(
+    name: str,
+    section: TrainConfig,
+    family: ModelFamily,
+    index: dict[str, Any],
+    configs: dict[str, dict[str, Any]],
+    latent_shape: tuple[int, int, int],
+    counted: dict[tuple, Any],
+) -> str | None:
+    """The one-line verdict for a section (None: it fits): the estimate of the plan as configured, then what fits
+    instead: gradient checkpointing, a smaller micro-batch, FSDP over more GPUs."""
+    from instaflow_core.models import footprint
+    from instaflow_core.training import memory
+
+    budget = float(section.gpu_memory_gb or 0)
+    gc, fsdp, n = section.gradient_checkpointing, section.fsdp.enabled, section.num_processes
+    micro = max(st.micro_batch_size or max(1, st.batch_size // n) for st in section.stages)
+    params = footprint.parameter_count(index, configs, family.denoiser)
+    latents = (
+        4 * 4 * int(latent_shape[0]) * int(latent_shape[1]) * int(latent_shape[2])
+    )  # x0, x1, x_t, target
+    common: dict[str, Any] = dict(
+        mixed_precision=section.mixed_precision,
+        use_8bit_adam=section.use_8bit_adam,
+        largest_block=footprint.largest_block(index, configs, family.denoiser),
+        frozen_params=footprint.parameter_count(index, configs, "vae") if "vae" in configs else 0,
+        batch_bytes_per_sample=footprint.condition_bytes(family, configs) + latents,
+    )
+
+    def plan(checkpointing: bool, batch: int, processes: int, sharded: bool) -> memory.MemoryEstimate:
+        key = (tuple(latent_shape), section.mixed_precision, checkpointing)
+        if key not in counted:
+            counted[key] = footprint.count_activations(
+                family, index, configs, latent_shape,
+                mixed_precision=section.mixed_precision, gradient_checkpointing=checkpointing,
+            )  # fmt: skip
+        a = counted[key]
+        return memory.estimate(
+            params, a.fixed, a.per_sample, micro_batch=batch, gradient_checkpointing=checkpointing,
+            processes=processes, fsdp=sharded, **common,
+        )  # fmt: skip
+
+    est = plan(gc, micro, n, fsdp)
+    if est.fits(budget):
+        return None
+    advice = []
+    if not gc and (with_gc := plan(True, micro, n, fsdp)).fits(budget):
+        advice.append(f"turn on {name}.gradient_checkpointing (~{memory.gb(with_gc.total)} GB)")
+    for checkpointing in (gc, True) if not gc else (True,):
+        fit = next((b for b in range(micro - 1, 0, -1) if plan(checkpointing, b, n, fsdp).fits(budget)), 0)
+        if fit:
+            how = "turn on gradient checkpointing and " if checkpointing != gc else ""
+            advice.append(f"{how}lower micro_batch_size to {fit}")
+            break
+    shards = next((k for k in range(max(2, n), 65) if plan(True, micro, k, True).fits(budget)), None)
+    if shards is not None and not (fsdp and shards <= n):
+        also = "" if gc else ", gradient checkpointing on"
+        advice.append(f"use FSDP over {shards} GPUs ({name}.fsdp.enabled=true, num_processes={shards}{also})")
+    what = f"micro-batch {micro}, {'with' if gc else 'without'} gradient checkpointing"
+    if n > 1:
+        what += f", {n} processes ({'FSDP' if fsdp else 'DDP'})"
+    fix = " / ".join(advice) or "nothing here fits it: a GPU with more memory, or a smaller resolution"
+    return (
+        f"{name} on {budget:g} GB: {est.line()} for a {params / 1e9:.3g}B-parameter {family.name} student at "
+        f"{what}, latents {tuple(latent_shape)}: {fix}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- weights

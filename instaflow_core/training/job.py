@@ -98,7 +98,8 @@ class TrainJob(BaseModel):
     @staticmethod
     def stage_key(stage: Stage, data: TableRef, base: ModelRef, section: TrainConfig) -> str:
         """hash(stage, data ref, base model ref, section hash): the identity of a training stage's result."""
-        section_hash = stable_hash(section.model_dump(mode="json"))
+        # gpu_memory_gb only gates the preflight: setting it must not retrain (a new key) from scratch
+        section_hash = stable_hash(section.model_dump(mode="json", exclude={"gpu_memory_gb"}))
         return stable_hash(
             {"stage": str(stage), "data": data.key(), "base": base.key(), "section": section_hash}
         )

@@ -50,6 +50,10 @@ EXPECTED = {  # every row of a --tiny run on a CPU (tiny preset: batches 1/2/4, 
         "switch sdpa off",
         *[f"{k} largest micro, {g} grad ckpt" for k in ("ours", "plain") for g in ("no", "with")],
     ],
+    "family": [  # the tiny hub-shaped SDXL and FLUX.1 repos' configs (benchmarks/suite_family.py)
+        "sdxl reflow step, grad ckpt",
+        "flux reflow step, reduced depth, grad ckpt",
+    ],
 }
 
 
@@ -79,3 +83,9 @@ def test_gpu_suite_tiny_prints_every_row_without_errors(tmp_path):
     check = next(r for r in rows if r["name"] == "check: relative difference")
     assert check["value"] < 1e-4
     assert doc["meta"]["flops"]["triplet"] == 2 * 2 * doc["meta"]["flops"]["unet_forward"]
+    # the family rows: the formula's bytes beside the step (no device peak on a CPU); FLUX extrapolated to its depth
+    sdxl, flux = (next(r for r in rows if r["name"] == name) for name in EXPECTED["family"])
+    assert (
+        "formula" in sdxl["note"] and sdxl["extra"]["formula_gib"] > 0 and sdxl["extra"]["micro_batch"] == 2
+    )
+    assert flux["extra"]["full_params"] > flux["extra"]["params"] and flux["extra"]["flops_ratio"] > 1

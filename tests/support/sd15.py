@@ -124,6 +124,11 @@ _REAL_CONFIGS = """{
 }"""
 
 
+def real_configs() -> dict[str, dict[str, Any]]:
+    """Every JSON file of the real repo at SD 1.5's own widths (what benchmarks/footprint.py builds)."""
+    return json.loads(_REAL_CONFIGS)
+
+
 def sd15_configs(shape: Sd15Shape = Sd15Shape()) -> dict[str, dict[str, Any]]:
     """Every JSON file of the repo, keyed by its path: the real files with the widths of `shape`.
 

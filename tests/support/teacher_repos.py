@@ -1212,3 +1212,117 @@ def build_hub_cache(
         folders[repo_id] = build_repo(repo_id, parent)
         install_in_hub_cache(folders[repo_id], hf_home, repo_id)
     return folders
+
+
+# ------------------------------------------------------------------------------------------ real size
+# The real repos' widths and depths: what the reduced configs above cut (their comments name these values).
+# `real_size_configs` puts them back, so a model built from the result (`ModelFamily.from_configs`, random
+# weights) has the real networks' parameter counts: what benchmarks/footprint.py measures and tests count.
+_CLIP_L = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12, projection_dim=768,
+    vocab_size=49408,
+)  # fmt: skip
+_CLIP_G = dict(
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
+    vocab_size=49408,
+)  # fmt: skip
+_CLIP_H = dict(
+    hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23, projection_dim=512,
+    vocab_size=49408,
+)  # fmt: skip
+_T5_XXL = dict(d_model=4096, d_ff=10240, num_heads=64, num_layers=24, num_decoder_layers=24, vocab_size=32128)
+_VAE_1024 = dict(block_out_channels=[128, 256, 512, 512], sample_size=1024)
+_REAL_SIZE: dict[str, dict[str, dict[str, Any]]] = {
+    SDXL: {
+        "unet/config.json": dict(
+            attention_head_dim=[5, 10, 20],
+            block_out_channels=[320, 640, 1280],
+            addition_time_embed_dim=256,
+            cross_attention_dim=2048,
+            projection_class_embeddings_input_dim=2816,
+            sample_size=128,
+            transformer_layers_per_block=[1, 2, 10],
+        ),  # fmt: skip
+        "vae/config.json": _VAE_1024,
+        "vae_1_0/config.json": _VAE_1024,
+        "text_encoder/config.json": _CLIP_L,
+        "text_encoder_2/config.json": _CLIP_G,
+    },
+    SD35_MEDIUM: {
+        "transformer/config.json": dict(
+            caption_projection_dim=1536,
+            dual_attention_layers=list(range(13)),
+            joint_attention_dim=4096,
+            num_attention_heads=24,
+            num_layers=24,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            sample_size=128,
+        ),  # fmt: skip
+        "vae/config.json": _VAE_1024,
+        "text_encoder/config.json": _CLIP_L,
+        "text_encoder_2/config.json": _CLIP_G,
+        "text_encoder_3/config.json": _T5_XXL,
+    },
+    FLUX_DEV: {
+        "transformer/config.json": dict(
+            joint_attention_dim=4096,
+            num_attention_heads=24,
+            num_layers=19,
+            num_single_layers=38,
+            pooled_projection_dim=768,
+        ),  # fmt: skip
+        "vae/config.json": _VAE_1024,
+        "text_encoder/config.json": _CLIP_L,
+        "text_encoder_2/config.json": _T5_XXL,
+    },
+    SD21: {
+        "unet/config.json": dict(
+            attention_head_dim=[5, 10, 20, 20],
+            block_out_channels=[320, 640, 1280, 1280],
+            cross_attention_dim=1024,
+            sample_size=96,
+        ),  # fmt: skip
+        "vae/config.json": dict(block_out_channels=[128, 256, 512, 512], sample_size=768),
+        "text_encoder/config.json": _CLIP_H,
+    },
+}
+_REAL_SIZE[FLUX_SCHNELL] = _REAL_SIZE[FLUX_DEV]
+_CONFIGS: dict[str, Callable[[], dict[str, dict[str, Any]]]] = {
+    SDXL: sdxl_configs,
+    SD35_MEDIUM: sd35_medium_configs,
+    FLUX_DEV: lambda: flux_configs(dev=True),
+    FLUX_SCHNELL: lambda: flux_configs(dev=False),
+    SD21: sd21_configs,
+}
+
+
+def hub_configs(repo_id: str) -> dict[str, dict[str, Any]]:
+    """The JSON files of `repo_id` as the tiny repo holds them (reduced widths and depths)."""
+    if repo_id not in _CONFIGS:
+        raise KeyError(f"no configs for {repo_id!r}; known: {sorted(_CONFIGS)}")
+    return _CONFIGS[repo_id]()
+
+
+def real_size_configs(repo_id: str) -> dict[str, dict[str, Any]]:
+    """The JSON files of `repo_id` (model_index.json, every component's config) at the real repo's widths and
+    depths. SD 1.5's hub id gives `tests/support/sd15.py`'s real configs."""
+    from tests.support import sd15
+
+    if repo_id == sd15.REPO_ID:
+        return sd15.real_configs()
+    configs = hub_configs(repo_id)
+    for rel, real in _REAL_SIZE[repo_id].items():
+        configs[rel] = dict(sorted({**configs[rel], **real}.items()))
+    return configs
+
+
+def write_configs(configs: dict[str, dict[str, Any]], folder: str | Path) -> Path:
+    """The JSON files into `folder` (no weights, no tokenizers): what `ModelFamily.from_configs` builds from when
+    it skips the tokenizers."""
+    folder = Path(folder)
+    for rel, cfg in configs.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=rel != "model_index.json") + "\n")
+    return folder

@@ -41,7 +41,8 @@ def test_tiny_preset_passes_every_check_in_seconds_and_writes_nothing(tmp_path: 
 
 
 def test_stage_commands_check_what_they_need() -> None:
-    assert checks_for([Stage.DISTILL]) == ["storage", "resolution", "lpips", "tracking"]
+    assert checks_for([Stage.DISTILL]) == ["storage", "resolution", "memory", "lpips", "tracking"]
+    assert checks_for([Stage.REFLOW]) == ["storage", "teacher", "memory", "tracking"]
     assert checks_for([Stage.CURATE]) == ["storage", "sources", "teacher"]
     assert checks_for([Stage.REGISTER]) == ["storage", "registry", "tracking"]
     assert set(checks_for(None)) == {s for st in Stage for s in checks_for([st])}
