@@ -13,7 +13,7 @@ from prefect import task
 
 from instaflow_core.config import RegistrationConfig, StorageConfig, stable_hash
 from instaflow_core.errors import DataError
-from instaflow_core.refs import ModelRef
+from instaflow_core.refs import ModelRef, Stage
 from instaflow_core.store import Store
 from tasks.artifacts import publish_markdown
 from tasks.caching import root_flow_run_id, stage_cache_key
@@ -118,7 +118,7 @@ def register_model(
             experiment_id=exp_id,
             run_name=f"register-{name}",
             parent_run_id=_parent_ok(client, parent_run_id),
-            tags={**version_tags, "instaflow.stage": "register"},
+            tags={**version_tags, "instaflow.stage": str(Stage.REGISTER)},
         ):
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
             info = mlflow.pyfunc.log_model(

@@ -16,6 +16,7 @@ from typing import Any
 
 from instaflow_core.config import RegistrationConfig, StorageConfig
 from instaflow_core.evaluation.curves import CURVE_METRICS, MLFLOW_METRICS
+from instaflow_core.refs import Stage
 from instaflow_core.store import Store
 from instaflow_core.training.job import TrainJob
 from tasks.artifacts import Progress, publish_markdown, run_logger
@@ -309,7 +310,7 @@ def log_evaluation_run(
         tags = {
             EVAL_KEY_TAG: results["key"],
             "instaflow.eval_uri": results["uri"],
-            "instaflow.stage": "evaluate",
+            "instaflow.stage": str(Stage.EVALUATE),
             "instaflow.eval_set": eval_set["name"],
             "instaflow.reference": eval_set["reference"],
             "instaflow.protocol": eval_set.get("protocol", ""),
