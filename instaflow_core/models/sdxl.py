@@ -106,9 +106,14 @@ class SDXLFamily(ModelFamily):
 
     # ---- load -----------------------------------------------------------------------------------------
     def load(
-        self, folder: Path, *, dtype: torch.dtype | str = "float32", allow_pickle: bool = False
+        self,
+        folder: Path,
+        *,
+        dtype: torch.dtype | str = "float32",
+        allow_pickle: bool = False,
+        skip: tuple[str, ...] = (),
     ) -> Model:
-        model = super().load(folder, dtype=dtype, allow_pickle=allow_pickle)
+        model = super().load(folder, dtype=dtype, allow_pickle=allow_pickle, skip=skip)
         model.parts[FORCE_ZEROS] = bool(read_index(folder).get(FORCE_ZEROS, True))
         return model
 

@@ -211,9 +211,8 @@ def test_runner_and_slice_options():
 
 def test_teacher_refs_point_at_external_models_without_copying(tmp_path, local_storage_cfg):
     from instaflow_core.config import ModelsConfig
-    from instaflow_core.models.loading import load_model
+    from instaflow_core.models.loading import load_model, model_geometry
     from instaflow_core.models.sd import build_tiny
-    from instaflow_core.models.sources import model_geometry
     from tasks.teacher import teacher_model
 
     folder = build_tiny().save(tmp_path / "my-teacher")

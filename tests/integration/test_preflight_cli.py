@@ -5,6 +5,7 @@ checkpoint, no MLflow run, not even the store folder or the sqlite file."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -85,7 +86,7 @@ def test_preflight_on_s3_writes_nothing_and_names_a_missing_bucket(work, s3_stor
     )
     out, _ = _instaflow(ok, cwd, env)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "all 8 checks passed" in out.stdout
+    assert re.search(r"all \d+ checks passed", out.stdout), out.stdout
     assert Store(s3).ls(s3.root) == [] and _tree(cwd) == []  # the write probe was deleted; no sqlite file
     bad = ["check", "--preset", "tiny"] + _sets("storage.root=s3://no-such-bucket-here/x", *storage)
     out, _ = _instaflow(bad, cwd, env)
