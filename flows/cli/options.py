@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from instaflow_core.config import InstaflowConfig, load
+from instaflow_core.config import PRESETS_DIR, InstaflowConfig, load
 
-PresetOpt = typer.Option("tiny", "--preset", "-p", help="Preset name (tiny, digits, sd15) or a YAML file.")
+_PRESETS = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+PresetOpt = typer.Option("tiny", "--preset", "-p", help=f"Preset name ({_PRESETS}) or a YAML file.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: section.key=value (repeatable).")
 
 
